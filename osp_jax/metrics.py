@@ -1,0 +1,159 @@
+"""What a run reports: outlier statistics, throughput and MFU, JSON-lines and TensorBoard writers.
+
+Excess kurtosis follows the OSP paper: for every token's hidden-state vector x,
+`relu(mean(x**4) / std(x)**4 - 3)`, averaged over tokens. A Gaussian vector scores ~0; a vector
+whose mass sits in a few channels (an activation outlier) scores up to about its width.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, by `device.device_kind` prefix.
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA A100": 312.0,
+    "NVIDIA L4": 121.0,
+    "TPU v6": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v4": 275.0,
+    "TPU v3": 123.0,
+}
+
+
+def excess_kurtosis(hidden: jax.Array) -> jax.Array:
+    """Per-token excess kurtosis `relu(mean(x^4) / std(x)^4 - 3)` over the last axis, in float32."""
+    x = hidden.astype(jnp.float32)
+    std = jnp.std(x, axis=-1)
+    ratio = jnp.mean(x ** 4, axis=-1) / jnp.maximum(std, 1e-12) ** 4
+    return jax.nn.relu(ratio - 3.0)
+
+
+def outlier_stats(hidden: jax.Array) -> dict[str, jax.Array]:
+    """From hidden states (layers + 1, batch, seq, dim): kurtosis and max |activation| per layer."""
+    per_layer = excess_kurtosis(hidden).mean(axis=(1, 2))
+    max_abs = jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=(1, 2, 3))
+    return {"kurtosis_per_layer": per_layer, "kurtosis": per_layer.mean(),
+            "max_abs_per_layer": max_abs, "max_abs": max_abs.max()}
+
+
+def peak_flops_per_device(override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device, or None where it is not known (CPU): MFU is then not reported."""
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for prefix, tflops in PEAK_TFLOPS.items():
+        if kind.startswith(prefix):
+            return tflops * 1e12
+    return None
+
+
+class Throughput:
+    """Tokens/s, MFU and ETA from wall-clock time between log points."""
+
+    def __init__(self, flops_per_token: float, total_steps: int, tokens_per_step: int,
+                 peak_flops_per_device: float | None, device_count: int):
+        self.flops_per_token = flops_per_token
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.peak = None if peak_flops_per_device is None else peak_flops_per_device * device_count
+        self._last_time = None
+        self._last_step = None
+
+    def start(self, step: int) -> None:
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def measure(self, step: int) -> dict[str, Any]:
+        now = time.perf_counter()
+        steps = step - self._last_step
+        elapsed = max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        tokens_per_sec = steps * self.tokens_per_step / elapsed
+        mfu = None if self.peak is None else tokens_per_sec * self.flops_per_token / self.peak
+        eta = (self.total_steps - step) * elapsed / max(steps, 1)
+        return {"tokens_per_sec": tokens_per_sec, "mfu": mfu, "step_time": elapsed / max(steps, 1),
+                "eta_seconds": eta}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, total: int, m: dict) -> str:
+    mfu = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val {m['val_loss']:.4f}")
+    parts += [f"lr {m['learning_rate']:.2e}", f"{m['tokens_per_sec']:,.0f} tok/s", f"MFU {mfu}",
+              f"ETA {format_duration(m['eta_seconds'])}"]
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {m['skipped_steps']}")
+    return " | ".join(parts)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.ndarray, jax.Array)):
+        value = np.asarray(value)
+        return value.item() if value.ndim == 0 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Only process 0 writes; other processes get a writer that does nothing.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is a nicety; the JSON lines are the record
+                print("tensorboardX not installed: writing metrics.jsonl only", file=sys.stderr)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key == "step" or value is None:
+                    continue
+                if isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self._tb.add_scalar(f"{key}/{i}", v, step)
+                elif isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()

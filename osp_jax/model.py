@@ -1,0 +1,231 @@
+"""The OSP transformer: a Llama-style decoder with Single-Scale RMSNorm and EmbProj.
+
+Read top to bottom: RMSNorm (per-channel or one scalar), RoPE, attention, SwiGLU MLP, a block,
+and the Transformer that scans the blocks. Parameter paths and logical axes are listed in
+docs/CONTRACTS.md; every parameter carries logical axis names that sharding.py maps to the mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+import flax.linen as nn
+import ml_collections
+
+from osp_jax import attention as attn_lib
+from osp_jax.config import head_dim as _head_dim
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Which intermediates a scanned layer keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_qkv_out": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_hidden"),
+}
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Dense(nn.Module):
+    """A bias-free projection written as one einsum, so q/k/v keep their (embed, heads, head_dim) shape."""
+
+    spec: str            # einsum of (input, kernel), e.g. "bsd,dhk->bshk"
+    shape: tuple
+    axes: tuple          # logical axis names of the kernel
+    init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = _param(self, "kernel", self.init, self.shape, self.axes, self.param_dtype)
+        return jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; `scale="single"` is SSNorm: one learnable scalar instead of a gain per channel."""
+
+    scale_mode: str = "single"
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.scale_mode == "single":
+            scale = _param(self, "scale", nn.initializers.ones, (), (), self.param_dtype)
+        else:
+            scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding in the half-split layout (Hugging Face Llama's rotate_half)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (batch, seq, half)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        c = self.config
+        dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+        hd = _head_dim(c)
+        dense = lambda name, spec, shape, axes: Dense(spec, shape, axes, nn.initializers.normal(c.init_std),
+                                                      dtype, pdtype, name=name)
+        q = dense("q", "bsd,dhk->bshk", (c.dim, c.heads, hd), ("embed", "heads", "head_dim"))(x)
+        k = dense("k", "bsd,dhk->bshk", (c.dim, c.kv_heads, hd), ("embed", "kv_heads", "head_dim"))(x)
+        v = dense("v", "bsd,dhk->bshk", (c.dim, c.kv_heads, hd), ("embed", "kv_heads", "head_dim"))(x)
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        out = attn_lib.attention(q, k, v, segment_ids, backend=c.attention)
+        out = checkpoint_name(out, "attn_out")
+        return dense("o", "bshk,hkd->bsd", (c.heads, hd, c.dim), ("heads", "head_dim", "embed"))(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+        dense = lambda name, shape, axes: Dense("bsd,df->bsf", shape, axes, nn.initializers.normal(c.init_std),
+                                                dtype, pdtype, name=name)
+        gate = dense("gate", (c.dim, c.ffn_dim), ("embed", "mlp"))(x)
+        up = dense("up", (c.dim, c.ffn_dim), ("embed", "mlp"))(x)
+        h = jax.nn.silu(gate) * up
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        h = checkpoint_name(h, "mlp_hidden")
+        return dense("down", (c.ffn_dim, c.dim), ("mlp", "embed"))(h)
+
+
+class Embed(nn.Module):
+    """Holds the token table (vocab, dim) as `embedding`, or the untied LM head (dim, vocab) as `kernel`."""
+
+    vocab: int
+    dim: int
+    init: nn.initializers.Initializer
+    param_dtype: jnp.dtype = jnp.float32
+    transpose: bool = False
+
+    @nn.compact
+    def __call__(self):
+        if self.transpose:
+            return _param(self, "kernel", self.init, (self.dim, self.vocab), ("embed", "vocab"), self.param_dtype)
+        return _param(self, "embedding", self.init, (self.vocab, self.dim), ("vocab", "embed"), self.param_dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. Scanned: carry is the residual stream, output the optional hidden state."""
+
+    config: ml_collections.ConfigDict
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        c = self.config
+        norm = lambda name: RMSNorm(c.norm_scale, c.norm_eps, DTYPES[c.dtype], DTYPES[c.param_dtype], name=name)
+        x = x + Attention(c, name="attn")(norm("attn_norm")(x), positions, segment_ids)
+        x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, (x if self.return_hidden else None)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `__call__` returns logits (float32), and the residual stream when asked.
+
+    `return_hidden=True` also returns the hidden states after the embedding (EmbProj included) and
+    after every layer, shape (layers + 1, batch, seq, dim), for the outlier metrics. It is a static
+    flag: the ordinary forward pass compiles without it and pays nothing.
+    """
+
+    config: ml_collections.ConfigDict  # the `model` section of an osp_jax config
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+        c = self.config
+        dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        init = nn.initializers.normal(c.init_std)
+
+        table = Embed(c.vocab_size, c.dim, init, pdtype, name="embed")()
+        x = jnp.take(table.astype(dtype), tokens, axis=0)
+        if c.embed_proj:  # EmbProj, orthogonal at init so the model starts as if it were absent
+            x = Dense("bsd,de->bse", (c.dim, c.dim), ("embed", "embed_proj"), nn.initializers.orthogonal(),
+                      dtype, pdtype, name="embed_proj")(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        embedded = x
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=c.layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, hidden = stack(c, return_hidden, name="layers")(x, positions, segment_ids)
+        else:
+            hidden = []
+            for i in range(c.layers):
+                x, h = block(c, return_hidden, name=f"layers_{i}")(x, positions, segment_ids)
+                hidden.append(h)
+            hidden = jnp.stack(hidden) if return_hidden else None
+
+        x = RMSNorm(c.norm_scale, c.norm_eps, dtype, pdtype, name="final_norm")(x)
+        if c.embed_proj:
+            x = Dense("bse,ed->bsd", (c.dim, c.dim), ("embed_proj", "embed"), nn.initializers.orthogonal(),
+                      dtype, pdtype, name="head_proj")(x)
+        if c.tie_embeddings:
+            logits = jnp.einsum("bsd,vd->bsv", x, table.astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            head = Embed(c.vocab_size, c.dim, init, pdtype, transpose=True, name="lm_head")()
+            logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        if return_hidden:
+            return logits, jnp.concatenate([embedded[None], hidden], axis=0)
+        return logits
+
+
+def abstract_params(model_config: ml_collections.ConfigDict, seq_len: int = 8):
+    """Shapes (and logical-axis boxes) of the parameters, without allocating them."""
+    model = Transformer(model_config)
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def matmul_params(model_config: ml_collections.ConfigDict) -> int:
+    """Parameters that take part in a matmul per token (the token embedding is a lookup, not a matmul)."""
+    c = model_config
+    hd = _head_dim(c)
+    per_layer = c.dim * hd * (2 * c.heads + 2 * c.kv_heads) + 3 * c.dim * c.ffn_dim
+    emb_proj = 2 * c.dim * c.dim if c.embed_proj else 0
+    return c.layers * per_layer + emb_proj + c.dim * c.vocab_size  # + LM head (tied or not)
+
+
+def flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params + 12 x layers x dim x seq (attention, not halved
+    for causality; the convention of the MaxText/PaLM MFU figures)."""
+    c = model_config
+    return 6.0 * matmul_params(c) + 12.0 * c.layers * c.heads * _head_dim(c) * seq_len

@@ -1,0 +1,87 @@
+"""The optimizer a config asks for: Muon/AdamW routing, schedules and clipping.
+
+`optimizer.name`:
+  muon      Muon for every hidden matrix and the EmbProj matrices; AdamW for the token embedding,
+            the LM head and the norm scales (the paper's decoupled embedding optimisation).
+  muon_all  Muon for the embedding and LM head too (the paper's Muon-only ablation).
+  adamw     AdamW everywhere.
+Gradient accumulation is done inside the train step (step.py), not here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from osp_jax import muon as muon_lib
+
+MUON, ADAMW = "muon", "adamw"
+_EMBEDDING_PATHS = ("embed/embedding", "lm_head/kernel")
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_labels(params, name: str):
+    """Which optimizer updates each leaf: 'muon' or 'adamw'."""
+
+    def label(path, leaf):
+        p = _path(path)
+        if name == "adamw" or p.endswith("scale") or jnp.ndim(leaf) < 2:
+            return ADAMW
+        if p in _EMBEDDING_PATHS and name != "muon_all":
+            return ADAMW
+        return MUON
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _decay_mask(params):
+    """AdamW decays matrices (embedding, head), never norm scales."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) >= 2 and not _path(path).endswith("scale"),
+                                            params)
+
+
+def schedule(peak: float, config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+    """Linear warmup, then cosine to `min_lr_ratio * peak`, WSD (stable, then linear decay), or constant."""
+    o = config
+    total = o.decay_steps or steps
+    warm = o.warmup_steps
+    floor = peak * o.min_lr_ratio
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(total, warm + 1), end_value=floor)
+    if o.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm])
+    decay = max(1, int(round(total * o.wsd_decay_fraction)))
+    stable = max(0, total - warm - decay)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak),
+         optax.linear_schedule(peak, floor, decay)],
+        [warm, warm + stable])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, mesh=None
+                   ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
+    """The full update for `config` and the learning-rate schedules to log (name -> step -> lr)."""
+    o = config.optimizer
+    steps = config.train.steps
+    adam_lr = schedule(o.learning_rate, o, steps)
+    adamw = optax.adamw(adam_lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=_decay_mask)
+    schedules = {"learning_rate": adam_lr}
+    if o.name == "adamw":
+        inner = adamw
+    else:
+        muon_lr = schedule(o.muon_learning_rate, o, steps)
+        schedules["muon_learning_rate"] = muon_lr
+        muon = muon_lib.muon(muon_lr, beta=o.muon_beta, nesterov=o.muon_nesterov, ns_steps=o.ns_steps,
+                             weight_decay=o.muon_weight_decay, rms_scale=o.rms_scale,
+                             scale_mode=o.muon_scale_mode, shard_axis="op", mesh=mesh)
+        inner = optax.multi_transform({MUON: muon, ADAMW: adamw},
+                                      lambda params: param_labels(params, o.name))
+    chain = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    return optax.chain(*chain, inner), schedules

@@ -1,0 +1,128 @@
+"""The device mesh, the one logical-axis rule table, and multi-host start-up.
+
+Mesh axes ("dp", "op", "fsdp", "tp"):
+  dp    pure data parallelism (replicas of parameters and optimizer state)
+  op    the OSP paper's optimizer parallelism: Newton–Schulz for same-shaped matrices is split
+        over it (see muon.py); the batch is split over it too
+  fsdp  parameters and optimizer state are sharded over it; the batch is split over it
+  tp    tensor parallelism over heads / MLP width / vocabulary, for models that outgrow fsdp
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("dp", "op", "fsdp", "tp")
+BATCH_AXES = ("dp", "op", "fsdp")
+
+# Logical axis -> mesh axis (or axes, or None = replicated). Parameters and activations use
+# separate names for the model dimension, so parameters shard over fsdp while activations
+# shard their batch over fsdp: the usual ZeRO-3 layout.
+LOGICAL_AXIS_RULES = (
+    # parameters
+    ("vocab", "tp"),
+    ("embed", "fsdp"),
+    ("embed_proj", None),
+    ("mlp", "tp"),
+    ("heads", "tp"),
+    ("kv_heads", "tp"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tp"),
+    ("act_vocab", "tp"),
+)
+
+
+class MeshError(ValueError):
+    """The requested mesh does not fit the devices."""
+
+
+def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
+    """Resolves -1 and checks that the product of the axis sizes equals `device_count`."""
+    sizes = {a: int(sizes[a]) for a in MESH_AXES}
+    described = ", ".join(f"{a}={s}" for a, s in sizes.items())
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    fill = [a for a, s in sizes.items() if s == -1]
+    if fill:
+        if device_count % fixed:
+            raise MeshError(f"mesh ({described}) does not fit {device_count} devices: "
+                            f"{device_count} is not divisible by the fixed axes' product {fixed}")
+        sizes[fill[0]] = device_count // fixed
+    total = int(np.prod(list(sizes.values())))
+    if total != device_count:
+        raise MeshError(f"mesh ({described}) needs {total} devices but {device_count} are available; "
+                        "make dp*op*fsdp*tp equal the device count or set one axis to -1")
+    return tuple(sizes[a] for a in MESH_AXES)
+
+
+def make_mesh(sizes: dict, devices=None) -> Mesh:
+    """A mesh over all (or the given) devices, axes in MESH_AXES order, Auto sharding mode."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_mesh(logical_specs, rules=LOGICAL_AXIS_RULES):
+    """A pytree of logical PartitionSpecs -> mesh PartitionSpecs."""
+    return nn.logical_to_mesh(logical_specs, rules)
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a pytree of logically-partitioned (boxed) parameters or their shapes."""
+    specs = nn.get_partition_spec(boxed_params)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), logical_to_mesh(specs, rules),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split over every data-parallel axis, sequence unsplit."""
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Starts multi-host JAX once, before any device is touched.
+
+    Flags win, then OSP_COORDINATOR_ADDRESS / OSP_NUM_PROCESSES / OSP_PROCESS_ID; with none of
+    them, `jax.distributed.initialize()` auto-detects TPU pods and SLURM, and a plain single
+    process stays single.
+    """
+    address = coordinator_address or os.environ.get("OSP_COORDINATOR_ADDRESS")
+    count = num_processes or (int(os.environ["OSP_NUM_PROCESSES"]) if "OSP_NUM_PROCESSES" in os.environ else None)
+    pid = process_id if process_id is not None else (
+        int(os.environ["OSP_PROCESS_ID"]) if "OSP_PROCESS_ID" in os.environ else None)
+    if address:
+        if count is None or pid is None:
+            raise ValueError("a coordinator address needs the process count and id too "
+                             "(--num_processes/--process_id or OSP_NUM_PROCESSES/OSP_PROCESS_ID)")
+        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=pid)
+    elif _on_cluster():
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _on_cluster() -> bool:
+    """True on a TPU pod slice or inside a multi-task SLURM job, where jax can auto-detect peers."""
+    if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and "SLURM_JOB_ID" in os.environ:
+        return True
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))

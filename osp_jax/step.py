@@ -1,0 +1,101 @@
+"""Pure step functions: the train state, one optimizer step, one evaluation step.
+
+Nothing here touches the host, the mesh or the file system; train.py jits these with shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+
+from osp_jax.model import Transformer
+
+
+class TrainState(NamedTuple):
+    step: jax.Array          # optimizer steps taken (int32 scalar)
+    params: Any
+    opt_state: Any
+    rng: jax.Array           # raw uint32 key data, so Orbax stores it as a plain array
+    bad_steps: jax.Array     # consecutive non-finite steps (int32 scalar)
+
+
+def init_state(config: ml_collections.ConfigDict, model: Transformer, tx: optax.GradientTransformation,
+               rng: jax.Array) -> TrainState:
+    """A fresh state; under `jax.jit(..., out_shardings=...)` it is created already sharded."""
+    init_rng, state_rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, config.train.seq_len), jnp.int32)
+    params = nn.unbox(model.init(init_rng, tokens)["params"])
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(state_rng), bad_steps=jnp.zeros([], jnp.int32))
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross-entropy in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def _forward_loss(model: Transformer, params, batch, pack_mask: bool):
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"] if pack_mask else None)
+    return cross_entropy(logits, batch["targets"])
+
+
+def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.GradientTransformation,
+               grad_accum_steps: int = 1, pack_mask: bool = True) -> tuple[TrainState, dict]:
+    """One optimizer step on `batch` (micro-batches accumulated in float32 when grad_accum_steps > 1).
+
+    A step whose loss or gradients are not finite changes nothing but the step and bad-step
+    counters: parameters and optimizer state are kept, so a NaN never reaches a checkpoint.
+    """
+    grad_fn = jax.value_and_grad(lambda p, b: _forward_loss(model, p, b, pack_mask))
+    if grad_accum_steps == 1:
+        loss, grads = grad_fn(state.params, batch)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(state.params, mb)
+            return (loss_sum + loss, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros([], jnp.float32), zeros), micro)
+        loss = loss / grad_accum_steps
+        grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grads, state.params)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        rng=state.rng,
+        bad_steps=jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
+               "bad_steps": new_state.bad_steps,
+               "param_norm": optax.global_norm(state.params)}
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model: Transformer, pack_mask: bool = True) -> dict:
+    """Summed loss and token count, so batches of any size average exactly."""
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"] if pack_mask else None)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    return {"loss_sum": losses.sum(), "tokens": jnp.asarray(losses.size, jnp.float32)}
+
+
+def hidden_states(params, batch: dict, *, model: Transformer, pack_mask: bool = True):
+    """Residual stream after the embedding and every layer: (layers + 1, batch, seq, dim)."""
+    _, hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                            segment_ids=batch["segment_ids"] if pack_mask else None, return_hidden=True)
+    return hidden

@@ -1,0 +1,288 @@
+"""`python -m osp_jax.train --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]`
+
+A thin loop over the pure step functions of step.py: config -> mesh -> model + optimizer ->
+sharded state (fresh or restored) -> jitted step <- Grain batches; state -> Orbax. Re-running the
+same command with the same workdir resumes from the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from flax import linen as nn
+from ml_collections import config_flags
+
+from osp_jax import config as config_lib
+from osp_jax import metrics as metrics_lib
+from osp_jax import sharding
+from osp_jax.model import Transformer, abstract_params, count_params, flops_per_token
+from osp_jax.optim import make_optimizer
+from osp_jax.step import TrainState, eval_step, hidden_states, init_state, train_step
+
+log = logging.getLogger("osp_jax")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+# ---------------------------------------------------------------- shardings
+def state_shardings(config, model, tx, mesh) -> TrainState:
+    """NamedShardings for every leaf of the train state, from the model's logical axes."""
+    boxed = abstract_params(config.model, config.train.seq_len)
+    params = sharding.param_shardings(boxed, mesh)
+    abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed))
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+                                transform_non_params=lambda _: sharding.replicated(mesh),
+                                is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    repl = sharding.replicated(mesh)
+    return TrainState(step=repl, params=params, opt_state=opt, rng=repl, bad_steps=repl)
+
+
+def abstract_state(config, model, tx, shardings: TrainState) -> TrainState:
+    shapes = jax.eval_shape(functools.partial(init_state, config, model, tx), jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+# ---------------------------------------------------------------- data
+def make_data(config, mesh):
+    """The training iterator and a fixed list of validation batches (host numpy)."""
+    from osp_jax.data import pipeline
+
+    t, d = config.train, config.data
+    if d.source == "seqio":
+        from osp_jax.data.seqio_source import make_seqio_iterator
+        train_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                         seed=t.seed, split="train")
+        val_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                       seed=t.seed, split="validation")
+        return train_iter, [next(val_iter) for _ in range(t.eval_batches)], None
+    data_dir = pipeline.resolve_data_dir(d.path)
+    meta = pipeline.load_metadata(data_dir)
+    note = pipeline.check_vocab(meta, config.model.vocab_size)
+    if note:
+        log.info("%s", note)
+    train_iter = pipeline.make_iterator(data_dir, "train", seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                        seed=t.seed, worker_count=d.worker_count, prefetch_buffer=d.prefetch)
+    val_dir = pipeline.resolve_data_dir(t.eval_data) if t.eval_data else data_dir
+    val_iter = pipeline.make_iterator(val_dir, "validation", seq_len=t.seq_len,
+                                      global_batch_size=t.global_batch_size, seed=t.seed, shuffle=False,
+                                      num_epochs=None)
+    val_batches = [next(val_iter) for _ in range(t.eval_batches)]
+    return train_iter, val_batches, data_dir
+
+
+def to_global(batch: dict, batch_sharding) -> dict:
+    """Host batch (this process's rows) -> one global jax.Array per key."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- the loop
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
+    from osp_jax.checkpoint import Checkpointer
+
+    config_lib.validate(config)
+    t = config.train
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        _write_config(config, workdir)
+
+    train_iter, val_batches, data_dir = make_data(config, mesh)
+    model = Transformer(config.model)
+    tx, schedules = make_optimizer(config, mesh)
+    shardings = state_shardings(config, model, tx, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every or t.steps,
+                                keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        if checkpointer.latest_step() is not None:
+            start, state = checkpointer.restore(abstract_state(config, model, tx, shardings),
+                                                data_iterator=train_iter)
+            log.info("resumed from step %d in %s", start, workdir)
+        else:
+            init = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)
+            state = init(jax.random.key(t.seed))
+            start = 0
+
+        n_params = count_params(state.params)
+        fpt = flops_per_token(config.model, t.seq_len)
+        tokens_per_step = t.global_batch_size * t.seq_len
+        log.info("model: %.2f M parameters; mesh %s; %d devices; %d tokens per step",
+                 n_params / 1e6, dict(mesh.shape), jax.device_count(), tokens_per_step)
+
+        step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                            grad_accum_steps=config.optimizer.grad_accum_steps,
+                                            pack_mask=config.data.pack_mask),
+                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, repl),
+                          donate_argnums=0)
+        eval_fn = jax.jit(functools.partial(eval_step, model=model, pack_mask=config.data.pack_mask),
+                          in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
+        outlier_fn = jax.jit(lambda p, b: metrics_lib.outlier_stats(
+            hidden_states(p, b, model=model, pack_mask=config.data.pack_mask)),
+            in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
+        val_global = [to_global(b, batch_sharding) for b in val_batches]
+
+        writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard)
+        throughput = metrics_lib.Throughput(fpt, t.steps, tokens_per_step,
+                                            metrics_lib.peak_flops_per_device(t.peak_tflops), jax.device_count())
+        preempted = _install_sigterm_handler()
+        last: dict = {}
+        pending = None        # (step, device metrics) of the previous step: read one step late
+        skipped_total = 0
+        step = start
+        try:
+            while step < t.steps:
+                if preempted["flag"]:
+                    log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
+                    checkpointer.save(step, state, data_iterator=train_iter, config=config.to_dict(), force=True)
+                    checkpointer.wait()
+                    break
+                batch = to_global(next(train_iter), batch_sharding)
+                state, device_metrics = step_fn(state, batch)
+                step += 1
+                if pending is not None:
+                    skipped_total += _check_finite(pending, t.max_bad_steps)
+                pending = (step, device_metrics)
+                if step == start + 1:
+                    jax.block_until_ready(device_metrics)
+                    throughput.start(step)  # exclude compilation from throughput
+
+                if step % t.log_every == 0 or step == t.steps:
+                    skipped_total += _check_finite(pending, t.max_bad_steps)
+                    pending = None
+                    record = {k: float(v) for k, v in device_metrics.items() if k != "bad_steps"}
+                    record.update({name: float(fn(step - 1)) for name, fn in schedules.items()})
+                    if step > start + 1:
+                        record.update(throughput.measure(step))
+                    else:
+                        record.update({"tokens_per_sec": 0.0, "mfu": None, "eta_seconds": 0.0})
+                    record["skipped_steps"] = skipped_total
+                    record["tokens"] = step * tokens_per_step
+                    if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                        record["val_loss"] = _evaluate(eval_fn, state.params, val_global)
+                    if t.outlier_every and (step % t.outlier_every == 0 or step == t.steps):
+                        record.update({k: np.asarray(v) for k, v in
+                                       outlier_fn(state.params, val_global[0]).items()})
+                    writer.write(step, record)
+                    if is_main:
+                        print(metrics_lib.progress_line(step, t.steps, record), flush=True)
+                    last = record
+                    throughput.start(step)  # eval/outlier time is not training time
+
+                if checkpointer.should_save(step) or step == t.steps:
+                    if pending is not None:  # never save a state we have not checked
+                        skipped_total += _check_finite(pending, t.max_bad_steps)
+                        pending = None
+                    checkpointer.save(step, state, data_iterator=train_iter, config=config.to_dict(),
+                                      force=step == t.steps)
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
+    return last
+
+
+def _check_finite(pending, max_bad_steps: int) -> int:
+    """Reads a finished step's skip flag; raises after `max_bad_steps` non-finite steps in a row."""
+    step, m = pending
+    skipped, bad = int(m["skipped"]), int(m["bad_steps"])
+    if skipped:
+        log.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s): update skipped",
+                    step, float(m["loss"]), float(m["grad_norm"]))
+    if bad >= max_bad_steps:
+        raise TrainingError(f"{bad} consecutive steps had non-finite loss or gradients (last at step {step}); "
+                            f"stopping (train.max_bad_steps={max_bad_steps}). The last checkpoint holds finite state.")
+    return skipped
+
+
+def _evaluate(eval_fn, params, batches) -> float:
+    total, tokens = 0.0, 0.0
+    for b in batches:
+        out = eval_fn(params, b)
+        total += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    return total / max(tokens, 1.0)
+
+
+def _install_sigterm_handler() -> dict:
+    """SIGTERM (a preemption notice) sets a flag; the loop saves at the current step and exits 0."""
+    state = {"flag": False}
+
+    def handler(signum, frame):
+        state["flag"] = True
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        pass
+    return state
+
+
+def _write_config(config, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    new = config.to_dict()
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        if changed:
+            log.warning("config differs from the one in %s: %s", path, ", ".join(changed))
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- CLI
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config(), e.g. configs/tiny.py",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host, not TPU/SLURM).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        _die("both --config=FILE and --workdir=DIR are required, e.g. "
+             "python -m osp_jax.train --config=configs/tiny.py --workdir=runs/tiny")
+    sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    try:
+        config = config_lib.validate(_CONFIG.value)
+        train(config, _WORKDIR.value)
+    except (config_lib.ConfigError, sharding.MeshError) as e:
+        _die(f"config error: {e}")
+    except (FileNotFoundError, TrainingError) as e:
+        _die(f"{type(e).__name__}: {e}", code=1)
+    except ValueError as e:  # bad data or a vocabulary mismatch; keep the traceback for the odd real bug
+        log.debug("traceback", exc_info=True)
+        _die(f"{type(e).__name__}: {e}", code=1)
+
+
+def _die(message: str, code: int = 2) -> None:
+    print(f"osp_jax.train: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+"""osp_jax: Outlier-Safe Pre-Training for JAX/Flax."""
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "osp_jax" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="osp_jax",
+    version=VERSION,
+    description="Outlier-Safe Pre-Training of LLMs in JAX/Flax: Muon, Single-Scale RMSNorm, EmbProj",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["osp_jax", "osp_jax.*"]),
+    package_data={"osp_jax": ["data/builtin/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "array_record>=0.7",
+        "tensorstore>=0.1.70",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tokenizers>=0.20",
+        "tensorboardX>=2.6",
+        "zstandard>=0.22",
+        "pyarrow>=15",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7"],
+        "torch": ["torch>=2.3", "transformers>=4.45", "safetensors>=0.4"],
+        "seqio": ["seqio>=0.0.19"],
+        "tpu": ["jax[tpu]>=0.6"],
+        "gpu": ["jax[cuda12]>=0.6"],
+        "plot": ["matplotlib>=3.7"],
+        "sentencepiece": ["sentencepiece>=0.2"],
+    },
+)
