@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Launch osp_jax training on a Cloud TPU VM slice (e.g. v4-512): create the slice, install the
+# package on every worker, then run the same `python -m osp_jax.train ...` on all workers at once.
+# jax.distributed.initialize() inside osp_jax.train finds the other TPU hosts by itself.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator-type TYPE [options] -- TRAIN_ARGS...
+
+Creates (or reuses) a Cloud TPU VM slice, installs osp_jax on every worker and runs
+`python -m osp_jax.train TRAIN_ARGS...` on all workers, streaming their output here and
+appending it to ~/REMOTE_DIR/train.log on each worker.
+
+Required:
+  --name NAME               TPU VM name
+  --zone ZONE               e.g. us-central2-b
+  --accelerator-type TYPE   e.g. v4-512 (only needed when the slice is created)
+
+Options:
+  --project P               GCP project (default: gcloud's configured project)
+  --version V               TPU software version (default: tpu-ubuntu2204-base)
+  --spot                    create a Spot slice
+  --reuse                   do not create the slice, use the existing one
+  --package SPEC            what to install (default: .):
+                              a local directory: its files (git-tracked and untracked-but-not-ignored)
+                                are tarred, copied to every worker and installed with [EXTRA];
+                                training runs from that copy, so relative --config paths work
+                              a URL (git+https://..., https://...): installs 'osp_jax[EXTRA] @ SPEC'
+                              anything else: passed to pip verbatim (e.g. 'osp_jax[tpu]==0.1.0')
+  --extra EXTRA             package extra to install (default: tpu)
+  --python-version X.Y      Python for the workers' venv, fetched by uv if absent (default: 3.11;
+                            jax needs >= 3.11, tpu-ubuntu2204-base ships 3.10)
+  --remote-dir DIR          working directory on each worker, relative to $HOME (default: osp_jax_run)
+  --env KEY=VALUE           export on every worker before training (repeatable)
+  --skip-install            do not copy or install anything (re-runs on a prepared slice)
+  --dry-run                 print each command (prefixed '+ ') and run nothing
+  -h, --help                show this help
+
+Example:
+  launch/tpu_pod.sh --name osp-1b4 --zone us-central2-b --accelerator-type v4-512 -- \
+    --config=configs/osp_1b4.py --workdir=gs://BUCKET/osp_1b4 \
+    --config.mesh.dp=2 --config.mesh.op=8 --config.mesh.fsdp=16
+EOF
+}
+
+die() { # usage error: message naming the option, then the usage text, exit 2
+  echo "tpu_pod.sh: error: $*" >&2
+  usage >&2
+  exit 2
+}
+
+name="" zone="" accelerator_type="" project="" version="tpu-ubuntu2204-base"
+package="." extra="tpu" python_version="3.11" remote_dir="osp_jax_run"
+spot=0 reuse=0 dry_run=0 skip_install=0
+envs=() train_args=()
+
+takes_value() { # the option's value: from "--opt=V", or the next word (then shift one more)
+  if ((has_val)); then return 0; fi
+  (($# >= 2)) || die "$opt needs a value"
+  val=$2
+  shift_extra=1
+}
+
+while (($#)); do
+  opt=$1 shift_extra=0
+  case $opt in
+    --*=*) val=${opt#*=}; opt=${opt%%=*}; has_val=1 ;;
+    *) val=""; has_val=0 ;;
+  esac
+  case $opt in
+    -h|--help) usage; exit 0 ;;
+    --name) takes_value "$@"; name=$val ;;
+    --zone) takes_value "$@"; zone=$val ;;
+    --accelerator-type) takes_value "$@"; accelerator_type=$val ;;
+    --project) takes_value "$@"; project=$val ;;
+    --version) takes_value "$@"; version=$val ;;
+    --package) takes_value "$@"; package=$val ;;
+    --extra) takes_value "$@"; extra=$val ;;
+    --python-version) takes_value "$@"; python_version=$val ;;
+    --remote-dir) takes_value "$@"; remote_dir=$val ;;
+    --env)
+      takes_value "$@"
+      [[ $val == [A-Za-z_]*=* ]] || die "--env expects KEY=VALUE, got '$val'"
+      envs+=("$val") ;;
+    --spot) spot=1 ;;
+    --reuse) reuse=1 ;;
+    --skip-install) skip_install=1 ;;
+    --dry-run) dry_run=1 ;;
+    --) shift; train_args=("$@"); break ;;
+    *) die "unknown option '$opt' (train arguments go after --)" ;;
+  esac
+  shift $((1 + shift_extra))
+done
+
+[[ -n $name ]] || die "--name is required"
+[[ -n $zone ]] || die "--zone is required"
+((reuse)) || [[ -n $accelerator_type ]] || die "--accelerator-type is required to create the slice (or pass --reuse)"
+[[ $remote_dir != /* ]] || die "--remote-dir must be relative to \$HOME, got '$remote_dir'"
+
+# Quotes one word for a POSIX shell (the workers' shell, or a paste of a dry-run line): as is when
+# safe, else in single quotes. Readable where printf %q would backslash every space.
+q() {
+  local s=$1 sq="'"
+  if [[ -n $s && $s != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
+    printf '%s' "$s"
+  else
+    printf "'%s'" "${s//$sq/$sq\\$sq$sq}"
+  fi
+}
+
+# Runs a command, or with --dry-run only prints it, each word quoted so the line can be pasted.
+run() {
+  local line="+" w
+  for w in "$@"; do line+=" $(q "$w")"; done
+  echo "$line"
+  if ((dry_run)); then return 0; fi
+  "$@"
+}
+
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+loc=(--zone="$zone")
+[[ -z $project ]] || loc+=(--project="$project")
+
+rdir=$(q "$remote_dir")
+
+# 1. The slice.
+if ((reuse)); then
+  echo "# --reuse: using existing TPU VM $name"
+else
+  exists=0
+  if ((dry_run)); then
+    run "${gcloud_tpu[@]}" describe "$name" "${loc[@]}"
+    echo "# --dry-run: assuming $name does not exist yet"
+  elif "${gcloud_tpu[@]}" describe "$name" "${loc[@]}" >/dev/null 2>&1; then
+    exists=1
+    echo "# TPU VM $name already exists: reusing it"
+  fi
+  if ((!exists)); then
+    create=("${gcloud_tpu[@]}" create "$name" "${loc[@]}" --accelerator-type="$accelerator_type" --version="$version")
+    ((!spot)) || create+=(--spot)
+    run "${create[@]}"
+  fi
+fi
+
+ssh_all() { run "${gcloud_tpu[@]}" ssh "$name" "${loc[@]}" --worker=all --command "$1"; }
+
+# 2. The package, installed into a uv-made venv (the image's Python is too old for jax).
+if ((!skip_install)); then
+  if [[ -d $package ]]; then
+    if ((dry_run)); then
+      tarball="${TMPDIR:-/tmp}/osp_jax_src.XXXXXX/src.tar.gz"
+      echo "+ tar -C $(q "$package") -czf $(q "$tarball") \$(git -C $(q "$package") ls-files -co --exclude-standard)"
+    else
+      files=()
+      if git -C "$package" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        while IFS= read -r -d '' f; do # drop files deleted in the working tree
+          [[ -e $package/$f ]] && files+=("$f")
+        done < <(git -C "$package" ls-files -z -co --exclude-standard)
+      else
+        files=(.)
+      fi
+      ((${#files[@]})) || die "--package $package: no files to ship"
+      tmp=$(mktemp -d "${TMPDIR:-/tmp}/osp_jax_src.XXXXXX")
+      trap 'rm -rf "$tmp"' EXIT
+      tarball=$tmp/src.tar.gz
+      echo "+ tar -C $(q "$package") -czf $(q "$tarball") <${#files[@]} files>"
+      tar -C "$package" --exclude=.git --exclude=__pycache__ -czf "$tarball" "${files[@]}"
+    fi
+    ssh_all "mkdir -p $rdir"
+    run "${gcloud_tpu[@]}" scp "$tarball" "$name:$remote_dir/src.tar.gz" "${loc[@]}" --worker=all
+    unpack="rm -rf $rdir/src && mkdir -p $rdir/src && tar -xzf $rdir/src.tar.gz -C $rdir/src"
+    requirement="./$remote_dir/src[$extra]"
+  else
+    unpack="mkdir -p $rdir/src"
+    if [[ $package == *://* ]]; then
+      requirement="osp_jax[$extra] @ $package"
+    else
+      requirement=$package
+    fi
+  fi
+  ssh_all "set -e; $unpack; python3 -m pip install --user --quiet --upgrade uv; \
+[ -x $rdir/venv/bin/python ] || python3 -m uv venv --python $(q "$python_version") $rdir/venv; \
+python3 -m uv pip install --python $rdir/venv/bin/python $(q "$requirement")"
+fi
+
+# 3. Training: the same command on every worker; this ssh is the log stream, tee keeps a copy.
+exports=""
+for kv in "${envs[@]+"${envs[@]}"}"; do
+  exports+="export ${kv%%=*}=$(q "${kv#*=}"); "
+done
+cmd="../venv/bin/python -m osp_jax.train"
+for a in "${train_args[@]+"${train_args[@]}"}"; do
+  cmd+=" $(q "$a")"
+done
+ssh_all "set -o pipefail; ${exports}cd $rdir/src && $cmd 2>&1 | tee -a ../train.log"

@@ -1,0 +1,285 @@
+"""Launchers: dry-run output, and real runs against fake gcloud / srun / scontrol / python on PATH.
+
+No gcloud or SLURM is needed: the fakes are small bash scripts, so this runs anywhere bash, tar and
+git do.
+"""
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU = ROOT / "launch" / "tpu_pod.sh"
+GPU = ROOT / "launch" / "gpu_multinode.sh"
+
+# Awkward on purpose: a space, a single quote, shell metacharacters and an empty argument.
+TRAIN_ARGS = ["--config=configs/osp_1b4.py", "--workdir=gs://b/run 1", "--config.name=it's a $HOME `x`", ""]
+TPU_REQUIRED = ["--name", "osp-1b4", "--zone", "us-central2-b", "--accelerator-type", "v4-512"]
+
+
+def clean_env(**extra):
+    """The caller's environment minus anything the launchers read (pytest's XLA_FLAGS, SLURM_*)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OSP_", "XLA_", "CUDA_VISIBLE"))}
+    env.update(extra)
+    return env
+
+
+def sh(script, *args, env=None, check=True):
+    proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                          env=env if env is not None else clean_env(), timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def commands(stdout):
+    """The '+ ' lines of a dry run, each split back into words."""
+    return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def after_train(words):
+    """Arguments after `-m osp_jax.train` (up to a shell redirection, if any)."""
+    i = words.index("osp_jax.train")
+    assert words[i - 1] == "-m"
+    rest = words[i + 1:]
+    return rest[:rest.index("2>&1")] if "2>&1" in rest else rest
+
+
+def write_exe(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def test_scripts_are_executable():
+    for script in (TPU, GPU):
+        assert os.access(script, os.X_OK), script
+
+
+# --------------------------------------------------------------------------------------- tpu_pod.sh
+
+def test_tpu_dry_run_creates_installs_and_trains():
+    out = sh(TPU, *TPU_REQUIRED, "--project", "my-proj", "--spot", "--dry-run", "--", *TRAIN_ARGS).stdout
+    cmds = commands(out)
+    gcloud = [c for c in cmds if c[0] == "gcloud"]
+    assert all(c[1:4] == ["compute", "tpus", "tpu-vm"] for c in gcloud)
+    assert all("--zone=us-central2-b" in c and "--project=my-proj" in c for c in gcloud)
+
+    (create,) = [c for c in gcloud if c[4] == "create"]
+    assert create[5] == "osp-1b4"
+    assert "--accelerator-type=v4-512" in create
+    assert "--version=tpu-ubuntu2204-base" in create
+    assert "--spot" in create
+
+    ssh = [c for c in gcloud if c[4] == "ssh"]
+    scp = [c for c in gcloud if c[4] == "scp"]
+    assert ssh and scp and all("--worker=all" in c for c in ssh + scp)
+    remote = [c[c.index("--command") + 1] for c in ssh]
+    assert any("uv pip install" in r and "[tpu]" in r for r in remote)
+
+    # Creation, then install, then training, in that order.
+    order = [c[4] for c in gcloud]
+    assert order.index("create") < order.index("scp") < len(order) - 1 and order[-1] == "ssh"
+    train = shlex.split(remote[-1])
+    assert after_train(train) == TRAIN_ARGS
+    assert "tee" in train
+
+
+def test_tpu_reuse_skips_creation_and_accelerator_type():
+    args = ["--name", "osp-1b4", "--zone", "us-central2-b", "--reuse", "--dry-run", "--", "--config=c.py"]
+    cmds = commands(sh(TPU, *args).stdout)
+    verbs = [c[4] for c in cmds if c[0] == "gcloud"]
+    assert "create" not in verbs and "describe" not in verbs
+    assert "ssh" in verbs
+
+
+def test_tpu_remote_package_and_skip_install():
+    url = "git+https://github.com/example/osp_jax@main"
+    cmds = commands(sh(TPU, *TPU_REQUIRED, "--package", url, "--extra", "tpu", "--dry-run", "--", "-x").stdout)
+    assert not any(c[0] == "tar" or c[4:5] == ["scp"] for c in cmds)
+    remote = " ".join(c[c.index("--command") + 1] for c in cmds if "--command" in c)
+    assert f"osp_jax[tpu] @ {url}" in remote
+
+    cmds = commands(sh(TPU, *TPU_REQUIRED, "--skip-install", "--dry-run", "--", "-x").stdout)
+    ssh = [c for c in cmds if c[0] == "gcloud" and c[4] == "ssh"]
+    assert len(ssh) == 1 and after_train(shlex.split(ssh[0][-1])) == ["-x"]
+
+
+@pytest.mark.parametrize("drop", ["--name", "--zone", "--accelerator-type"])
+def test_tpu_missing_required_option_exits_2(drop):
+    args = list(TPU_REQUIRED)
+    i = args.index(drop)
+    del args[i:i + 2]
+    proc = sh(TPU, *args, "--dry-run", "--", "-x", check=False)
+    assert proc.returncode == 2
+    assert drop in proc.stderr and "Usage:" in proc.stderr
+    assert "+ " not in proc.stdout
+
+
+def test_tpu_help_and_unknown_option():
+    assert "Usage:" in sh(TPU, "-h").stdout
+    proc = sh(TPU, *TPU_REQUIRED, "--bogus", check=False)
+    assert proc.returncode == 2 and "--bogus" in proc.stderr
+
+
+def test_tpu_real_run_against_fake_gcloud(tmp_path):
+    """Not a dry run: gcloud 'ssh' runs its --command in a fake worker home, 'scp' copies there."""
+    home, bin_dir, tmp = tmp_path / "worker", tmp_path / "bin", tmp_path / "tmp"
+    for d in (home, bin_dir, tmp):
+        d.mkdir()
+    log = tmp_path / "gcloud.log"
+    write_exe(bin_dir / "gcloud", r"""#!/usr/bin/env bash
+printf '%s\n' "$*" >> "$FAKE_LOG"
+case $4 in
+  describe) exit 1 ;;
+  create) exit 0 ;;
+  scp) cp "$5" "$FAKE_HOME/${6#*:}" ;;
+  ssh) prev=""; for a; do [[ $prev == --command ]] && cmd=$a; prev=$a; done
+       cd "$FAKE_HOME" && HOME=$FAKE_HOME exec bash -c "$cmd" ;;
+  *) exit 3 ;;
+esac
+""")
+    # The worker's python3: records pip/uv calls; `uv venv DIR` makes DIR/bin/python, which records
+    # how training was started.
+    write_exe(bin_dir / "python3", r"""#!/usr/bin/env bash
+printf 'python3 %s\n' "$*" >> "$FAKE_LOG"
+if [[ "$1 $2 $3" == "-m uv venv" ]]; then
+  dir=${!#}; mkdir -p "$dir/bin"
+  printf '%s\n' '#!/usr/bin/env bash' \
+    'printf "%s\0" "$@" > "$FAKE_HOME/argv"; pwd > "$FAKE_HOME/cwd"' \
+    'printf "%s" "$RUN_NOTE" > "$FAKE_HOME/note"; echo training-output' > "$dir/bin/python"
+  chmod +x "$dir/bin/python"
+fi
+""")
+    # The package to ship: a git repo with a tracked, an untracked and an ignored file.
+    pkg = tmp_path / "pkg"
+    (pkg / "configs").mkdir(parents=True)
+    (pkg / "configs" / "osp_1b4.py").write_text("# config\n")
+    (pkg / ".gitignore").write_text("big.bin\n")
+    (pkg / "big.bin").write_text("ignored\n")
+    (pkg / "new.txt").write_text("untracked\n")
+    git = ["git", "-C", str(pkg), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "configs", ".gitignore"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_HOME=str(home),
+                    TMPDIR=str(tmp))
+    proc = sh(TPU, *TPU_REQUIRED, "--package", str(pkg), "--env", "RUN_NOTE=a b'c",
+              "--", *TRAIN_ARGS, env=env)
+    assert "training-output" in proc.stdout
+
+    calls = log.read_text()
+    assert "tpu-vm describe osp-1b4" in calls and "tpu-vm create osp-1b4" in calls
+    assert "--accelerator-type=v4-512" in calls
+    assert "-m uv pip install --python osp_jax_run/venv/bin/python ./osp_jax_run/src[tpu]" in calls
+
+    src = home / "osp_jax_run" / "src"
+    assert (src / "configs" / "osp_1b4.py").exists() and (src / "new.txt").exists()
+    assert not (src / "big.bin").exists()
+    argv = (home / "argv").read_text().split("\0")[:-1]
+    assert argv == ["-m", "osp_jax.train", *TRAIN_ARGS]
+    assert Path((home / "cwd").read_text().strip()) == src
+    assert (home / "note").read_text() == "a b'c"
+    assert "training-output" in (home / "osp_jax_run" / "train.log").read_text()
+    assert list(tmp.iterdir()) == []  # the local tarball was cleaned up
+
+
+# ---------------------------------------------------------------------------------- gpu_multinode.sh
+
+def gpu_dry_run(*args, **env):
+    env.setdefault("SLURM_JOB_NODELIST", "node1,node2")
+    env.setdefault("SLURM_NNODES", "2")
+    out = sh(GPU, *args, "--dry-run", "--", *TRAIN_ARGS, env=clean_env(**env)).stdout
+    exports = dict(c[1].split("=", 1) for c in commands(out) if c[0] == "export")
+    (srun,) = [c for c in commands(out) if c[0] == "srun"]
+    return exports, srun
+
+
+def test_gpu_dry_run_per_node():
+    exports, srun = gpu_dry_run()
+    host, port = exports["OSP_COORDINATOR_ADDRESS"].split(":")
+    assert host == "node1" and port.isdigit()
+    assert exports["OSP_NUM_PROCESSES"] == "2"
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in exports["XLA_FLAGS"].split()
+    assert "--ntasks=2" in srun and "--ntasks-per-node=1" in srun
+    assert after_train(srun) == TRAIN_ARGS
+    task = srun[srun.index("-c") + 1]
+    assert "OSP_PROCESS_ID=$SLURM_PROCID" in task and "CUDA_VISIBLE_DEVICES" not in task
+
+
+def test_gpu_dry_run_per_gpu():
+    exports, srun = gpu_dry_run("--per-gpu", "--port", "23456")
+    assert exports["OSP_COORDINATOR_ADDRESS"] == "node1:23456"
+    assert exports["OSP_NUM_PROCESSES"] == "16"
+    assert "--ntasks=16" in srun and "--ntasks-per-node=8" in srun
+    assert "CUDA_VISIBLE_DEVICES" in srun[srun.index("-c") + 1]
+    assert after_train(srun) == TRAIN_ARGS
+
+
+def test_gpu_dry_run_defaults_and_bracketed_nodelist():
+    exports, _ = gpu_dry_run(SLURM_JOB_NODELIST="gpu[007-010,12],big1", SLURM_NNODES="5")
+    assert exports["OSP_COORDINATOR_ADDRESS"].startswith("gpu007:")
+    assert exports["OSP_NUM_PROCESSES"] == "5"
+    # With nothing from SLURM, a dry run fakes two nodes.
+    out = sh(GPU, "--dry-run", "--", "-x").stdout
+    assert "OSP_NUM_PROCESSES=2" in out and "OSP_COORDINATOR_ADDRESS=node1:" in out
+
+
+def test_gpu_outside_slurm_and_bad_options_exit_2():
+    proc = sh(GPU, "--", "-x", check=False)
+    assert proc.returncode == 2 and "SLURM_JOB_NODELIST" in proc.stderr
+    proc = sh(GPU, "--gpus-per-node", "eight", "--dry-run", check=False)
+    assert proc.returncode == 2 and "--gpus-per-node" in proc.stderr
+    proc = sh(GPU, "--bogus", check=False)
+    assert proc.returncode == 2 and "--bogus" in proc.stderr
+    assert "Usage:" in sh(GPU, "--help").stdout
+
+
+def test_gpu_xla_flags_are_known_to_xla():
+    """XLA aborts on an unknown XLA_FLAGS entry; GPU flags are parsed on CPU too, so check here."""
+    exports, _ = gpu_dry_run()
+    env = clean_env(XLA_FLAGS=exports["XLA_FLAGS"], JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", "import jax; print(int(jax.numpy.ones(3).sum()))"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("per_gpu", [False, True])
+def test_gpu_real_run_against_fake_slurm(tmp_path, per_gpu):
+    """Not a dry run: a fake srun starts every task with its SLURM_PROCID/SLURM_LOCALID."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_exe(bin_dir / "scontrol", r"""#!/usr/bin/env bash
+[[ "$1 $2" == "show hostnames" ]] && printf 'gpu-a01\ngpu-a02\n'
+""")
+    write_exe(bin_dir / "srun", r"""#!/usr/bin/env bash
+while [[ $1 == --* ]]; do
+  case $1 in --ntasks=*) n=${1#*=} ;; --ntasks-per-node=*) per=${1#*=} ;; esac; shift
+done
+for ((i = 0; i < n; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$((i % per)) "$@" || exit
+done
+exit 0
+""")
+    write_exe(bin_dir / "fakepython", r"""#!/usr/bin/env bash
+{ printf '%s\0' "$@"; } > "$OUT/args.$OSP_PROCESS_ID"
+echo "$OSP_COORDINATOR_ADDRESS $OSP_NUM_PROCESSES ${CUDA_VISIBLE_DEVICES-unset}" > "$OUT/env.$OSP_PROCESS_ID"
+""")
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path),
+                    SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_NNODES="2",
+                    CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
+    flags = ["--per-gpu"] if per_gpu else []
+    sh(GPU, *flags, "--python", str(bin_dir / "fakepython"), "--", *TRAIN_ARGS, env=env)
+
+    n = 16 if per_gpu else 2
+    for rank in range(n):
+        assert (tmp_path / f"args.{rank}").read_text().split("\0")[:-1] == ["-m", "osp_jax.train", *TRAIN_ARGS]
+        addr, nproc, cuda = (tmp_path / f"env.{rank}").read_text().split()
+        assert addr == "gpu-a01:12355" and nproc == str(n)
+        assert cuda == (str(rank % 8) if per_gpu else "0,1,2,3,4,5,6,7")
+    assert not (tmp_path / f"args.{n}").exists()
