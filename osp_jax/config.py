@@ -8,6 +8,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
@@ -152,9 +153,8 @@ def validate(config: ConfigDict) -> ConfigDict:
     given = _flatten(config)
     for key in given:
         if key not in reference:
-            sections = sorted({k.split(".")[0] for k in reference})
-            near = [k for k in reference if k.split(".")[-1] == key.split(".")[-1]]
-            hint = f"; did you mean {near[0]}?" if near else f"; sections are {sections}"
+            near = difflib.get_close_matches(key, list(reference), n=1)
+            hint = f"; did you mean {near[0]}?" if near else f"; known sections: {sorted({k.split('.')[0] for k in reference})}"
             raise ConfigError(f"config.{key} is not a known key{hint}")
     for key, default in reference.items():
         if key not in given:

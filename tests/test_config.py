@@ -1,0 +1,87 @@
+"""Config recipes load and validate; bad configs stop before training with the key named."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from osp_jax import config as config_lib
+from tests.helpers import CONFIG_FILES, ROOT, load_recipe
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_recipe_validates(path):
+    config_lib.validate(load_recipe(path.stem))
+
+
+def test_recipes_are_the_paper_models():
+    osp, adam = load_recipe("osp_1b4"), load_recipe("adam_1b4")
+    m = osp.model
+    assert (m.layers, m.dim, m.heads, m.ffn_dim, m.vocab_size, osp.train.seq_len) == (24, 2048, 16, 5504, 49152, 2048)
+    assert (m.norm_scale, m.embed_proj, osp.optimizer.name) == ("single", True, "muon")
+    assert (adam.model.norm_scale, adam.model.embed_proj, adam.optimizer.name) == ("channel", False, "adamw")
+
+
+BAD = [
+    # (override, key that must be named)
+    ("--config.model.dim=130", "model.dim"),                 # not divisible by heads=4
+    ("--config.model.kv_heads=3", "model.kv_heads"),         # does not divide heads
+    ("--config.train.seq_len=0", "train.seq_len"),
+    ("--config.model.norm_scale=layer", "model.norm_scale"),
+    ("--config.optimizer.name=sgd", "optimizer.name"),
+    ("--config.train.steps=-5", "train.steps"),
+    ("--config.model.nonexistent=1", "nonexistent"),         # unknown key (ml_collections refuses it)
+    ("--config.mesh.fsdp=3", "fsdp=3"),                      # mesh does not fit 1 device
+]
+
+
+def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = []
+    for i, (flag, _) in enumerate(BAD):
+        cmd = [sys.executable, "-m", "osp_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / str(i)}", flag]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for (flag, key), p in zip(BAD, procs):
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode != 0, f"{flag} was accepted:\n{out}"
+        assert key in out, f"{flag}: message does not name {key}:\n{out[-2000:]}"
+        assert not (tmp_path / "0" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("model.dim", 130, "multiple of model.heads"),
+    ("model.kv_heads", 3, "divisor of model.heads"),
+    ("train.seq_len", 0, "positive"),
+    ("optimizer.grad_accum_steps", 3, "divisor of train.global_batch_size"),
+    ("optimizer.b2", 1.0, "[0, 1)"),
+    ("model.attention", "flash", "one of auto"),
+])
+def test_validate_messages(key, value, fragment):
+    c = load_recipe("tiny")
+    section, name = key.split(".")
+    with c.unlocked():
+        c[section][name] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c)
+    assert key in str(e.value) and fragment in str(e.value) and repr(value) in str(e.value)
+
+
+def test_unknown_key_added_in_a_recipe_is_refused():
+    c = load_recipe("tiny")
+    with c.unlocked():
+        c.train.stepz = 3
+    with pytest.raises(config_lib.ConfigError, match="train.stepz is not a known key; did you mean"):
+        config_lib.validate(c)
+
+
+def test_wrong_type_is_refused():
+    c = load_recipe("tiny")
+    with c.unlocked():
+        c.model.embed_proj = None
+    with pytest.raises(config_lib.ConfigError, match="model.embed_proj"):
+        config_lib.validate(c)
+
+
+def test_round_trip_through_dict():
+    c = load_recipe("osp_124m")
+    assert config_lib.from_dict(c.to_dict()).to_dict() == c.to_dict()
