@@ -103,6 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _write_config(config, workdir)
 
     train_iter, val_batches, data_dir = make_data(config, mesh)
+    if is_main and data_dir:
+        _keep_tokenizer(data_dir, workdir)
     model = Transformer(config.model)
     tx, schedules = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
@@ -233,6 +235,20 @@ def _install_sigterm_handler() -> dict:
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
         pass
     return state
+
+
+def _keep_tokenizer(data_dir: str, workdir: str) -> None:
+    """Copies the data's tokenizer and metadata into the workdir: export and evaluate read them there."""
+    import shutil
+
+    with open(os.path.join(data_dir, "metadata.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    for src, dst in ((os.path.join(data_dir, meta["tokenizer"]), "tokenizer.json"),
+                     (os.path.join(data_dir, "metadata.json"), "data_metadata.json")):
+        target = os.path.join(workdir, dst)
+        if not os.path.exists(target):
+            shutil.copyfile(src, target + ".tmp")
+            os.replace(target + ".tmp", target)
 
 
 def _write_config(config, workdir: str) -> None:
