@@ -243,7 +243,7 @@ def _keep_tokenizer(data_dir: str, workdir: str) -> None:
 
     with open(os.path.join(data_dir, "metadata.json"), encoding="utf-8") as f:
         meta = json.load(f)
-    for src, dst in ((os.path.join(data_dir, meta["tokenizer"]), "tokenizer.json"),
+    for src, dst in ((os.path.join(data_dir, meta["tokenizer"]), os.path.basename(meta["tokenizer"])),
                      (os.path.join(data_dir, "metadata.json"), "data_metadata.json")):
         target = os.path.join(workdir, dst)
         if not os.path.exists(target):
