@@ -6,3 +6,7 @@ after the embedding and before the LM head, merged away at export).
 """
 
 __version__ = "0.1.0"
+
+from osp_jax.muon import MuonDimensionNumbers, muon, newton_schulz, scale_by_muon
+
+__all__ = ["MuonDimensionNumbers", "muon", "newton_schulz", "scale_by_muon", "__version__"]

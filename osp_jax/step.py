@@ -68,7 +68,7 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
         loss = loss / grad_accum_steps
         grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grads, state.params)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -82,7 +82,7 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
                "bad_steps": new_state.bad_steps,
-               "param_norm": optax.global_norm(state.params)}
+               "param_norm": optax.tree.norm(state.params)}
     return new_state, metrics
 
 

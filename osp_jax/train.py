@@ -44,9 +44,10 @@ def state_shardings(config, model, tx, mesh) -> TrainState:
     boxed = abstract_params(config.model, config.train.seq_len)
     params = sharding.param_shardings(boxed, mesh)
     abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed))
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+    masked = optax.MaskedNode
+    opt = optax.tree_map_params(tx, lambda p, s: p if isinstance(p, masked) else s, abstract_opt, params,
                                 transform_non_params=lambda _: sharding.replicated(mesh),
-                                is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+                                is_leaf=lambda x: isinstance(x, (masked, jax.sharding.NamedSharding)))
     repl = sharding.replicated(mesh)
     return TrainState(step=repl, params=params, opt_state=opt, rng=repl, bad_steps=repl)
 

@@ -1,0 +1,162 @@
+"""Optimizer-update time: osp_jax's Muon against optax.contrib.muon and AdamW.
+
+One jitted optimizer update (gradients given, state donated) on the paper's 1.4B parameter tree, built
+from shapes alone with random gradients made on the device. All optimizers run in the same process
+on the same device; each figure is the median of `--iters` runs after a warm-up.
+
+    python benchmarks/muon.py            # the 1.4B tree (needs an accelerator)
+    python benchmarks/muon.py --smoke    # a tiny tree, seconds on CPU
+
+Prints a table, then one JSON line per optimizer: {"optimizer": ..., "ms": ..., "device": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from osp_jax import muon as osp_muon  # noqa: E402
+
+# Leaves that stay on AdamW in OSP: the embedding, the LM head and the norm scales.
+ADAMW_LEAVES = ("embed", "lm_head", "attn_norm", "mlp_norm", "final_norm")
+
+
+def parameter_shapes(layers: int, dim: int, heads: int, kv_heads: int, head_dim: int, ffn: int,
+                     vocab: int) -> dict:
+    """The osp_jax.model.Transformer tree (docs/CONTRACTS.md): scanned layers, SSNorm, EmbProj."""
+    f32 = jnp.float32
+
+    def s(*shape):
+        return jax.ShapeDtypeStruct(shape, f32)
+
+    return {
+        "embed": {"embedding": s(vocab, dim)},
+        "embed_proj": {"kernel": s(dim, dim)},
+        "layers": {
+            "attn_norm": {"scale": s(layers)},
+            "attn": {
+                "q": {"kernel": s(layers, dim, heads, head_dim)},
+                "k": {"kernel": s(layers, dim, kv_heads, head_dim)},
+                "v": {"kernel": s(layers, dim, kv_heads, head_dim)},
+                "o": {"kernel": s(layers, heads, head_dim, dim)},
+            },
+            "mlp_norm": {"scale": s(layers)},
+            "mlp": {"gate": {"kernel": s(layers, dim, ffn)}, "up": {"kernel": s(layers, dim, ffn)},
+                    "down": {"kernel": s(layers, ffn, dim)}},
+        },
+        "final_norm": {"scale": s()},
+        "head_proj": {"kernel": s(dim, dim)},
+        "lm_head": {"kernel": s(dim, vocab)},
+    }
+
+
+def is_muon_leaf(path) -> bool:
+    return not any(getattr(key, "key", None) in ADAMW_LEAVES for key in path)
+
+
+def labels(tree):
+    return jax.tree_util.tree_map_with_path(lambda p, _: "muon" if is_muon_leaf(p) else "adamw", tree)
+
+
+def random_tree(shapes, seed: int, scale: float = 1.0):
+    """Random normal arrays of the given shapes, made on the device by one jitted call."""
+    leaves, treedef = jax.tree.flatten(shapes)
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, len(leaves))
+        return [scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+
+    return treedef.unflatten(make(jax.random.key(seed)))
+
+
+def optimizers(shapes, lr: float = 1e-3, weight_decay: float = 0.1) -> dict:
+    """The three updates compared, each configured as a full training run would use it."""
+    dims = osp_muon.infer_dimension_numbers(shapes)
+    contrib_dims = jax.tree_util.tree_map_with_path(lambda p, d: d if is_muon_leaf(p) else None, dims,
+                                                    is_leaf=lambda x: x is None or isinstance(
+                                                        x, osp_muon.MuonDimensionNumbers))
+    adamw = optax.adamw(lr, weight_decay=weight_decay)
+    return {
+        "osp_jax.muon": optax.multi_transform(
+            {"muon": osp_muon.muon(lr, weight_decay=weight_decay), "adamw": adamw}, labels),
+        "optax.contrib.muon": optax.contrib.muon(
+            lr, weight_decay=weight_decay, adam_weight_decay=weight_decay, consistent_rms=0.2,
+            muon_weight_dimension_numbers=contrib_dims),
+        "optax.adamw": adamw,
+    }
+
+
+def time_update(opt, params, grads, iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of one jitted update with the state donated."""
+
+    @jax.jit
+    def init(p):
+        return opt.init(p)
+
+    def step(g, state, p):
+        updates, state = opt.update(g, state, p)
+        return updates, state
+
+    step = jax.jit(step, donate_argnums=(1,))
+    state = init(params)
+    for _ in range(warmup):
+        updates, state = step(grads, state, params)
+    jax.block_until_ready((updates, state))
+
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        updates, state = step(grads, state, params)
+        jax.block_until_ready((updates, state))
+        times.append(1e3 * (time.perf_counter() - start))
+    del updates, state
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv_heads", type=int, default=None, help="default: --heads")
+    parser.add_argument("--head_dim", type=int, default=None, help="default: dim // heads")
+    parser.add_argument("--ffn", type=int, default=5504)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="tiny tree (2 layers, dim 64), seconds on CPU")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.layers, args.dim, args.heads, args.ffn, args.vocab, args.iters = 2, 64, 4, 176, 512, 10
+    kv_heads = args.kv_heads or args.heads
+    head_dim = args.head_dim or args.dim // args.heads
+
+    shapes = parameter_shapes(args.layers, args.dim, args.heads, kv_heads, head_dim, args.ffn, args.vocab)
+    n_params = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    device = jax.devices()[0].device_kind
+    params = random_tree(shapes, seed=0, scale=0.02)
+    grads = random_tree(shapes, seed=1)
+
+    results = {name: time_update(opt, params, grads, args.iters) for name, opt in optimizers(shapes).items()}
+
+    print(f"optimizer update, {n_params / 1e6:,.1f}M params ({args.layers} layers, dim {args.dim}), "
+          f"{device}, median of {args.iters}")
+    print(f"{'optimizer':<20} {'ms':>10} {'x adamw':>8}")
+    for name, ms in results.items():
+        print(f"{name:<20} {ms:>10.2f} {ms / results['optax.adamw']:>8.2f}")
+    for name, ms in results.items():
+        print(json.dumps({"optimizer": name, "ms": round(ms, 3), "device": device}))
+
+
+if __name__ == "__main__":
+    main()
