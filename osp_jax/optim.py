@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from osp_jax import muon as muon_lib
+from osp_jax.muon import muon as muon_transform
 
 MUON, ADAMW = "muon", "adamw"
 _EMBEDDING_PATHS = ("embed/embedding", "lm_head/kernel")
@@ -78,7 +78,7 @@ def make_optimizer(config: ml_collections.ConfigDict, mesh=None
     else:
         muon_lr = schedule(o.muon_learning_rate, o, steps)
         schedules["muon_learning_rate"] = muon_lr
-        muon = muon_lib.muon(muon_lr, beta=o.muon_beta, nesterov=o.muon_nesterov, ns_steps=o.ns_steps,
+        muon = muon_transform(muon_lr, beta=o.muon_beta, nesterov=o.muon_nesterov, ns_steps=o.ns_steps,
                              weight_decay=o.muon_weight_decay, rms_scale=o.rms_scale,
                              scale_mode=o.muon_scale_mode, shard_axis="op", mesh=mesh)
         inner = optax.multi_transform({MUON: muon, ADAMW: adamw},

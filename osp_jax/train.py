@@ -279,7 +279,10 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    # Our own INFO lines; libraries (Orbax, Grain, JAX) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
     if _CONFIG.value is None or _WORKDIR.value is None:
         _die("both --config=FILE and --workdir=DIR are required, e.g. "
              "python -m osp_jax.train --config=configs/tiny.py --workdir=runs/tiny")

@@ -1,0 +1,361 @@
+"""The Grain input pipeline: prepared ArrayRecord shards -> packed, batched numpy token windows.
+
+    ArrayRecordDataSource(split shards)
+      -> [process_index::process_count]   every process reads a disjoint set of documents
+      -> shuffle(seed) -> repeat(epochs)  documents reshuffled each epoch (grain folds the epoch in)
+      -> decode                           uint16/uint32 bytes -> token ids (EOS already at each end)
+      -> PackedWindows(seq_len + 1)       concat-and-chunk: no token lost or repeated
+      -> batch(global // process_count)   padded to full size at the very end of a finite run
+      -> prefetch                         worker processes (worker_count > 0) or one thread
+
+Each batch is a dict of int32 numpy arrays of shape (B, seq_len):
+    inputs = window[:-1], targets = window[1:],
+    segment_ids: 1, 2, ... per document piece inside the window (0 = padding: no loss, no attention),
+    positions:   0, 1, ... restarting at every document start and at the window start.
+So `segment_ids > 0` is the loss mask, and attention may stay within `segment_ids` equality.
+
+Windows do not overlap: each token is an input (or the last target) of exactly one window. With
+num_epochs=None the token stream runs on across epochs, so a window may hold the end of one epoch and
+the start of the next and nothing is dropped; with a finite num_epochs the last window is padded
+(segment_ids 0), and so is the last batch. `iterator.get_state()` / `set_state()` restore the exact
+position: the parent's state before the current document plus the offset inside it.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import json
+import os
+import sys
+import weakref
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from osp_jax.data import sources
+from osp_jax.data import tokenizer as tokenizer_lib
+
+BUILTIN = "builtin"
+_BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin")
+FIELDS = ("inputs", "targets", "segment_ids", "positions")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data directories
+
+
+def builtin_files() -> tuple[str, str]:
+    """Paths of the shipped corpus (.jsonl.xz) and tokenizer (tokenizer.json)."""
+    corpus = os.path.join(_BUILTIN_DIR, "corpus.jsonl.xz")
+    tok = os.path.join(_BUILTIN_DIR, "tokenizer.json")
+    for p in (corpus, tok):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"the built-in data file {p} is missing: is osp_jax installed with its "
+                                    "package data (setup.py package_data)?")
+    return corpus, tok
+
+
+def _cache_root() -> str:
+    return os.environ.get("OSP_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "osp_jax")
+
+
+def resolve_data_dir(path: str) -> str:
+    """A prepared data directory. "builtin" prepares the shipped corpus once (into $OSP_JAX_CACHE or
+    ~/.cache/osp_jax/builtin-<hash of corpus, tokenizer and format>) and returns that directory."""
+    from osp_jax.data import prepare as prepare_lib
+
+    if path == BUILTIN:
+        corpus, tok = builtin_files()
+        h = hashlib.sha256()
+        for p in (corpus, tok):
+            h.update(tokenizer_lib.file_sha256(p).encode())
+        h.update(f"{prepare_lib.FORMAT}-v{prepare_lib.FORMAT_VERSION}".encode())
+        out = os.path.join(_cache_root(), f"builtin-{h.hexdigest()[:16]}")
+        if not os.path.isfile(os.path.join(out, "metadata.json")):
+            print(f"osp_jax: preparing the built-in corpus into {out} (once)", file=sys.stderr, flush=True)
+            try:
+                prepare_lib.prepare([corpus], out, tok, val_fraction=0.0, quiet=True)
+            except PermissionError as e:
+                raise PermissionError(f"cannot write the built-in data cache {out} ({e.strerror}): set "
+                                      "OSP_JAX_CACHE to a writable directory") from None
+        return out
+    out = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isfile(os.path.join(out, "metadata.json")):
+        why = "does not exist" if not os.path.exists(out) else "has no metadata.json"
+        raise FileNotFoundError(f"data directory {path!r} {why}: expected a directory written by "
+                                "`python -m osp_jax.data.prepare`, or 'builtin'")
+    return out
+
+
+def load_metadata(data_dir: str) -> dict:
+    """metadata.json of a prepared directory (see osp_jax.data.prepare)."""
+    p = os.path.join(data_dir, "metadata.json")
+    try:
+        with open(p) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{data_dir} has no metadata.json: not a directory written by "
+                                "`python -m osp_jax.data.prepare` (or it is still being written)") from None
+    except ValueError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+    for k in ("vocab_size", "eos_id", "dtype", "splits"):
+        if k not in meta:
+            raise ValueError(f"{p} lacks the key {k!r}: written by an incompatible prepare version?")
+    return meta
+
+
+def check_vocab(metadata: dict, vocab_size: int) -> str | None:
+    """Raises when the data holds ids the model cannot embed; returns a note when the model is larger."""
+    data_vocab = int(metadata["vocab_size"])
+    if data_vocab > vocab_size:
+        raise ValueError(f"the data's tokenizer has vocabulary {data_vocab} but the model's vocab_size is "
+                         f"{vocab_size}: set model.vocab_size >= {data_vocab} (or prepare the data with a "
+                         "smaller tokenizer)")
+    if data_vocab < vocab_size:
+        return (f"data vocabulary {data_vocab} < model vocab_size {vocab_size}: the last "
+                f"{vocab_size - data_vocab} embedding rows are never trained on")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing
+
+
+class _PackedWindowsIterator(grain.DatasetIterator):
+    def __init__(self, parent, seq_len: int, pad_id: int):
+        super().__init__(parent)
+        self._w = seq_len + 1
+        self._pad = pad_id
+        self._arange = np.arange(self._w, dtype=np.int32)
+        self._doc = None          # the document being consumed
+        self._off = 0             # how many of its tokens were already emitted
+        self._doc_state = None    # the parent's state just before that document
+
+    def _fetch(self) -> bool:
+        state = self._parent.get_state()
+        try:
+            doc = next(self._parent)
+        except StopIteration:
+            self._doc = None
+            return False
+        self._doc, self._off, self._doc_state = doc, 0, state
+        return True
+
+    def __next__(self):
+        w = self._w
+        buf = np.empty(w, np.int32)
+        seg = np.zeros(w, np.int32)
+        pos = np.zeros(w, np.int32)
+        filled, sid = 0, 0
+        while filled < w:
+            if self._doc is None or self._off >= len(self._doc):
+                if not self._fetch():
+                    break
+                continue
+            take = min(w - filled, len(self._doc) - self._off)
+            buf[filled:filled + take] = self._doc[self._off:self._off + take]
+            sid += 1
+            seg[filled:filled + take] = sid
+            pos[filled:filled + take] = self._arange[:take]
+            filled += take
+            self._off += take
+        if filled == 0:
+            raise StopIteration
+        seg_in = seg[:-1]
+        if filled < w:  # the end of a finite run: pad, and mask the inputs whose target is padding
+            buf[filled:] = self._pad
+            seg_in = seg_in.copy()
+            seg_in[filled - 1:] = 0
+        return {"inputs": buf[:-1], "targets": buf[1:], "segment_ids": seg_in, "positions": pos[:-1]}
+
+    def get_state(self) -> dict[str, Any]:
+        if self._doc is not None and self._off < len(self._doc):
+            return {"parent": self._doc_state, "offset": self._off}
+        return {"parent": self._parent.get_state(), "offset": 0}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._doc, self._off, self._doc_state = None, 0, None
+        offset = int(state["offset"])
+        if offset:
+            if not self._fetch():
+                raise ValueError("iterator state points past the end of the data")
+            self._off = offset
+
+    def __str__(self) -> str:
+        return f"PackedWindowsIterator(window={self._w})"
+
+
+class PackedWindows(grain.IterDataset):
+    """Concatenates 1-D token arrays and cuts the stream into windows of seq_len + 1 (see module doc)."""
+
+    def __init__(self, parent, seq_len: int, pad_id: int = 0):
+        super().__init__(parent)
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len}: expected a positive integer")
+        self._seq_len = seq_len
+        self._pad_id = pad_id
+
+    def __iter__(self):
+        return _PackedWindowsIterator(self._parent.__iter__(), self._seq_len, self._pad_id)
+
+    def __str__(self) -> str:
+        return f"PackedWindows(seq_len={self._seq_len})"
+
+
+def _decode(record: bytes, dtype: str) -> np.ndarray:
+    return np.frombuffer(record, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def _pad_batch(batch: dict, batch_size: int, pad_id: int) -> dict:
+    n = batch["inputs"].shape[0]
+    if n == batch_size:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        fill = pad_id if k in ("inputs", "targets") else 0
+        pad = np.full((batch_size - n,) + v.shape[1:], fill, v.dtype)
+        out[k] = np.concatenate([v, pad], axis=0)
+    return out
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the number of "
+                         f"processes {process_count}")
+    return global_batch_size // process_count
+
+
+def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: int, seed: int,
+                 process_index: int | None = None, process_count: int | None = None, shuffle: bool = True,
+                 num_epochs: int | None = None, worker_count: int = 0, prefetch_buffer: int = 2,
+                 read_threads: int = 2):
+    """The pipeline for one split of a prepared directory, as a grain.IterDataset of batch dicts.
+
+    Training: defaults (shuffled, endless). Validation: split="validation", shuffle=False, num_epochs=1.
+    Each process yields global_batch_size // process_count windows a batch from its own documents.
+    """
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs={num_epochs}: expected a positive integer or None (endless)")
+    batch_size = local_batch_size(global_batch_size, process_count)
+    data_dir = resolve_data_dir(data_dir)
+    meta = load_metadata(data_dir)
+    if split not in meta["splits"]:
+        raise ValueError(f"split {split!r} not in {data_dir} (has {sorted(meta['splits'])})")
+    info = meta["splits"][split]
+    if not info["documents"]:
+        raise ValueError(f"split {split!r} of {data_dir} has no documents")
+    if info["documents"] < process_count:
+        raise ValueError(f"split {split!r} of {data_dir} has {info['documents']} documents, fewer than "
+                         f"the {process_count} processes reading it")
+    paths = [os.path.join(data_dir, s["file"]) for s in info["shards"]]
+    pad_id = meta.get("pad_id")
+    pad_id = int(meta["eos_id"] if pad_id is None else pad_id)
+
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    ds = ds[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=int(seed) % 2**32)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(functools.partial(_decode, dtype=meta["dtype"]))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    ds = PackedWindows(ds, seq_len, pad_id)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if num_epochs is not None:
+        ds = ds.map(functools.partial(_pad_batch, batch_size=batch_size, pad_id=pad_id))
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                         per_worker_buffer_size=max(prefetch_buffer, 1)))
+    elif prefetch_buffer > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_buffer)
+    return ds
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; a program without absl.app has not parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(data_dir: str, split: str, *, seq_len: int, global_batch_size: int, seed: int,
+                  process_index: int | None = None, process_count: int | None = None, shuffle: bool = True,
+                  num_epochs: int | None = None, worker_count: int = 0, prefetch_buffer: int = 2,
+                  read_threads: int = 2):
+    """`iter(make_dataset(...))`: a grain DatasetIterator with get_state()/set_state(). Call its
+    close() when done; one left open is closed at interpreter exit."""
+    it = iter(make_dataset(data_dir, split, seq_len=seq_len, global_batch_size=global_batch_size,
+                           seed=seed, process_index=process_index, process_count=process_count,
+                           shuffle=shuffle, num_epochs=num_epochs, worker_count=worker_count,
+                           prefetch_buffer=prefetch_buffer, read_threads=read_threads))
+    # Closed before interpreter teardown: grain's prefetch thread otherwise complains from __del__.
+    atexit.register(_close_at_exit, weakref.ref(it))
+    return it
+
+
+def _close_at_exit(ref) -> None:
+    it = ref()
+    if it is not None:
+        try:
+            it.close()
+            # grain's thread-prefetch close() is not idempotent once module globals are torn down.
+            it.close = _noop
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _noop() -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Raw text files (for evaluate)
+
+
+def _as_tokenizer(tokenizer) -> tokenizer_lib.Tokenizer:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer_lib.load_tokenizer(os.fspath(tokenizer))
+    return tokenizer
+
+
+def iter_text_file_tokens(path: str, tokenizer, *, text_field: str = "text",
+                          batch_docs: int = 64) -> Iterator[np.ndarray]:
+    """Token arrays (int32, EOS appended) of each document of a .jsonl[.gz|.xz|.zst] / .txt / .parquet
+    file (or glob); `tokenizer` is a path or a loaded tokenizer. Malformed records are skipped with a
+    warning naming file:line; a missing file raises osp_jax.data.DataError."""
+    tok = _as_tokenizer(tokenizer)
+    skips = sources.SkipLog()
+    chunk: list[str] = []
+
+    def flush():
+        for ids in tok.encode_batch(chunk):
+            a = np.empty(len(ids) + 1, np.int32)
+            a[:-1] = ids
+            a[-1] = tok.eos_id
+            yield a
+        chunk.clear()
+
+    for doc in sources.iter_documents(sources.expand_inputs(path), text_field, skips, split_field=None):
+        chunk.append(doc.text)
+        if len(chunk) >= batch_docs:
+            yield from flush()
+    if chunk:
+        yield from flush()
+
+
+def text_file_tokens(path: str, tokenizer, *, text_field: str = "text") -> np.ndarray:
+    """One EOS-separated int32 token stream of every document in the file(s)."""
+    parts = list(iter_text_file_tokens(path, tokenizer, text_field=text_field))
+    if not parts:
+        raise sources.DataError(f"{path}: no valid documents")
+    return np.concatenate(parts)

@@ -1,0 +1,344 @@
+"""prepare: every input kind, tokenizer kinds, reuse, atomic writes, and the messages for bad input."""
+import gzip
+import io
+import json
+import lzma
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from osp_jax.data import prepare as prep
+from osp_jax.data import sources
+from osp_jax.data.pipeline import builtin_files
+from osp_jax.data.tokenizer import load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = builtin_files()[1]
+WORDS = ("the quick brown fox jumps over a lazy dog while pride and prejudice sit in the garden "
+         "of eden reading python tutorials about lists dicts and generators").split()
+
+
+def make_docs(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"Document {i}. " + " ".join(rng.choice(WORDS, size=int(rng.integers(3, 120))))
+            for i in range(n)]
+
+
+DOCS = make_docs()
+
+
+def read_records(out, split="train"):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    meta = json.load(open(os.path.join(out, "metadata.json")))
+    docs = []
+    for s in meta["splits"][split]["shards"]:
+        r = ArrayRecordReader(os.path.join(out, s["file"]))
+        docs += [np.frombuffer(b, meta["dtype"]) for b in r.read_all()]
+        r.close()
+    return meta, docs
+
+
+def expected_tokens(texts):
+    tok = load_tokenizer(TOKENIZER)
+    return [np.array(tok.encode(t) + [tok.eos_id]) for t in texts]
+
+
+def write_jsonl(path, records, opener=open):
+    with opener(path, "wb") as f:
+        for r in records:
+            f.write((json.dumps(r) + "\n").encode())
+
+
+def write_kind(tmp_path, kind, texts):
+    """Writes `texts` as one input of `kind`; returns the --input pattern."""
+    recs = [{"text": t, "id": i} for i, t in enumerate(texts)]
+    if kind == "txt":
+        d = tmp_path / "txt"
+        d.mkdir()
+        for i, t in enumerate(texts):
+            (d / f"doc{i:03d}.txt").write_text(t)
+        return str(d / "*.txt")
+    if kind == "jsonl":
+        write_jsonl(tmp_path / "a.jsonl", recs)
+        return str(tmp_path / "a.jsonl")
+    if kind == "jsonl.gz":
+        write_jsonl(tmp_path / "a.jsonl.gz", recs, gzip.open)
+        return str(tmp_path / "a.jsonl.gz")
+    if kind == "jsonl.xz":
+        write_jsonl(tmp_path / "a.jsonl.xz", recs, lzma.open)
+        return str(tmp_path / "a.jsonl.xz")
+    if kind == "jsonl.zst":
+        zstandard = pytest.importorskip("zstandard")
+        data = b"".join((json.dumps(r) + "\n").encode() for r in recs)
+        (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+        return str(tmp_path / "a.jsonl.zst")
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"id": list(range(len(texts))), "text": texts})
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+        pq.write_table(table, tmp_path / "a.parquet", row_group_size=7)
+        return str(tmp_path / "a.parquet")
+    if kind == "hf_dataset":  # the layout `datasets.Dataset.save_to_disk` writes
+        d = tmp_path / "hf"
+        d.mkdir()
+        with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table, max_chunksize=9)
+        (d / "state.json").write_text(json.dumps({
+            "_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "x",
+            "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+            "_output_all_columns": False, "_split": None}))
+        (d / "dataset_info.json").write_text(json.dumps({
+            "citation": "", "description": "", "homepage": "", "license": "",
+            "features": {"id": {"dtype": "int64", "_type": "Value"},
+                         "text": {"dtype": "string", "_type": "Value"}}}))
+        return str(d)
+    raise AssertionError(kind)
+
+
+KINDS = ["txt", "jsonl", "jsonl.gz", "jsonl.xz", "jsonl.zst", "parquet", "hf_dataset"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_input_kind(tmp_path, kind):
+    pattern = write_kind(tmp_path, kind, DOCS)
+    out = tmp_path / "out"
+    meta = prep.prepare(pattern, str(out), TOKENIZER, val_fraction=0.0, quiet=True)
+    _, docs = read_records(out)
+    want = expected_tokens(DOCS)
+    assert len(docs) == len(want) == meta["splits"]["train"]["documents"]
+    for got, exp in zip(docs, want):
+        np.testing.assert_array_equal(got, exp)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 4096 and meta["eos_id"] == 0
+    assert meta["pad_id"] == 1 and meta["tokenizer"] == "tokenizer.json"
+    assert meta["splits"]["train"]["tokens"] == sum(map(len, want))
+    assert os.path.isfile(out / "tokenizer.json")
+    assert meta["inputs"] and all({"path", "size", "mtime_ns"} <= set(f) for f in meta["inputs"])
+
+
+def test_hf_dataset_dict_layout(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    root = tmp_path / "dd"
+    for split, texts in (("train", DOCS[:30]), ("test", DOCS[30:])):
+        (root / split).mkdir(parents=True)
+        table = pa.table({"text": texts})
+        with pa.OSFile(str(root / split / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
+        (root / split / "state.json").write_text(json.dumps(
+            {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": split}))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    meta = prep.prepare(str(root), str(tmp_path / "out"), TOKENIZER, val_fraction=0.0, quiet=True)
+    assert meta["splits"]["train"]["documents"] == len(DOCS) and len(meta["inputs"]) == 2
+
+
+def test_glob_of_several_kinds_and_validation_holdout(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS[:20]])
+    write_jsonl(tmp_path / "b.jsonl.gz", [{"text": t} for t in DOCS[20:]], gzip.open)
+    (tmp_path / "c.txt").write_text("A plain text document.")
+    (tmp_path / "notes.csv").write_text("ignored,1")
+    out = tmp_path / "out"
+    meta = prep.prepare(str(tmp_path / "*"), str(out), TOKENIZER, val_fraction=0.3, quiet=True)
+    tr, va = meta["splits"]["train"]["documents"], meta["splits"]["validation"]["documents"]
+    assert tr + va == 41 and 0 < va < 41
+    # Deterministic: hashed on the text, so the same documents are held out every time.
+    held = {t for t in DOCS + ["A plain text document."] if prep.is_validation(t, 0.3)}
+    assert len(held) == va
+    _, val_docs = read_records(out, "validation")
+    assert sorted(map(tuple, val_docs)) == sorted(map(tuple, expected_tokens(sorted(held))))
+
+
+def test_split_field_overrides_hash(tmp_path):
+    recs = [{"text": t, "split": "validation" if i % 4 == 0 else "train"} for i, t in enumerate(DOCS)]
+    write_jsonl(tmp_path / "a.jsonl", recs)
+    meta = prep.prepare(str(tmp_path / "a.jsonl"), str(tmp_path / "out"), TOKENIZER, val_fraction=0.0,
+                        quiet=True)
+    assert meta["splits"]["validation"]["documents"] == 10
+
+
+def test_train_tokenizer(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS])
+    out = tmp_path / "out"
+    meta = prep.prepare(str(tmp_path / "a.jsonl"), str(out), "train:300", val_fraction=0.0, quiet=True)
+    tok = load_tokenizer(str(out / "tokenizer.json"))
+    assert meta["vocab_size"] == tok.vocab_size <= 300 and meta["eos_id"] == tok.eos_id == 0
+    assert meta["tokenizer_source"] == {"train_vocab": 300}
+    _, docs = read_records(out)
+    assert tok.decode(docs[3][:-1]) == DOCS[3]
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS * 3), model_writer=model, vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    (tmp_path / "sp.model").write_bytes(model.getvalue())
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS])
+    out = tmp_path / "out"
+    meta = prep.prepare(str(tmp_path / "a.jsonl"), str(out), str(tmp_path / "sp.model"), val_fraction=0.0,
+                        quiet=True)
+    assert meta["tokenizer"] == "tokenizer.model" and meta["tokenizer_kind"] == "sentencepiece"
+    tok = load_tokenizer(str(out / "tokenizer.model"))
+    _, docs = read_records(out)
+    assert docs[0][-1] == tok.eos_id == meta["eos_id"]
+    assert tok.decode(docs[0][:-1]) == DOCS[0]
+
+
+def test_reuse_rebuild_and_atomic_output(tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, [{"text": t} for t in DOCS])
+    out = tmp_path / "out"
+    args = [f"--input={src}", f"--output={out}", f"--tokenizer={TOKENIZER}", "--val-fraction=0.2",
+            "--shard-size-mb=0.0005"]
+    assert prep.main(args) == 0
+    names = sorted(os.listdir(out))
+    assert not [n for n in names if n.startswith(".tmp-")]
+    shards = [n for n in names if n.endswith(".array_record")]
+    assert len([n for n in shards if n.startswith("train-")]) > 1  # the tiny shard size rolled over
+    n_train = len([n for n in shards if n.startswith("train-")])
+    assert f"train-00000-of-{n_train:05d}.array_record" in shards
+    meta_mtime = os.stat(out / "metadata.json").st_mtime_ns
+    assert all(os.stat(out / n).st_mtime_ns <= meta_mtime for n in shards)  # metadata written last
+    err = capsys.readouterr().err
+    assert "docs/s" in err and "tokens/s" in err
+
+    assert prep.main(args) == 0
+    assert "reusing" in capsys.readouterr().err
+    assert os.stat(out / "metadata.json").st_mtime_ns == meta_mtime
+
+    write_jsonl(src, [{"text": t} for t in DOCS[:10]])  # changed input: rebuilt, stale shards removed
+    assert prep.main(args) == 0
+    assert "reusing" not in capsys.readouterr().err
+    meta = json.load(open(out / "metadata.json"))
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["validation"]["documents"] == 10
+    listed = {s["file"] for sp in meta["splits"].values() for s in sp["shards"]}
+    assert {n for n in os.listdir(out) if n.endswith(".array_record")} == listed
+
+
+def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, [{"text": t} for t in DOCS])
+    out = tmp_path / "out"
+    prep.prepare(str(src), str(out), TOKENIZER, quiet=True)
+    before = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    write_jsonl(src, [{"text": t} for t in DOCS[::-1]])
+
+    def boom(texts):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(prep, "_encode_texts", boom)
+    with pytest.raises(RuntimeError):
+        prep.prepare(str(src), str(out), TOKENIZER, quiet=True)
+    after = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    assert after == before  # no .tmp- left, old shards and metadata untouched
+
+
+def test_workers_match_single_process(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS])
+    prep.prepare(str(tmp_path / "a.jsonl"), str(tmp_path / "one"), TOKENIZER, quiet=True)
+    prep.prepare(str(tmp_path / "a.jsonl"), str(tmp_path / "two"), TOKENIZER, quiet=True, workers=2)
+    for split in ("train", "validation"):
+        _, a = read_records(tmp_path / "one", split)
+        _, b = read_records(tmp_path / "two", split)
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def run_main(capsys, *args):
+    rc = prep.main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_bad_records_are_skipped_and_named(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"text": "good one"}).encode(),
+             b"{not json",
+             json.dumps({"body": "no text field"}).encode(),
+             b'{"text": "caf\xe9 latin-1"}',
+             json.dumps({"text": 17}).encode(),
+             json.dumps({"text": "   "}).encode(),
+             json.dumps({"text": "good two"}).encode()]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    rc, err = run_main(capsys, f"--input={src}", f"--output={out}", f"--tokenizer={TOKENIZER}",
+                       "--val-fraction=0")
+    assert rc == 0
+    assert f"{src}:2" in err and "bad_json" in err
+    assert f"{src}:3" in err and "missing_field" in err
+    assert f"{src}:4" in err and "bad_utf8" in err
+    assert f"{src}:5" in err
+    meta = json.load(open(out / "metadata.json"))
+    assert meta["skipped"] == {"bad_json": 1, "missing_field": 1, "bad_utf8": 1, "not_a_string": 1,
+                               "empty": 1}
+    assert meta["splits"]["train"]["documents"] == 2
+
+
+def test_bad_txt_utf8_names_file_and_line(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(b"line one\nline two \xff\xfe\n")
+    (tmp_path / "b.txt").write_text("fine")
+    rc, err = run_main(capsys, f"--input={tmp_path}/*.txt", f"--output={tmp_path / 'out'}",
+                       f"--tokenizer={TOKENIZER}")
+    assert rc == 0 and f"{tmp_path / 'a.txt'}:2" in err and "bad_utf8" in err
+
+
+@pytest.mark.parametrize("case", ["empty_glob", "missing_file", "bad_tokenizer", "missing_tokenizer",
+                                  "no_valid_docs", "bad_train_spec", "parquet_no_column"])
+def test_fatal_errors(tmp_path, capsys, case):
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, [{"text": "hello"}])
+    inp, tok, expect = str(good), TOKENIZER, None
+    if case == "empty_glob":
+        inp, expect = str(tmp_path / "nothing*.jsonl"), "matches no file"
+    elif case == "missing_file":
+        inp, expect = str(tmp_path / "gone.jsonl"), "gone.jsonl"
+    elif case == "bad_tokenizer":
+        (tmp_path / "tok.json").write_text("{ this is not a tokenizer")
+        tok, expect = str(tmp_path / "tok.json"), f"cannot read tokenizer {tmp_path / 'tok.json'}"
+    elif case == "missing_tokenizer":
+        tok, expect = str(tmp_path / "nope.json"), "nope.json not found"
+    elif case == "no_valid_docs":
+        (tmp_path / "bad.jsonl").write_text("{oops\n[1, 2]\n")
+        inp, expect = str(tmp_path / "bad.jsonl"), "no valid documents"
+    elif case == "bad_train_spec":
+        tok, expect = "train:lots", "train:VOCAB"
+    elif case == "parquet_no_column":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+        inp, expect = str(tmp_path / "a.parquet"), "has no column 'text'"
+    out = tmp_path / "out"
+    rc, err = run_main(capsys, f"--input={inp}", f"--output={out}", f"--tokenizer={tok}")
+    assert rc == 2 and any(l.startswith("error:") for l in err.splitlines()) and expect in err, err
+    assert not os.path.exists(out / "metadata.json")
+    if os.path.isdir(out):
+        assert not [n for n in os.listdir(out) if n.startswith(".tmp-") or n.endswith(".array_record")]
+
+
+def test_truncated_compressed_file_is_named(tmp_path):
+    data = gzip.compress(b"".join((json.dumps({"text": t}) + "\n").encode() for t in DOCS))
+    (tmp_path / "a.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(sources.DataError, match="a.jsonl.gz"):
+        prep.prepare(str(tmp_path / "a.jsonl.gz"), str(tmp_path / "out"), TOKENIZER, quiet=True)
+
+
+def test_cli_module_entry_point(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS[:5]])
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ok = subprocess.run([sys.executable, "-m", "osp_jax.data.prepare", f"--input={tmp_path}/*.jsonl",
+                         f"--output={tmp_path / 'out'}", f"--tokenizer={TOKENIZER}"],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert os.path.isfile(tmp_path / "out" / "metadata.json")
+    bad = subprocess.run([sys.executable, "-m", "osp_jax.data.prepare", f"--input={tmp_path}/none*",
+                          f"--output={tmp_path / 'out2'}", f"--tokenizer={TOKENIZER}"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert bad.returncode != 0 and "matches no file" in bad.stderr and "Traceback" not in bad.stderr
