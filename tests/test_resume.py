@@ -1,0 +1,180 @@
+"""Never lose a run: exact resume after SIGKILL, SIGTERM saves, NaN steps, restore onto another mesh."""
+import os
+import signal
+import socket
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from osp_jax import checkpoint
+from tests.helpers import load_recipe
+from tests.test_train import read_metrics, start_cli
+
+SMALL = ["--config.model.dim=64", "--config.model.layers=2", "--config.model.ffn_dim=128",
+         "--config.train.seq_len=64", "--config.train.global_batch_size=8", "--config.train.log_every=1",
+         "--config.train.eval_every=0", "--config.train.outlier_every=0", "--config.train.checkpoint_every=6",
+         "--config.optimizer.warmup_steps=2"]
+
+
+def _finish(proc, timeout=600):
+    out = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(workdir)}  # a re-run step keeps its last value
+
+
+def _wait_for(predicate, proc, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def _params(workdir, step):
+    got_step, params, _ = checkpoint.restore_params_only(str(workdir), step=step)
+    assert got_step == step
+    return params
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    """N steps straight == N/2 steps, SIGKILL, resume to N: same loss at every step, same parameters."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    fixed = [*SMALL, "--config.optimizer.decay_steps=12"]  # the schedule must not depend on train.steps
+    victim = start_cli(killed, *fixed, "--config.train.steps=100000")
+    _wait_for(lambda: (killed / "checkpoints" / "6" / "commit_success.txt").exists(), victim)
+    victim.send_signal(signal.SIGKILL)  # not polite: no handler runs
+    victim.wait()
+    assert not (killed / "checkpoints" / "12").exists()
+    runs = [start_cli(straight, *fixed, "--config.train.steps=12"),
+            start_cli(killed, *fixed, "--config.train.steps=12")]
+    _finish(runs[0])
+    assert "resumed from step 6" in _finish(runs[1])
+
+    a, b = _losses(straight), _losses(killed)
+    assert sorted(a) == list(range(1, 13)) and set(range(1, 13)) <= set(b)
+    assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)], (a, b)  # bit-identical losses
+    jax.tree.map(np.testing.assert_array_equal, _params(straight, 12), _params(killed, 12))
+
+
+def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
+    workdir = tmp_path / "run"
+    proc = start_cli(workdir, *SMALL, "--config.train.steps=100000", "--config.train.checkpoint_every=1000")
+    _wait_for(lambda: (workdir / "metrics.jsonl").exists() and max(_losses(workdir), default=0) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    steps = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=1000, keep=3).all_steps()
+    assert len(steps) == 1 and 3 <= steps[0] < 1000, steps
+    assert "SIGTERM" in out
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    workdir = tmp_path / "run"
+    _finish(start_cli(workdir, *SMALL, "--config.train.steps=6", "--config.mesh.fsdp=8", devices=8))
+    out = _finish(start_cli(workdir, *SMALL, "--config.train.steps=8", "--config.mesh.fsdp=4", devices=4))
+    assert "resumed from step 6" in out
+    assert max(_losses(workdir)) == 8
+
+
+def test_two_processes_train_checkpoint_and_resume(tmp_path):
+    """Two processes on localhost (gloo, 2 CPU devices each) form one 4-device job."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "run"
+
+    def launch(steps, port):
+        return [start_cli(workdir, *SMALL, f"--config.train.steps={steps}", "--config.mesh.fsdp=-1", devices=2,
+                          OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES="2",
+                          OSP_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+                for i in range(2)]
+
+    for p in launch(6, port):
+        _finish(p, timeout=600)
+    for p in launch(8, port + 1 if port < 65535 else port - 1):
+        out = _finish(p, timeout=600)
+    steps = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=6, keep=3).all_steps()
+    assert steps == [6, 8], steps
+    assert sorted(_losses(workdir)) == list(range(1, 9))
+
+
+class _poisoned_batches:
+    """An endless iterator of one batch; `bad` makes every loss NaN (jnp.take fills out-of-range ids with NaN)."""
+
+    def __init__(self, cfg, bad: bool):
+        n, s = cfg.train.global_batch_size, cfg.train.seq_len
+        token = cfg.model.vocab_size + 7 if bad else 1
+        self.batch = {"inputs": np.full((n, s), token, np.int32), "targets": np.ones((n, s), np.int32),
+                      "segment_ids": np.ones((n, s), np.int32),
+                      "positions": np.tile(np.arange(s, dtype=np.int32), (n, 1))}
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        return self.batch
+
+    def get_state(self):
+        return {"count": self.count}
+
+    def set_state(self, state):
+        self.count = state["count"]
+
+
+def _small_train_config(**train):
+    cfg = load_recipe("tiny")
+    cfg.model.dim, cfg.model.layers, cfg.model.ffn_dim = 64, 2, 128
+    cfg.train.seq_len, cfg.train.global_batch_size = 32, 8
+    cfg.train.eval_every = cfg.train.outlier_every = 0
+    for k, v in train.items():
+        cfg.train[k] = v
+    return cfg
+
+
+def test_nan_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    from osp_jax import train as train_lib
+
+    cfg = _small_train_config(steps=20, max_bad_steps=3, log_every=1, checkpoint_every=2)
+    monkeypatch.setattr(train_lib, "make_data",
+                        lambda config, mesh: (_poisoned_batches(cfg, bad=True), list(), None))
+    monkeypatch.setattr(train_lib, "_evaluate", lambda *a: float("nan"))
+    with pytest.raises(train_lib.TrainingError, match="3 consecutive steps"):
+        train_lib.train(cfg, str(tmp_path))
+    # Nothing non-finite was written: the parameters never changed, so any checkpoint holds finite state.
+    ckpts = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=2, keep=3)
+    for step in ckpts.all_steps():
+        _, params, _ = checkpoint.restore_params_only(str(tmp_path), step=step)
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_a_bad_step_is_skipped_and_training_goes_on():
+    import functools
+    from osp_jax.model import Transformer
+    from osp_jax.optim import make_optimizer
+    from osp_jax.step import init_state, train_step
+
+    cfg = _small_train_config()
+    model = Transformer(cfg.model)
+    tx, _ = make_optimizer(cfg)
+    state = init_state(cfg, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+    bad, good = next(_poisoned_batches(cfg, True)), next(_poisoned_batches(cfg, False))
+    after_bad, m = step(state, bad)
+    assert int(m["skipped"]) == 1 and int(after_bad.bad_steps) == 1
+    jax.tree.map(np.testing.assert_array_equal, after_bad.params, state.params)
+    after_good, m = step(after_bad, good)
+    assert int(m["skipped"]) == 0 and int(after_good.bad_steps) == 0
+    assert np.isfinite(float(m["loss"]))
