@@ -14,6 +14,7 @@ import flax.linen as nn
 import ml_collections
 
 from osp_jax import attention as attn_lib
+from osp_jax import quant as quant_lib
 from osp_jax.config import head_dim as _head_dim
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -79,6 +80,7 @@ def rope(x, positions, theta: float):
 
 class Attention(nn.Module):
     config: ml_collections.ConfigDict
+    quant: quant_lib.QuantSpec | None = None  # fake quantisation for evaluation (osp_jax.quant); None = off
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
@@ -87,13 +89,19 @@ class Attention(nn.Module):
         hd = _head_dim(c)
         dense = lambda name, spec, shape, axes: Dense(spec, shape, axes, nn.initializers.normal(c.init_std),
                                                       dtype, pdtype, name=name)
+        if self.quant is not None:  # quant hook: q/k/v input, per token
+            x = quant_lib.activations(x, self.quant)
         q = dense("q", "bsd,dhk->bshk", (c.dim, c.heads, hd), ("embed", "heads", "head_dim"))(x)
         k = dense("k", "bsd,dhk->bshk", (c.dim, c.kv_heads, hd), ("embed", "kv_heads", "head_dim"))(x)
         v = dense("v", "bsd,dhk->bshk", (c.dim, c.kv_heads, hd), ("embed", "kv_heads", "head_dim"))(x)
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if self.quant is not None:  # quant hook: KV cache, keys after RoPE
+            k, v = quant_lib.kv(k, self.quant), quant_lib.kv(v, self.quant)
         out = attn_lib.attention(q, k, v, segment_ids, backend=c.attention)
         out = checkpoint_name(out, "attn_out")
+        if self.quant is not None:  # quant hook: o input, per token over (heads, head_dim)
+            out = quant_lib.activations(out, self.quant, (-2, -1))
         return dense("o", "bshk,hkd->bsd", (c.heads, hd, c.dim), ("heads", "head_dim", "embed"))(out)
 
 
@@ -101,6 +109,7 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     config: ml_collections.ConfigDict
+    quant: quant_lib.QuantSpec | None = None  # fake quantisation for evaluation (osp_jax.quant); None = off
 
     @nn.compact
     def __call__(self, x):
@@ -108,11 +117,15 @@ class MLP(nn.Module):
         dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
         dense = lambda name, shape, axes: Dense("bsd,df->bsf", shape, axes, nn.initializers.normal(c.init_std),
                                                 dtype, pdtype, name=name)
+        if self.quant is not None:  # quant hook: gate/up input, per token
+            x = quant_lib.activations(x, self.quant)
         gate = dense("gate", (c.dim, c.ffn_dim), ("embed", "mlp"))(x)
         up = dense("up", (c.dim, c.ffn_dim), ("embed", "mlp"))(x)
         h = jax.nn.silu(gate) * up
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = checkpoint_name(h, "mlp_hidden")
+        if self.quant is not None:  # quant hook: down input (optionally Hadamard-rotated), per token
+            h = quant_lib.ffn_hidden(h, self.quant)
         return dense("down", (c.ffn_dim, c.dim), ("mlp", "embed"))(h)
 
 
@@ -137,13 +150,14 @@ class Block(nn.Module):
 
     config: ml_collections.ConfigDict
     return_hidden: bool = False
+    quant: quant_lib.QuantSpec | None = None  # fake quantisation for evaluation (osp_jax.quant); None = off
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         c = self.config
         norm = lambda name: RMSNorm(c.norm_scale, c.norm_eps, DTYPES[c.dtype], DTYPES[c.param_dtype], name=name)
-        x = x + Attention(c, name="attn")(norm("attn_norm")(x), positions, segment_ids)
-        x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
+        x = x + Attention(c, self.quant, name="attn")(norm("attn_norm")(x), positions, segment_ids)
+        x = x + MLP(c, self.quant, name="mlp")(norm("mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, (x if self.return_hidden else None)
 
@@ -157,6 +171,7 @@ class Transformer(nn.Module):
     """
 
     config: ml_collections.ConfigDict  # the `model` section of an osp_jax config
+    quant: quant_lib.QuantSpec | None = None  # fake-quantised activations/KV for evaluation; None = off
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
@@ -181,11 +196,11 @@ class Transformer(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=c.layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, hidden = stack(c, return_hidden, name="layers")(x, positions, segment_ids)
+            x, hidden = stack(c, return_hidden, self.quant, name="layers")(x, positions, segment_ids)
         else:
             hidden = []
             for i in range(c.layers):
-                x, h = block(c, return_hidden, name=f"layers_{i}")(x, positions, segment_ids)
+                x, h = block(c, return_hidden, self.quant, name=f"layers_{i}")(x, positions, segment_ids)
                 hidden.append(h)
             hidden = jnp.stack(hidden) if return_hidden else None
 
@@ -193,6 +208,8 @@ class Transformer(nn.Module):
         if c.embed_proj:
             x = Dense("bse,ed->bsd", (c.dim, c.dim), ("embed_proj", "embed"), nn.initializers.orthogonal(),
                       dtype, pdtype, name="head_proj")(x)
+        if self.quant is not None:  # quant hook: LM head input, per token
+            x = quant_lib.activations(x, self.quant)
         if c.tie_embeddings:
             logits = jnp.einsum("bsd,vd->bsv", x, table.astype(dtype), preferred_element_type=jnp.float32)
         else:
@@ -229,3 +246,27 @@ def flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> fl
     for causality; the convention of the MaxText/PaLM MFU figures)."""
     c = model_config
     return 6.0 * matmul_params(c) + 12.0 * c.layers * c.heads * _head_dim(c) * seq_len
+
+
+def summary(model_config: ml_collections.ConfigDict, seq_len: int) -> str:
+    """Parameter counts by top-level module, computed abstractly (nothing is allocated)."""
+    params = nn.unbox(abstract_params(model_config))
+    lines = [f"{name:<12} {count_params(tree) / 1e6:12.2f} M" for name, tree in sorted(params.items())]
+    lines.append(f"{'total':<12} {count_params(params) / 1e6:12.2f} M parameters")
+    lines.append(f"{'per token':<12} {flops_per_token(model_config, seq_len) / 1e9:12.2f} GFLOP (training, seq {seq_len})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m osp_jax.model --config=configs/osp_1b4.py
+    from absl import app
+    from ml_collections import config_flags
+
+    from osp_jax.config import validate
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config().")
+
+    def _main(argv):
+        config = validate(_CONFIG.value)
+        print(summary(config.model, config.train.seq_len))
+
+    app.run(_main)

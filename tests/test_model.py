@@ -168,3 +168,4 @@ def test_1b4_builds_abstractly_with_1_42b_parameters():
     cfg = load_recipe("osp_1b4")
     n = model_lib.count_params(model_lib.abstract_params(cfg.model))
     assert 1.40e9 < n < 1.44e9, n
+    assert f"{n / 1e6:.2f} M parameters" in model_lib.summary(cfg.model, cfg.train.seq_len)
