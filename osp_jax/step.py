@@ -35,14 +35,21 @@ def init_state(config: ml_collections.ConfigDict, model: Transformer, tx: optax.
 
 
 def cross_entropy(logits, targets):
-    """Mean next-token cross-entropy in float32."""
+    """Mean next-token cross-entropy in float32 (every position counts)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def _forward_loss(model: Transformer, params, batch, pack_mask: bool):
+def token_losses(model: Transformer, params, batch: dict, pack_mask: bool):
+    """Per-token next-token cross-entropy (float32) and the loss mask (segment id 0 = padding)."""
     logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"] if pack_mask else None)
-    return cross_entropy(logits, batch["targets"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    return losses, (batch["segment_ids"] > 0).astype(jnp.float32)
+
+
+def _forward_loss(model: Transformer, params, batch, pack_mask: bool):
+    losses, mask = token_losses(model, params, batch, pack_mask)
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.GradientTransformation,
@@ -87,11 +94,9 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
 
 
 def eval_step(params, batch: dict, *, model: Transformer, pack_mask: bool = True) -> dict:
-    """Summed loss and token count, so batches of any size average exactly."""
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"] if pack_mask else None)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-    return {"loss_sum": losses.sum(), "tokens": jnp.asarray(losses.size, jnp.float32)}
+    """Summed loss and token count (padding excluded), so batches of any size average exactly."""
+    losses, mask = token_losses(model, params, batch, pack_mask)
+    return {"loss_sum": (losses * mask).sum(), "tokens": mask.sum()}
 
 
 def hidden_states(params, batch: dict, *, model: Transformer, pack_mask: bool = True):
