@@ -152,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step = start
         try:
             while step < t.steps:
-                if preempted["flag"]:
+                if _preemption_agreed(preempted["flag"], step, t.log_every):
                     log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                     checkpointer.save(step, state, data_iterator=train_iter, config=config.to_dict(), force=True)
                     checkpointer.wait()
@@ -222,6 +222,18 @@ def _evaluate(eval_fn, params, batches) -> float:
         total += float(out["loss_sum"])
         tokens += float(out["tokens"])
     return total / max(tokens, 1.0)
+
+
+def _preemption_agreed(flag: bool, step: int, every: int) -> bool:
+    """All processes must save at the same step: with several, they agree every `every` steps
+    (a tiny all-gather), and any one process's SIGTERM stops them all."""
+    if jax.process_count() == 1:
+        return flag
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _install_sigterm_handler() -> dict:
