@@ -112,12 +112,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch_sharding = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
+    # seqio streams have no iterator state: after a restore they start again from the beginning.
+    ckpt_iter = train_iter if hasattr(train_iter, "get_state") else None
+    if ckpt_iter is None:
+        log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every or t.steps,
                                 keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         if checkpointer.latest_step() is not None:
             start, state = checkpointer.restore(abstract_state(config, model, tx, shardings),
-                                                data_iterator=train_iter)
+                                                data_iterator=ckpt_iter)
             log.info("resumed from step %d in %s", start, workdir)
         else:
             init = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)
@@ -154,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             while step < t.steps:
                 if _preemption_agreed(preempted["flag"], step, t.log_every):
                     log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
-                    checkpointer.save(step, state, data_iterator=train_iter, config=config.to_dict(), force=True)
+                    checkpointer.save(step, state, data_iterator=ckpt_iter, config=config.to_dict(), force=True)
                     checkpointer.wait()
                     break
                 batch = to_global(next(train_iter), batch_sharding)
@@ -193,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if pending is not None:  # never save a state we have not checked
                         skipped_total += _check_finite(pending, t.max_bad_steps)
                         pending = None
-                    checkpointer.save(step, state, data_iterator=train_iter, config=config.to_dict(),
+                    checkpointer.save(step, state, data_iterator=ckpt_iter, config=config.to_dict(),
                                       force=step == t.steps)
         finally:
             checkpointer.wait()

@@ -34,6 +34,19 @@ def _import_seqio():
     return seqio
 
 
+def _resolve_task(seqio, name: str) -> str:
+    """"module.path:TaskName" imports the module that registers the task first."""
+    if ":" in name:
+        import importlib
+
+        module, name = name.split(":", 1)
+        importlib.import_module(module)
+    if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+        raise ValueError(f"data.seqio_task={name!r} is not a registered seqio Task or Mixture; pass "
+                         "'module.path:TaskName' to import the module that registers it")
+    return name
+
+
 def make_seqio_iterator(task_or_mixture_name: str, *, seq_len: int, global_batch_size: int, seed: int,
                         split: str = "train", shuffle: bool = True, num_epochs: int | None = None,
                         process_index: int | None = None,
@@ -48,6 +61,7 @@ def make_seqio_iterator(task_or_mixture_name: str, *, seq_len: int, global_batch
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     batch_size = local_batch_size(global_batch_size, process_count)
+    task_or_mixture_name = _resolve_task(seqio, task_or_mixture_name)
     ds = seqio.get_dataset(
         task_or_mixture_name,
         task_feature_lengths={"targets": seq_len},

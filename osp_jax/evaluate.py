@@ -1,0 +1,370 @@
+"""`python -m osp_jax.evaluate`: perplexity, outlier statistics and quantised perplexity of a checkpoint.
+
+    python -m osp_jax.evaluate --workdir=runs/tiny --data=builtin --bits=4,4,4 \
+        [--step=N] [--hadamard=ffn] [--clip-search] [--output=eval.json] [--plot=eval.png] \
+        [--max-tokens=N] [--batch-size=B] [--seq-len=S]
+
+Reports, in float32 compute:
+- `ppl`: perplexity of the checkpoint as trained;
+- `quant_ppl`: perplexity with round-to-nearest fake quantisation at `--bits=W,A,KV` (see osp_jax.quant:
+  weights per output channel, activations per token, KV in groups of 128; EmbProj folded first);
+- `kurtosis`: excess kurtosis of the residual stream (after the embedding and after every layer),
+  the per-token mean of each layer averaged over layers; with `kurtosis_per_layer`, `max_abs_per_layer`.
+
+--data is a prepared directory (its `validation` split), "builtin", or a .jsonl/.txt file tokenised with
+the run's tokenizer (WORKDIR/tokenizer.json) into one EOS-separated stream cut into windows of seq_len + 1.
+Padding is never scored: a token counts where its segment id is positive.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import math
+import os
+import sys
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from osp_jax import config as config_lib
+from osp_jax import metrics as metrics_lib
+from osp_jax import quant as quant_lib
+from osp_jax.model import Transformer
+
+PROG = "osp_jax.evaluate"
+TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst", ".txt.gz", ".txt.xz", ".txt.zst")
+
+
+class EvalError(ValueError):
+    """A user error (bad flag, missing checkpoint, too little data): reported in one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: lists of host batches {inputs, targets, segment_ids, positions, weights}.
+
+
+def _windows_from_stream(tokens: np.ndarray, seq_len: int, eos_id: int) -> dict[str, np.ndarray]:
+    """Non-overlapping windows of seq_len + 1 tokens, with segment ids and positions restarting after
+    every EOS (as the packing pipeline does)."""
+    w = seq_len + 1
+    n = len(tokens) // w
+    win = tokens[: n * w].reshape(n, w).astype(np.int32)
+    starts = np.zeros_like(win, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = win[:, :-1] == eos_id
+    seg = np.cumsum(starts, axis=1).astype(np.int32)
+    idx = np.broadcast_to(np.arange(w), win.shape)
+    last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    pos = (idx - last_start).astype(np.int32)
+    return {"inputs": win[:, :-1], "targets": win[:, 1:], "segment_ids": seg[:, :-1], "positions": pos[:, :-1]}
+
+
+def _batched(windows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    n = windows["inputs"].shape[0]
+    for i in range(0, n, batch_size):
+        batch = {k: v[i:i + batch_size] for k, v in windows.items()}
+        short = batch_size - batch["inputs"].shape[0]
+        if short:  # pad to a full batch so one compiled function serves every batch
+            batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+        yield batch
+
+
+def _text_batches(path: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int):
+    from osp_jax.data import pipeline, tokenizer as tokenizer_lib
+
+    if not glob.glob(path):
+        raise EvalError(f"--data={path}: no such file")
+    tok_path = os.path.join(workdir, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise EvalError(f"{tok_path} not found: tokenising {path} needs the run's tokenizer "
+                        "(train copies it into the workdir)")
+    tok = tokenizer_lib.load_tokenizer(tok_path)
+    if tok.vocab_size > vocab_size:
+        raise EvalError(f"the tokenizer {tok_path} has vocabulary {tok.vocab_size} but the model's vocab_size "
+                        f"is {vocab_size}")
+    stream = pipeline.text_file_tokens(path, tok)
+    if len(stream) < seq_len + 1:
+        raise EvalError(f"{path} has {len(stream)} tokens, fewer than one sequence: --seq-len={seq_len} "
+                        f"needs at least {seq_len + 1}")
+    return _batched(_windows_from_stream(stream, seq_len, tok.eos_id), batch_size)
+
+
+def _prepared_batches(data: str, vocab_size: int, seq_len: int, batch_size: int):
+    from osp_jax.data import pipeline
+
+    try:  # the data layer's ValueErrors here are user errors (bad metadata, vocabulary too large)
+        data_dir = pipeline.resolve_data_dir(data)
+        meta = pipeline.load_metadata(data_dir)
+        pipeline.check_vocab(meta, vocab_size)
+    except ValueError as e:
+        raise EvalError(f"--data={data}: {e}") from None
+    split = meta["splits"].get("validation") or {}
+    tokens = int(split.get("tokens", 0))
+    if tokens < seq_len + 1:
+        raise EvalError(f"the validation split of {data_dir} has {tokens} tokens, fewer than one sequence: "
+                        f"--seq-len={seq_len} needs at least {seq_len + 1}")
+    it = pipeline.make_iterator(data_dir, "validation", seq_len=seq_len, global_batch_size=batch_size, seed=0,
+                                shuffle=False, num_epochs=1)
+    try:
+        for batch in it:
+            yield {k: np.asarray(v) for k, v in batch.items()}
+    finally:
+        it.close()
+
+
+def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batch_size: int,
+                 max_tokens: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Every evaluation batch, with `weights` (1 = a scored token), cut at `max_tokens` scored tokens."""
+    is_text = os.path.isfile(data) or data.endswith(TEXT_SUFFIXES)
+    source = (_text_batches(data, workdir, vocab_size, seq_len, batch_size) if is_text
+              else _prepared_batches(data, vocab_size, seq_len, batch_size))
+    batches, counted = [], 0
+    for batch in source:
+        weights = (batch["segment_ids"] > 0).astype(np.float32)
+        if max_tokens is not None:
+            room = max_tokens - counted
+            weights = weights * (np.cumsum(weights.reshape(-1)).reshape(weights.shape) <= room)
+        counted += int(weights.sum())
+        if weights.any():
+            batches.append({**batch, "weights": weights})
+        if max_tokens is not None and counted >= max_tokens:
+            break
+    if not batches:
+        raise EvalError(f"{data}: no tokens to evaluate")
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure per-batch functions.
+
+
+def batch_stats(params, batch, *, model: Transformer, pack_mask: bool, outliers: bool = False) -> dict:
+    """Summed loss and scored-token count; with `outliers`, per-layer kurtosis sums and max |activation|."""
+    out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"] if pack_mask else None, return_hidden=outliers)
+    logits, hidden = out if outliers else (out, None)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    w = batch["weights"]
+    stats = {"loss_sum": jnp.sum(losses * w), "tokens": jnp.sum(w)}
+    if outliers:  # metrics.excess_kurtosis per token, masked so padding does not count
+        stats["kurtosis_sum"] = jnp.sum(metrics_lib.excess_kurtosis(hidden) * w, axis=(1, 2))
+        per_token_max = jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=-1)
+        stats["max_abs"] = jnp.max(jnp.where(w > 0, per_token_max, 0.0), axis=(1, 2))
+    return stats
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_fn(model_json: str, spec: quant_lib.QuantSpec | None, pack_mask: bool, outliers: bool):
+    """One jitted `batch_stats` per model/quantisation setting, kept so repeated evaluations reuse it."""
+    model = Transformer(ml_collections.ConfigDict(json.loads(model_json)), quant=spec)
+    return jax.jit(functools.partial(batch_stats, model=model, pack_mask=pack_mask, outliers=outliers))
+
+
+def _run(fn, params, batches) -> dict:
+    total: dict = {}
+    for b in batches:
+        out = jax.device_get(fn(params, b))
+        for k, v in out.items():
+            v = np.asarray(v, np.float64)
+            if k not in total:
+                total[k] = v
+            else:
+                total[k] = np.maximum(total[k], v) if k == "max_abs" else total[k] + v
+    return total
+
+
+def _perplexity(loss_sum: float, tokens: float) -> float:
+    loss = loss_sum / max(tokens, 1.0)
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(workdir: str, step: int | None):
+    """(step, params, validated config) from WORKDIR, or EvalError."""
+    from osp_jax.checkpoint import CheckpointError, restore_params_only
+
+    if not os.path.isdir(workdir):
+        raise EvalError(f"--workdir={workdir}: no such directory")
+    try:
+        found, params, cfg = restore_params_only(workdir, step=step)
+    except CheckpointError as e:
+        raise EvalError(f"--workdir={workdir}: {e}") from None
+    if cfg is None:
+        path = os.path.join(workdir, "config.json")
+        if not os.path.isfile(path):
+            raise EvalError(f"checkpoint step {found} in {workdir} has no config, and there is no {path}")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    try:
+        config = config_lib.from_dict(cfg)
+    except config_lib.ConfigError as e:
+        raise EvalError(f"the config saved in {workdir} is not valid: {e}") from None
+    return found, params, config
+
+
+def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_lib.Bits | str = "4,4,4",
+             hadamard: str | None = None, clip_search: bool = False, max_tokens: int | None = None,
+             batch_size: int = 8, seq_len: int | None = None) -> dict:
+    """All numbers of one evaluation, as the JSON the CLI writes."""
+    if isinstance(bits, str):
+        try:
+            bits = quant_lib.parse_bits(bits)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+    if hadamard not in (None, "none", "ffn"):
+        raise EvalError(f"--hadamard={hadamard!r}: expected 'ffn' or 'none'")
+    hadamard_ffn = hadamard == "ffn"
+    for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise EvalError(f"{name}={value}: expected a positive integer")
+
+    found, params, config = load_checkpoint(workdir, step)
+    seq_len = seq_len or config.train.seq_len
+    batches = load_batches(data, workdir, vocab_size=config.model.vocab_size, seq_len=seq_len,
+                           batch_size=batch_size, max_tokens=max_tokens)
+
+    # Evaluation runs in float32 with the exact XLA attention, whatever the run trained with.
+    model_cfg = config.model.copy_and_resolve_references()
+    model_cfg.dtype, model_cfg.param_dtype, model_cfg.attention, model_cfg.remat = "float32", "float32", "xla", "none"
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)  # host copy, for folding
+    pack_mask = bool(config.data.pack_mask)
+
+    as_json = lambda c: json.dumps(c.to_dict(), sort_keys=True)
+    with jax.default_matmul_precision("float32"):
+        fp = _run(_stats_fn(as_json(model_cfg), None, pack_mask, True), jax.device_put(params), batches)
+
+        q_params, q_cfg = quant_lib.fold_embproj(params, model_cfg)
+        if hadamard_ffn:
+            q_params = quant_lib.rotate_ffn(q_params)
+        q_params = quant_lib.quantize_weights(q_params, bits.w, clip_search)
+        spec = quant_lib.QuantSpec(a_bits=bits.a, kv_bits=bits.kv, hadamard_ffn=hadamard_ffn)
+        qt = _run(_stats_fn(as_json(q_cfg), spec, pack_mask, False), jax.device_put(q_params), batches)
+
+    tokens = float(fp["tokens"])
+    kurt = fp["kurtosis_sum"] / max(tokens, 1.0)
+    return {
+        "step": int(found),
+        "workdir": os.path.abspath(workdir),
+        "data": data,
+        "bits": {"w": bits.w, "a": bits.a, "kv": bits.kv},
+        "setting": str(bits),
+        "hadamard": "ffn" if hadamard_ffn else None,
+        "clip_search": bool(clip_search),
+        "seq_len": int(seq_len),
+        "tokens": int(tokens),
+        "loss": float(fp["loss_sum"] / max(tokens, 1.0)),
+        "ppl": _perplexity(float(fp["loss_sum"]), tokens),
+        "quant_loss": float(qt["loss_sum"] / max(tokens, 1.0)),
+        "quant_ppl": _perplexity(float(qt["loss_sum"]), tokens),
+        "kurtosis": float(kurt.mean()),
+        "kurtosis_per_layer": [float(v) for v in kurt],
+        "max_abs": float(fp["max_abs"].max()),
+        "max_abs_per_layer": [float(v) for v in fp["max_abs"]],
+    }
+
+
+def format_table(r: dict) -> str:
+    lines = [f"step {r['step']} | {r['tokens']:,} tokens | seq_len {r['seq_len']}",
+             f"{'layer':>8} {'kurtosis':>12} {'max|act|':>12}"]
+    for i, (k, m) in enumerate(zip(r["kurtosis_per_layer"], r["max_abs_per_layer"])):
+        lines.append(f"{'embed' if i == 0 else i:>8} {k:>12.4f} {m:>12.4f}")
+    extras = "".join([" +FFN Had" if r["hadamard"] else "", " +clip search" if r["clip_search"] else ""])
+    rows = [("kurtosis (mean over layers)", f"{r['kurtosis']:.4f}"),
+            ("max |activation|", f"{r['max_abs']:.4f}"),
+            ("perplexity", f"{r['ppl']:.4f}  (loss {r['loss']:.4f})"),
+            (f"perplexity {r['setting']}{extras}", f"{r['quant_ppl']:.4f}  (loss {r['quant_loss']:.4f})")]
+    width = max(len(label) for label, _ in rows)
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: str) -> None:
+    """Per-layer kurtosis and max |activation| (log scale), two panels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker below
+
+    layers = np.arange(len(r["kurtosis_per_layer"]))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax1.plot(layers, r["kurtosis_per_layer"], marker="o")
+    ax1.set_ylabel("excess kurtosis")
+    ax1.set_title(f"step {r['step']}: kurtosis {r['kurtosis']:.3g}, ppl {r['ppl']:.3g}, "
+                  f"{r['setting']} ppl {r['quant_ppl']:.3g}")
+    ax2.plot(layers, np.maximum(r["max_abs_per_layer"], 1e-12), marker="o", color="tab:red")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("max |activation|")
+    ax2.set_xlabel("residual stream after layer (0 = embedding)")
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
+                  f, indent=2)
+    os.replace(tmp, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="training run directory (checkpoints/, tokenizer.json)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--data", required=True, help="prepared data directory, 'builtin', or a .jsonl/.txt file")
+    p.add_argument("--bits", default="4,4,4", help="W,A,KV bit widths in 2..16; 16 = not quantised (default 4,4,4)")
+    p.add_argument("--hadamard", choices=("none", "ffn"), default="none", help="online Hadamard rotation")
+    p.add_argument("--clip-search", action="store_true", help="per-channel MSE search of weight clip ratios")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="draw per-layer kurtosis and max |activation| to this PNG")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's train.seq_len)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (0 ok, 2 user error)."""
+    args = _parser().parse_args(argv)
+    from osp_jax.data.sources import DataError
+
+    try:
+        bits = quant_lib.parse_bits(args.bits)  # checked before the (slow) checkpoint load
+    except ValueError as e:
+        return _fail(e)
+    try:
+        result = evaluate(args.workdir, args.data, step=args.step, bits=bits, hadamard=args.hadamard,
+                          clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                          seq_len=args.seq_len)
+    except (EvalError, DataError, FileNotFoundError, config_lib.ConfigError) as e:
+        return _fail(e)
+    print(format_table(result), flush=True)
+    if args.output:
+        _write_json(args.output, result)
+        print(f"wrote {args.output}", flush=True)
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}", flush=True)
+    return 0
+
+
+def _fail(err: BaseException) -> int:
+    print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The evaluate CLI on a tiny trained checkpoint: the JSON it writes, quantisation costing perplexity, bad input."""
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from osp_jax import evaluate as ev
+from osp_jax.checkpoint import Checkpointer
+from osp_jax.config import defaults, validate
+from osp_jax.data import pipeline
+from osp_jax.data import prepare as prep
+from osp_jax.data.tokenizer import load_tokenizer
+from osp_jax.model import Transformer
+from osp_jax.step import TrainState, cross_entropy
+from tests.test_quant import random_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ = 32
+STEPS = 300
+
+
+def _docs(n=4, chars=1500):
+    docs = []
+    with lzma.open(pipeline.builtin_files()[0], "rt", encoding="utf-8") as f:
+        for line in f:
+            docs.append(json.loads(line)["text"][:chars])
+            if len(docs) == n:
+                return docs
+    return docs
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A workdir with a checkpoint of a tiny model trained (Adam, a few hundred steps on four short
+    documents) until it predicts its validation text well, and a prepared data directory."""
+    root = tmp_path_factory.mktemp("eval")
+    docs = _docs()
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for split in ("train", "validation"):  # validation = the training text: a model that knows it
+            for t in docs:
+                f.write(json.dumps({"text": t, "split": split}) + "\n")
+    tok_path = pipeline.builtin_files()[1]
+    meta = prep.prepare(str(root / "corpus.jsonl"), str(root / "data"), tok_path, quiet=True)
+
+    c = defaults()
+    # Unscanned layers (layers_0, layers_1): compiles faster here, and covers that parameter layout.
+    c.model.update(vocab_size=4096, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=48, dtype="float32",
+                   remat="none", scan_layers=False)
+    c.train.update(steps=STEPS, global_batch_size=8, seq_len=SEQ)
+    c.data.path = str(root / "data")
+    validate(c)
+
+    tok = load_tokenizer(tok_path)
+    stream = np.concatenate([np.asarray(tok.encode(t) + [tok.eos_id], np.int32) for t in docs])
+    model = Transformer(c.model)
+    params = jax.tree.map(jnp.asarray, random_params(c.model, seed=0))
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, window):
+        loss_fn = lambda p: cross_entropy(model.apply({"params": p}, window[:, :-1]), window[:, 1:])
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(0)
+    for _ in range(STEPS):
+        starts = rng.integers(0, len(stream) - SEQ - 1, 8)
+        params, opt_state, loss = step(params, opt_state, np.stack([stream[s:s + SEQ + 1] for s in starts]))
+    assert float(loss) < 2.0
+
+    workdir = root / "run"
+    state = TrainState(step=jnp.asarray(STEPS, jnp.int32), params=params, opt_state=opt_state,
+                       rng=jax.random.key_data(jax.random.key(0)), bad_steps=jnp.zeros([], jnp.int32))
+    ckpt = Checkpointer(str(workdir / "checkpoints"), save_every=1, keep=1, async_save=False)
+    ckpt.save(STEPS, state, config=c.to_dict(), force=True)
+    ckpt.close()
+    shutil.copyfile(tok_path, workdir / "tokenizer.json")
+    return {"root": root, "workdir": str(workdir), "data": str(root / "data"), "meta": meta, "docs": docs,
+            "layers": c.model.layers}
+
+
+def _main(capsys, *args):
+    code = ev.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_json_table_and_plot(run, capsys, tmp_path):
+    out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
+    code, out, err = _main(capsys, f"--workdir={run['workdir']}", f"--data={run['data']}", "--bits=4,4,4",
+                           f"--output={out_json}", f"--plot={out_png}")
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    for key in ("ppl", "quant_ppl", "kurtosis", "kurtosis_per_layer", "max_abs_per_layer", "tokens", "bits",
+                "step", "hadamard"):
+        assert key in r, key
+    assert r["step"] == STEPS and r["bits"] == {"w": 4, "a": 4, "kv": 4} and r["hadamard"] is None
+    assert len(r["kurtosis_per_layer"]) == len(r["max_abs_per_layer"]) == run["layers"] + 1
+    assert r["kurtosis"] == pytest.approx(np.mean(r["kurtosis_per_layer"]))
+    assert all(k >= 0 for k in r["kurtosis_per_layer"]) and all(m > 0 for m in r["max_abs_per_layer"])
+    # Every validation token but the first of each window is a scored target; padding never is.
+    val_tokens = run["meta"]["splits"]["validation"]["tokens"]
+    assert r["tokens"] == val_tokens - -(-val_tokens // (SEQ + 1))
+    assert 1.0 < r["ppl"] < 10.0  # the model knows this text
+    assert r["quant_ppl"] > r["ppl"] * 1.01, (r["ppl"], r["quant_ppl"])
+    assert "W4A4KV4" in out and "kurtosis" in out and "embed" in out
+    assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_text_file_16_bits_and_max_tokens(run, capsys, tmp_path):
+    text = tmp_path / "val.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in run["docs"]), encoding="utf-8")
+    out_json = tmp_path / "eval.json"
+    code, out, err = _main(capsys, f"--workdir={run['workdir']}", f"--data={text}", "--bits=16,16,16",
+                           "--max-tokens=500", f"--output={out_json}", "--hadamard=ffn")
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["tokens"] == 500 and r["hadamard"] == "ffn"
+    assert r["quant_ppl"] == pytest.approx(r["ppl"], rel=1e-4)  # 16 bits + rotation: the same function
+    assert r["ppl"] < 10.0
+
+
+def test_masked_kurtosis_matches_outlier_stats(run):
+    """On a batch without padding, evaluate's masked statistics are metrics.outlier_stats exactly."""
+    from osp_jax import metrics
+    from osp_jax.checkpoint import restore_params_only
+    from osp_jax.config import from_dict
+
+    _, params, cfg = restore_params_only(run["workdir"])
+    model = Transformer(from_dict(cfg).model)
+    tokens = np.random.default_rng(0).integers(0, 4096, (2, SEQ)).astype(np.int32)
+    batch = {"inputs": tokens, "targets": tokens, "segment_ids": np.ones_like(tokens),
+             "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape),
+             "weights": np.ones(tokens.shape, np.float32)}
+
+    @jax.jit
+    def both(params, batch):
+        stats = ev.batch_stats(params, batch, model=model, pack_mask=True, outliers=True)
+        _, hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                                segment_ids=batch["segment_ids"], return_hidden=True)
+        return stats, metrics.outlier_stats(hidden)
+
+    stats, ref = both(params, batch)
+    np.testing.assert_allclose(stats["kurtosis_sum"] / stats["tokens"], ref["kurtosis_per_layer"], rtol=1e-5)
+    np.testing.assert_allclose(stats["max_abs"], ref["max_abs_per_layer"], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def _one_line_error(code, err, *needles):
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.startswith("osp_jax.evaluate")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_workdir_without_checkpoint(capsys, tmp_path, run):
+    code, _, err = _main(capsys, f"--workdir={tmp_path}", f"--data={run['data']}")
+    _one_line_error(code, err, "no complete checkpoint")
+    code, _, err = _main(capsys, f"--workdir={tmp_path / 'missing'}", f"--data={run['data']}")
+    _one_line_error(code, err, "no such directory")
+
+
+@pytest.mark.parametrize("bits", ["4,4", "1,4,4", "4,17,4", "a,b,c"])
+def test_bad_bits(capsys, tmp_path, bits):
+    code, _, err = _main(capsys, f"--workdir={tmp_path}", "--data=builtin", f"--bits={bits}")
+    _one_line_error(code, err, "--bits", "2..16")
+
+
+def test_data_shorter_than_one_sequence(capsys, tmp_path, run):
+    short = tmp_path / "short.txt"
+    short.write_text("Emma Woodhouse, handsome.\n", encoding="utf-8")
+    code, _, err = _main(capsys, f"--workdir={run['workdir']}", f"--data={short}", f"--seq-len={SEQ}")
+    _one_line_error(code, err, "tokens, fewer than one sequence", f"--seq-len={SEQ}", str(SEQ + 1))
+    n = int(err.split(" has ")[1].split()[0])
+    assert 0 < n < SEQ + 1
+
+
+def test_module_entry_point_exits_nonzero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "osp_jax.evaluate", f"--workdir={tmp_path}", "--data=builtin",
+                           "--bits=4,4,99"], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "kv bits 99" in proc.stderr
