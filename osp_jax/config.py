@@ -62,6 +62,7 @@ def defaults() -> ConfigDict:
     c.model.remat = "full"         # activation checkpointing policy for each scanned layer
     c.model.scan_layers = True
     c.model.attention = "auto"     # auto: splash on TPU, cuDNN on GPU, XLA elsewhere
+    c.model.loss_chunk = 0         # >0: the loss sees logits for this many positions at a time
 
     c.optimizer = ConfigDict()
     c.optimizer.name = "muon"      # muon | muon_all | adamw
@@ -196,6 +197,8 @@ def validate(config: ConfigDict) -> ConfigDict:
         _fail("model.head_dim", m.head_dim, "a positive even integer (RoPE rotates pairs)")
     if (m.head_dim or m.dim // m.heads) % 2:
         _fail("model.dim", m.dim, f"dim / heads even (RoPE rotates pairs); got head_dim {m.dim // m.heads}")
+    if m.loss_chunk < 0 or (m.loss_chunk and t.seq_len % m.loss_chunk):
+        _fail("model.loss_chunk", m.loss_chunk, f"0 (off) or a divisor of train.seq_len={t.seq_len}")
     if m.heads % m.kv_heads:
         _fail("model.kv_heads", m.kv_heads, f"a divisor of model.heads={m.heads}")
     if o.decay_steps is not None and o.decay_steps <= 0:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 import flax.linen as nn
 import ml_collections
+import optax
 
 from osp_jax import attention as attn_lib
 from osp_jax import quant as quant_lib
@@ -165,7 +166,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM. `__call__` returns logits (float32), and the residual stream when asked.
 
-    `return_hidden=True` also returns the hidden states after the embedding (EmbProj included) and
+    `targets` (batch, seq) returns per-token losses instead of logits, computed `model.loss_chunk`
+    positions at a time (see chunked_cross_entropy). `return_hidden=True` also returns the hidden states after the embedding (EmbProj included) and
     after every layer, shape (layers + 1, batch, seq, dim), for the outlier metrics. It is a static
     flag: the ordinary forward pass compiles without it and pays nothing.
     """
@@ -174,7 +176,7 @@ class Transformer(nn.Module):
     quant: quant_lib.QuantSpec | None = None  # fake-quantised activations/KV for evaluation; None = off
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False, targets=None):
         c = self.config
         dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
         if positions is None:
@@ -211,14 +213,42 @@ class Transformer(nn.Module):
         if self.quant is not None:  # quant hook: LM head input, per token
             x = quant_lib.activations(x, self.quant)
         if c.tie_embeddings:
-            logits = jnp.einsum("bsd,vd->bsv", x, table.astype(dtype), preferred_element_type=jnp.float32)
+            head, spec = table, "bsd,vd->bsv"
         else:
             head = Embed(c.vocab_size, c.dim, init, pdtype, transpose=True, name="lm_head")()
-            logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+            spec = "bsd,dv->bsv"
+        if targets is not None:
+            return chunked_cross_entropy(x, head.astype(dtype), spec, targets, c.loss_chunk)
+        logits = jnp.einsum(spec, x, head.astype(dtype), preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         if return_hidden:
             return logits, jnp.concatenate([embedded[None], hidden], axis=0)
         return logits
+
+
+def chunked_cross_entropy(x, head, spec: str, targets, chunk: int):
+    """Per-token next-token loss (float32) from the final hidden state `x` (batch, seq, dim).
+
+    With `chunk` > 0 the logits exist for `chunk` positions at a time and are recomputed in the
+    backward pass, so the (batch, seq, vocab) float32 logits are never materialised at once: at
+    vocab 49152 that is 3.2 GB per 8 x 2048 tokens, twice over with its gradient.
+    """
+
+    def losses(xc, tc):
+        logits = jnp.einsum(spec, xc, head, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tc)
+
+    b, s, d = x.shape
+    if not chunk or chunk >= s:
+        return losses(x, targets)
+    if s % chunk:
+        raise ValueError(f"model.loss_chunk={chunk} must divide the sequence length {s}")
+    n = s // chunk
+    xs = x.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    out = jax.lax.map(lambda a: jax.checkpoint(losses)(*a), (xs, ts))  # (n, batch, chunk)
+    return out.swapaxes(0, 1).reshape(b, s)
 
 
 def abstract_params(model_config: ml_collections.ConfigDict, seq_len: int = 8):

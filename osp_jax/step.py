@@ -41,9 +41,8 @@ def cross_entropy(logits, targets):
 
 def token_losses(model: Transformer, params, batch: dict, pack_mask: bool):
     """Per-token next-token cross-entropy (float32) and the loss mask (segment id 0 = padding)."""
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"] if pack_mask else None)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    losses = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"] if pack_mask else None, targets=batch["targets"])
     return losses, (batch["segment_ids"] > 0).astype(jnp.float32)
 
 

@@ -169,3 +169,25 @@ def test_1b4_builds_abstractly_with_1_42b_parameters():
     n = model_lib.count_params(model_lib.abstract_params(cfg.model))
     assert 1.40e9 < n < 1.44e9, n
     assert f"{n / 1e6:.2f} M parameters" in model_lib.summary(cfg.model, cfg.train.seq_len)
+
+
+def test_chunked_loss_equals_full_loss_and_gradient():
+    import optax
+    from osp_jax.model import Transformer
+
+    cfg = small_config()
+    mdl, params, tokens = _init(cfg, seq=16)
+    targets = jnp.roll(tokens, -1, axis=1)
+    cfg_c = small_config(loss_chunk=4)
+    chunked = Transformer(cfg_c.model)
+
+    def full(p):
+        logits = mdl.apply({"params": p}, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def by_chunks(p):
+        return chunked.apply({"params": p}, tokens, targets=targets).mean()
+
+    np.testing.assert_allclose(full(params), by_chunks(params), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.grad(full)(params), jax.grad(by_chunks)(params))
