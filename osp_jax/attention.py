@@ -8,9 +8,11 @@ document of a packed window; None attends over the whole window.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("xla", "cudnn", "splash")
 
@@ -65,21 +67,72 @@ def cudnn_attention(q, k, v, segment_ids=None):
 
 
 def splash_attention(q, k, v, segment_ids=None, *, interpret: bool = False):
-    """Pallas splash attention (TPU). `interpret=True` runs the kernel in Pallas' interpreter."""
+    """Pallas splash attention (TPU). `interpret=True` runs the kernel in Pallas' interpreter (any backend).
+
+    Mosaic kernels cannot be partitioned by XLA, so under a mesh of more than one device the kernel
+    runs inside `jax.shard_map`: batch and heads split as the ambient logical-axis rules split the
+    "batch" and "heads" activation axes, each device attending over its own examples and heads.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:  # one device, or already inside shard_map
+        return _splash_local(q, k, v, segment_ids, interpret=interpret)
+    b, _, h, _ = q.shape
+    kv = k.shape[2]
+    batch_axes, _, head_axes, _ = _mesh_spec(("batch", "length", "heads", "head_dim"), mesh)
+    if b % _axes_size(mesh, batch_axes):
+        batch_axes = None
+    if h % _axes_size(mesh, head_axes) or kv % _axes_size(mesh, head_axes):
+        head_axes = None
+    qkv_spec = P(batch_axes, None, head_axes, None)
+    seg_spec = P(batch_axes, None)
+    local = functools.partial(_splash_local, interpret=interpret)
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
+                             out_specs=qkv_spec, check_vma=False)(q, k, v)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+def _mesh_spec(logical_axes, mesh):
+    """Mesh axes for logical activation axes under the ambient flax rules (unknown names: replicated)."""
+    from flax import linen as nn
+
+    spec = nn.logical_to_mesh_axes(logical_axes)
+    names = set(mesh.axis_names)
+
+    def keep(entry):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        axes = tuple(a for a in axes if a in names)
+        return axes or None
+
+    return tuple(keep(e) for e in spec)
+
+
+def _axes_size(mesh, axes) -> int:
+    return math.prod(dict(mesh.shape)[a] for a in axes or ())
+
+
+def _splash_local(q, k, v, segment_ids, *, interpret: bool):
+    """Splash on one device's arrays: (batch, seq, heads, head_dim), kv_heads dividing heads."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, s, h, d = q.shape
     kv = k.shape[2]
+    block = min(128, s)  # the kernel's default tile, or the whole sequence when it is shorter
+    if s % block:
+        raise ValueError(f"splash attention needs the sequence length ({s}) to be a multiple of {block}; "
+                         "use attention='xla' or pad the sequence")
+    blocks = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = sm.MultiHeadMask([sm.CausalMask((s, s)) for _ in range(h)])
-    make = sk.make_splash_mha if kv == h else sk.make_splash_mqa_single_device
-    kernel = make(mask=mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # MQA (one key/value head) has its own kernel; the MHA kernel handles GQA (kv_heads dividing heads).
+    make = sk.make_splash_mqa if kv == 1 and h > 1 else sk.make_splash_mha
+    kernel = make(mask=mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
     # splash wants (heads, seq, head_dim) per example and pre-scaled queries.
-    q_t = jnp.swapaxes(q, 1, 2) * (d ** -0.5)
+    q_t = jnp.swapaxes(q, 1, 2) * jnp.asarray(d ** -0.5, q.dtype)
     k_t, v_t = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    if kv != h:
-        if kv != 1:
-            raise NotImplementedError("splash GQA with 1 < kv_heads < heads: use attention='xla'")
+    if kv == 1 and h > 1:
         k_t, v_t = k_t[:, 0], v_t[:, 0]
     if segment_ids is None:
         out = jax.vmap(kernel)(q_t, k_t, v_t)

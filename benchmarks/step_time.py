@@ -1,0 +1,415 @@
+"""Training-step time, tokens/s, MFU and peak memory for a recipe, the way osp_jax.train runs it.
+
+Builds the mesh, model, optimizer and sharded train state exactly as `osp_jax.train` does (same
+`state_shardings`, `init_state`, `train_step`, donated state), feeds one synthetic batch that is
+already on the devices (no input pipeline in the timing), and times `--steps` steps after
+`--warmup` steps, blocking on the loss after each.
+
+    python benchmarks/step_time.py --config=configs/osp_1b4.py --batch=16 --seq-len=2048 --steps=20
+    python benchmarks/step_time.py --config=configs/osp_1b4.py --set model.remat=dots --optimizer=adamw
+    python benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --grad-accum=16 --compare
+    python benchmarks/step_time.py --smoke            # tiny config on CPU, 3 steps, seconds
+
+MFU = tokens/s x `osp_jax.model.flops_per_token` / (peak FLOP/s per device x devices), where
+flops_per_token = 6 x matmul parameters + 12 x layers x heads x head_dim x seq (attention not halved
+for causality) and the peak comes from `osp_jax.metrics.PEAK_TFLOPS` or `--peak-tflops`.
+
+`--compare` runs the AdamW baseline (AdamW, per-channel RMSNorm, no EmbProj: configs/adam_1b4.py's
+changes) and the OSP recipe (Muon, Single-Scale RMSNorm, EmbProj) for the same config, each in its
+own process so that each gets its own peak-memory counter, and prints the ratios.
+
+Prints a summary, then one JSON object as the last line; `--output FILE` appends it as a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from osp_jax import config as config_lib  # noqa: E402
+from osp_jax import metrics as metrics_lib  # noqa: E402
+from osp_jax import sharding  # noqa: E402
+from osp_jax.attention import pick_backend  # noqa: E402
+from osp_jax.model import Transformer, count_params, flops_per_token, matmul_params  # noqa: E402
+from osp_jax.optim import make_optimizer  # noqa: E402
+from osp_jax.step import init_state, train_step  # noqa: E402
+from osp_jax.train import state_shardings  # noqa: E402
+
+SMOKE_CONFIG = "configs/tiny.py"
+# The paper's ablation axes: what --compare changes on top of the given config.
+BASELINE = {"optimizer.name": "adamw", "model.norm_scale": "channel", "model.embed_proj": False}
+OSP = {"optimizer.name": "muon", "model.norm_scale": "single", "model.embed_proj": True}
+
+
+# ---------------------------------------------------------------- config
+def load_config(spec: str):
+    """`path/to/recipe.py` or `path/to/recipe.py:ARG` -> the recipe's get_config() (ARG passed if given)."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file() and (ROOT / path).is_file():
+        file = ROOT / path
+    if not file.is_file():
+        raise SystemExit(f"step_time: --config={spec}: no such recipe file")
+    module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str, old):
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(old, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(old, int):
+        return int(text)
+    if isinstance(old, float):
+        return float(text)
+    if isinstance(old, str):
+        return text
+    for kind in (int, float):  # a None placeholder: the most specific number, else the text
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def apply_overrides(config, overrides) -> None:
+    """`KEY=VALUE` strings (or a dict) onto `config`, each value parsed as the key's current type."""
+    items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) for o in overrides)
+    for key, value in items:
+        *sections, leaf = key.split(".")
+        node = config
+        for name in sections:
+            if name not in node:
+                raise SystemExit(f"step_time: --set {key}: config has no section {name!r}")
+            node = node[name]
+        if leaf not in node:
+            raise SystemExit(f"step_time: --set {key}: not a known config key")
+        try:
+            node[leaf] = value if not isinstance(value, str) else _parse_value(value, node[leaf])
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"step_time: --set {key}={value}: {e}") from None
+
+
+# ---------------------------------------------------------------- provenance
+def git_commit() -> tuple[str | None, bool | None]:
+    """Short commit of the checkout and whether the working tree has changes (None outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return head, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _memory(compiled) -> tuple[int | None, str, dict]:
+    """Peak device memory: the allocator's peak where the backend keeps one, else the compiled estimate."""
+    analysis = {}
+    try:
+        m = compiled.memory_analysis()
+        analysis = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                     "temp_size_in_bytes", "alias_size_in_bytes",
+                                                     "generated_code_size_in_bytes") if hasattr(m, k)}
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        pass
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "memory_stats.peak_bytes_in_use (device 0, whole process)", analysis
+    if analysis:
+        # Donated outputs reuse the argument buffers (alias), so they are counted once.
+        estimate = (analysis["argument_size_in_bytes"] + analysis["output_size_in_bytes"]
+                    + analysis["temp_size_in_bytes"] - analysis.get("alias_size_in_bytes", 0))
+        return estimate, "compiled.memory_analysis: argument+output+temp-alias (per device, estimate)", analysis
+    return None, "unavailable", analysis
+
+
+# ---------------------------------------------------------------- the benchmark
+def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None, seed: int = 0) -> dict:
+    """Compiles and times the train step of a validated `config`; returns the record."""
+    config_lib.validate(config)
+    t, m = config.train, config.model
+    batch_size, seq_len = t.global_batch_size, t.seq_len
+    mesh = sharding.make_mesh(config.mesh)
+    model = Transformer(m)
+    tx, _ = make_optimizer(config, mesh)
+    shardings = state_shardings(config, model, tx, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        init = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)
+        state = init(jax.random.key(seed))
+
+        @functools.partial(jax.jit, out_shardings=batch_sharding)
+        def synthetic_batch(key):
+            tokens = jax.random.randint(key, (batch_size, seq_len + 1), 0, m.vocab_size, jnp.int32)
+            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len))
+            return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
+                    "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
+
+        batch = jax.block_until_ready(synthetic_batch(jax.random.key(seed + 1)))
+        step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                            grad_accum_steps=config.optimizer.grad_accum_steps,
+                                            pack_mask=config.data.pack_mask),
+                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, repl),
+                          donate_argnums=0)
+        start = time.perf_counter()
+        lowered = step_fn.lower(state, batch)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        compiled_at = time.perf_counter()
+
+        for _ in range(warmup):
+            state, out = compiled(state, batch)
+            out["loss"].block_until_ready()
+        times = []
+        run_start = time.perf_counter()
+        for _ in range(steps):
+            step_start = time.perf_counter()
+            state, out = compiled(state, batch)
+            out["loss"].block_until_ready()
+            times.append(time.perf_counter() - step_start)
+        jax.block_until_ready(state)
+        run_s = time.perf_counter() - run_start
+        loss = float(out["loss"])
+
+    n_params = count_params(state.params)
+    del state
+    peak_bytes, memory_source, analysis = _memory(compiled)
+    step_s = statistics.median(times)
+    tokens_per_step = batch_size * seq_len
+    tokens_per_s = tokens_per_step / step_s
+    fpt = flops_per_token(m, seq_len)
+    peak = metrics_lib.peak_flops_per_device(peak_tflops)
+    devices = jax.device_count()
+    commit, dirty = git_commit()
+    device = jax.devices()[0]
+    return {
+        "benchmark": "step_time",
+        "optimizer": config.optimizer.name,
+        "norm_scale": m.norm_scale,
+        "embed_proj": m.embed_proj,
+        "params": n_params,
+        "matmul_params": matmul_params(m),
+        "layers": m.layers, "dim": m.dim, "heads": m.heads, "kv_heads": m.kv_heads, "ffn_dim": m.ffn_dim,
+        "vocab_size": m.vocab_size,
+        "dtype": m.dtype, "remat": m.remat, "attention": pick_backend(m.attention),
+        "mesh": dict(mesh.shape),
+        "batch": batch_size, "seq_len": seq_len, "grad_accum": config.optimizer.grad_accum_steps,
+        "tokens_per_step": tokens_per_step,
+        "steps": steps, "warmup": warmup,
+        "lower_s": round(lowered_at - start, 3),
+        "compile_s": round(compiled_at - lowered_at, 3),
+        "step_time_s": step_s,
+        "step_time_min_s": min(times), "step_time_max_s": max(times),
+        "step_time_mean_s": run_s / steps,  # wall time of all timed steps / steps, state blocked on at the end
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / devices,
+        "flops_per_token": fpt,
+        "peak_tflops_per_device": None if peak is None else peak / 1e12,
+        "mfu": None if peak is None else tokens_per_s * fpt / (peak * devices),
+        "peak_memory_bytes": peak_bytes,
+        "memory_source": memory_source,
+        "compiled_memory": analysis,
+        "final_loss": loss,
+        "device_kind": device.device_kind, "platform": device.platform, "device_count": devices,
+        "process_count": jax.process_count(),
+        "jax_version": jax.__version__,
+        "git_commit": commit, "git_dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def summary(r: dict) -> str:
+    mfu = "n/a (peak unknown)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
+    return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params | {r['device_count']} x {r['device_kind']} | "
+            f"mesh {r['mesh']} | batch {r['batch']} x seq {r['seq_len']} (accum {r['grad_accum']})\n"
+            f"  compile {r['lower_s'] + r['compile_s']:.1f} s | step {1e3 * r['step_time_s']:.1f} ms "
+            f"(median of {r['steps']}) | {r['tokens_per_s']:,.0f} tokens/s | MFU {mfu} | "
+            f"peak memory {mem} [{r['memory_source']}]")
+
+
+def _append(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def compare(args) -> dict:
+    """Runs the baseline and the OSP recipe in two child processes; returns the comparison record."""
+    common = [f"--config={args.config}", *(f"--set={s}" for s in args.set), f"--steps={args.steps}",
+              f"--warmup={args.warmup}", f"--seed={args.seed}"]
+    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--grad-accum", args.grad_accum),
+                        ("--peak-tflops", args.peak_tflops)):
+        if value is not None:
+            common.append(f"{flag}={value}")
+    runs = {}
+    for name, recipe in (("adamw", BASELINE), ("osp", OSP)):
+        sets = [f"--set={k}={v}" for k, v in recipe.items()]
+        cmd = [sys.executable, os.path.abspath(__file__), *common, *sets]
+        if args.output:
+            cmd.append(f"--output={args.output}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "")
+        if proc.returncode:
+            raise SystemExit(f"step_time --compare: the {name} run failed (exit {proc.returncode})")
+        print(proc.stdout.rstrip("\n").rsplit("\n", 1)[0], flush=True)  # its summary
+        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    a, o = runs["adamw"], runs["osp"]
+
+    def ratio(key):
+        return None if not a.get(key) or o.get(key) is None else o[key] / a[key]
+
+    return {"benchmark": "step_time_compare", "config": args.config, "batch": o["batch"], "seq_len": o["seq_len"],
+            "grad_accum": o["grad_accum"], "device_kind": o["device_kind"], "device_count": o["device_count"],
+            "step_time_ratio": ratio("step_time_s"), "tokens_per_s_ratio": ratio("tokens_per_s"),
+            "peak_memory_ratio": ratio("peak_memory_bytes"), "memory_source": o["memory_source"],
+            "adamw": a, "osp": o, "git_commit": o["git_commit"], "git_dirty": o["git_dirty"], "date": o["date"]}
+
+
+def _series(r: dict) -> str:
+    if r["optimizer"] == "adamw" and r["norm_scale"] == "channel" and not r["embed_proj"]:
+        return "AdamW baseline"
+    if r["optimizer"] == "muon" and r["norm_scale"] == "single" and r["embed_proj"]:
+        return "OSP (Muon + SSNorm + EmbProj)"
+    return f"{r['optimizer']}, {r['norm_scale']} norm{', EmbProj' if r['embed_proj'] else ''}"
+
+
+def plot(results: str, png: str, title: str | None = None) -> None:
+    """Grouped bars of tokens/s: one group per (config, size, batch x seq), one bar per optimizer recipe."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(results, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    latest: dict = {}
+    for r in records:
+        if r.get("benchmark") != "step_time":
+            continue
+        group = (f"{pathlib.Path(r.get('config', '?')).stem}: {r['layers']} layers, dim {r['dim']}, "
+                 f"vocab {r['vocab_size']}\nbatch {r['batch']} x {r['seq_len']}")
+        latest[(group, _series(r))] = r
+    if not latest:
+        raise SystemExit(f"step_time: no step_time records in {results}")
+    groups = list(dict.fromkeys(g for g, _ in latest))
+    series = list(dict.fromkeys(s for _, s in latest))
+    devices = sorted({f"{r['device_count']} x {r['device_kind']}" for r in latest.values()})
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2.5 + 2.6 * len(groups), 3.8))
+    for i, name in enumerate(series):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            if (g, name) in latest:
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                ys.append(latest[(g, name)]["tokens_per_s"])
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=8)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("tokens / s (median step)")
+    ax.set_title(title or f"Training step throughput on {', '.join(devices)}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", default=None, help="recipe file (or FILE:ARG); default configs/osp_1b4.py")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. model.remat=dots or mesh.op=8; repeatable")
+    p.add_argument("--optimizer", choices=("adamw", "muon", "muon_all"), default=None,
+                   help="optimizer.name (default: the recipe's)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per optimizer step (default: the recipe's)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the recipe's train.seq_len")
+    p.add_argument("--grad-accum", type=int, default=None, help="optimizer.grad_accum_steps (micro-batches)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 with --smoke)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after compiling (default 3; 1 with --smoke)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per device for MFU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="append the JSON record to this file")
+    p.add_argument("--compare", action="store_true", help="AdamW baseline vs OSP recipe, same config")
+    p.add_argument("--smoke", action="store_true", help=f"{SMOKE_CONFIG} on CPU, batch 8, 3 steps")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="only draw tokens/s by config and optimizer from the --results JSON lines")
+    p.add_argument("--results", default=None, metavar="JSONL", help="records written by --output, for --plot")
+    p.add_argument("--title", default=None, help="plot title (default: names the devices of the records)")
+    args = p.parse_args(argv)
+    if args.plot:
+        if not args.results:
+            raise SystemExit("step_time: --plot needs --results=FILE (JSON lines written by --output)")
+        plot(args.results, args.plot, args.title)
+        return
+    if args.smoke:
+        args.config = args.config or SMOKE_CONFIG
+        args.batch = args.batch or 8
+        args.steps = args.steps or 3
+        args.warmup = 1 if args.warmup is None else args.warmup
+    args.config = args.config or "configs/osp_1b4.py"
+    args.steps = args.steps or 20
+    args.warmup = 3 if args.warmup is None else args.warmup
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("step_time: --steps must be >= 1 and --warmup >= 0")
+
+    if args.compare:
+        record = compare(args)
+        print(f"OSP / AdamW: step time x{record['step_time_ratio']:.3f}, tokens/s x{record['tokens_per_s_ratio']:.3f}, "
+              f"peak memory x{record['peak_memory_ratio']:.3f}" if record["peak_memory_ratio"] is not None else
+              f"OSP / AdamW: step time x{record['step_time_ratio']:.3f}", flush=True)
+    else:
+        config = load_config(args.config)
+        apply_overrides(config, args.set)
+        if args.optimizer:
+            config.optimizer.name = args.optimizer
+        if args.batch:
+            config.train.global_batch_size = args.batch
+        if args.seq_len:
+            config.train.seq_len = args.seq_len
+        if args.grad_accum:
+            config.optimizer.grad_accum_steps = args.grad_accum
+        try:
+            config_lib.validate(config)
+            dp, op, fsdp, _ = sharding.mesh_shape(config.mesh, jax.device_count())
+            if config.train.global_batch_size % (dp * op * fsdp * config.optimizer.grad_accum_steps):
+                raise config_lib.ConfigError(
+                    f"--batch={config.train.global_batch_size} must be a multiple of grad_accum "
+                    f"({config.optimizer.grad_accum_steps}) x the data-parallel devices dp*op*fsdp ({dp * op * fsdp})")
+        except (config_lib.ConfigError, sharding.MeshError) as e:
+            raise SystemExit(f"step_time: {e}") from None
+        record = measure(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
+                         seed=args.seed)
+        record["config"] = args.config
+        record["overrides"] = list(args.set)
+        print(summary(record), flush=True)
+    _append(args.output, record)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

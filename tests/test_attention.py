@@ -1,0 +1,164 @@
+"""Attention backends against the plain XLA reference, and the reference against float64 NumPy.
+
+cuDNN needs a GPU (skipped elsewhere). Splash is a Pallas TPU kernel: here it runs in Pallas'
+interpreter on CPU (`interpret=True`), which checks the kernel's arguments, masks, GQA/MQA handling
+and the shard_map wrapping, though not TPU speed or TPU lowering.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh
+
+from osp_jax import attention as attn
+from osp_jax import sharding
+
+
+def _qkv(batch, seq, heads, kv_heads, head_dim, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, seq, heads, head_dim))
+    k = rng.standard_normal((batch, seq, kv_heads, head_dim))
+    v = rng.standard_normal((batch, seq, kv_heads, head_dim))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def _segments(batch, seq, docs=3, seed=1):
+    """Packed windows: sorted document ids, so every query sees at least itself."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.sort(rng.integers(0, docs, (batch, seq)), axis=1), jnp.int32)
+
+
+def _numpy_reference(q, k, v, segment_ids=None):
+    """Causal softmax attention in float64, GQA by repeating each key/value head over its query group."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, s, h, d = q.shape
+    group = h // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    logits = np.einsum("bqhd,bshd->bhqs", q, k) / np.sqrt(d)
+    mask = np.tril(np.ones((s, s), bool))[None, None]
+    if segment_ids is not None:
+        ids = np.asarray(segment_ids)
+        mask = mask & (ids[:, None, :, None] == ids[:, None, None, :])
+    logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhqs,bshd->bqhd", probs, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# XLA reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads,kv_heads,segments", [(4, 4, False), (4, 4, True), (4, 2, False),
+                                                     (4, 2, True), (4, 1, True)])
+def test_xla_attention_matches_float64(heads, kv_heads, segments):
+    q, k, v = _qkv(2, 32, heads, kv_heads, 16)
+    ids = _segments(2, 32) if segments else None
+    out = attn.xla_attention(q, k, v, ids)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(out), _numpy_reference(q, k, v, ids), atol=2e-5, rtol=2e-5)
+
+
+def test_xla_attention_is_causal_and_respects_documents():
+    q, k, v = _qkv(1, 16, 2, 2, 8)
+    base = attn.xla_attention(q, k, v)
+    # Changing the last position's key/value leaves every earlier output unchanged.
+    k2, v2 = k.at[:, -1].set(7.0), v.at[:, -1].set(-7.0)
+    np.testing.assert_array_equal(np.asarray(attn.xla_attention(q, k2, v2))[:, :-1], np.asarray(base)[:, :-1])
+    # With two documents, the second starts afresh: its first token attends only to itself.
+    ids = jnp.asarray([[0] * 8 + [1] * 8], jnp.int32)
+    out = np.asarray(attn.xla_attention(q, k, v, ids))
+    np.testing.assert_allclose(out[:, 8], np.asarray(v)[:, 8], atol=1e-6)
+    np.testing.assert_allclose(out[:, :8], np.asarray(attn.xla_attention(q[:, :8], k[:, :8], v[:, :8])),
+                               atol=1e-6)
+
+
+def test_xla_attention_bfloat16_close_to_float64():
+    q, k, v = _qkv(2, 64, 4, 2, 32, dtype=jnp.bfloat16)
+    out = attn.xla_attention(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float64), _numpy_reference(q, k, v), atol=3e-2)
+
+
+def test_pick_backend_and_dispatch():
+    assert attn.pick_backend("auto", "cpu") == "xla"
+    assert attn.pick_backend("auto", "gpu") == "cudnn"
+    assert attn.pick_backend("auto", "tpu") == "splash"
+    assert attn.pick_backend("splash", "cpu") == "splash"
+    with pytest.raises(ValueError, match="flash"):
+        attn.pick_backend("flash")
+    q, k, v = _qkv(1, 16, 2, 2, 8)
+    np.testing.assert_array_equal(np.asarray(attn.attention(q, k, v, backend="xla")),
+                                  np.asarray(attn.xla_attention(q, k, v)))
+
+
+# ------------------------------------------------------------------------------------------------
+# cuDNN (GPU only)
+# ------------------------------------------------------------------------------------------------
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_cudnn_matches_xla(segments):
+    if not _has_gpu():
+        pytest.skip("cuDNN attention needs a GPU; none present")
+    gpu = jax.devices("gpu")[0]
+    q, k, v = (jax.device_put(x, gpu) for x in _qkv(2, 256, 8, 2, 128, dtype=jnp.bfloat16))
+    ids = jax.device_put(_segments(2, 256), gpu) if segments else None
+    out = jax.jit(attn.cudnn_attention)(q, k, v, ids)
+    ref = attn.xla_attention(q, k, v, ids)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Splash (Pallas TPU kernel, in interpret mode on CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads,kv_heads,segments", [(2, 2, True), (4, 2, False), (4, 1, True)])
+def test_splash_interpret_matches_xla(heads, kv_heads, segments):
+    q, k, v = _qkv(2, 128, heads, kv_heads, 64)
+    ids = _segments(2, 128) if segments else None
+    out = attn.splash_attention(q, k, v, ids, interpret=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(out), np.asarray(attn.xla_attention(q, k, v, ids)), atol=2e-5)
+
+
+def test_splash_interpret_gradients_match_xla():
+    q, k, v = _qkv(1, 256, 2, 2, 128)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+
+    got = grads(lambda q, k, v: attn.splash_attention(q, k, v, interpret=True))
+    want = grads(attn.xla_attention)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
+def test_splash_interpret_under_a_mesh_runs_in_shard_map():
+    """Mosaic kernels cannot be partitioned by XLA: under a mesh, splash must run inside shard_map."""
+    devices = np.asarray(jax.devices()[:8]).reshape(1, 1, 8, 1)
+    mesh = Mesh(devices, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+    q, k, v = _qkv(8, 128, 2, 1, 64)
+    ids = _segments(8, 128)
+    fn = jax.jit(lambda q, k, v, ids: attn.splash_attention(q, k, v, ids, interpret=True))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        jaxpr = str(jax.make_jaxpr(fn)(q, k, v, ids))
+        out = fn(q, k, v, ids)
+    assert "shard_map" in jaxpr
+    np.testing.assert_allclose(np.asarray(out), np.asarray(attn.xla_attention(q, k, v, ids)), atol=2e-5)
+
+
+def test_splash_rejects_sequence_not_a_multiple_of_the_block():
+    q, k, v = _qkv(1, 192, 2, 2, 64)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        attn.splash_attention(q, k, v, interpret=True)

@@ -1,0 +1,59 @@
+"""The benchmark scripts' CPU smoke modes run and print their JSON figures (nothing about speed)."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+# Speed is not under test: skip LLVM's optimisations so that the smoke compiles take seconds.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def _run(*args, devices: int = 1, timeout: int = 300) -> list[str]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout.strip().splitlines()
+
+
+STEP_KEYS = ("step_time_s", "tokens_per_s", "compile_s", "mfu", "peak_memory_bytes", "memory_source",
+             "flops_per_token", "device_kind", "jax_version", "git_commit", "date", "batch", "seq_len",
+             "grad_accum", "tokens_per_step")
+
+
+def test_step_time_smoke_compare(tmp_path):
+    """--smoke --compare: the AdamW baseline and the OSP recipe, each a plain --smoke run in a child."""
+    out = tmp_path / "step_time.jsonl"
+    lines = _run("benchmarks/step_time.py", "--smoke", "--compare", f"--output={out}", "--steps=2", "--warmup=0",
+                 "--seq-len=64", "--set=model.layers=2", "--set=model.vocab_size=512")
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == "step_time_compare"
+    for name, optimizer, norm in (("adamw", "adamw", "channel"), ("osp", "muon", "single")):
+        run = record[name]
+        for key in STEP_KEYS:
+            assert key in run, (name, key)
+        assert run["optimizer"] == optimizer and run["norm_scale"] == norm
+        assert run["embed_proj"] == (name == "osp")
+        assert run["steps"] == 2 and run["layers"] == 2 and run["step_time_s"] > 0 and run["tokens_per_s"] > 0
+        assert run["tokens_per_step"] == run["batch"] * run["seq_len"]
+        assert run["peak_memory_bytes"] > 0 and run["mfu"] is None  # CPU: peak FLOP/s unknown
+    assert record["step_time_ratio"] > 0 and record["peak_memory_ratio"] > 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["benchmark"] for r in written] == ["step_time", "step_time", "step_time_compare"]
+
+
+def test_muon_smoke():
+    lines = _run("benchmarks/muon.py", "--smoke")
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert {r["optimizer"] for r in records} == {"osp_jax.muon", "optax.contrib.muon", "optax.adamw"}
+    assert all(r["ms"] > 0 and r["device"] for r in records)
+
+
+def test_data_smoke():
+    lines = _run("benchmarks/data.py", "--seconds=1", "--seq-len=256", "--batch=4")
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == "data_pipeline"
+    assert record["tokens_per_s"] > 0 and record["batches"] > 0

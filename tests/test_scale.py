@@ -1,0 +1,105 @@
+"""Scale-out on 8 simulated CPU devices, for the configs/osp_124m.py model, from the compiler alone.
+
+Nothing here executes the 124M step: the train state is `jax.eval_shape`d and the step only lowered
+and compiled (batch 8 x 128, so compiling is quick). Two figures, both per device:
+- argument bytes of the train step (parameters + optimizer state + the batch) with fsdp=8 are
+  about 1/8 of those on one device;
+- the FLOPs of the Muon update (Newton–Schulz) with op=8 are about 1/8 of those on one device.
+`pytest -s tests/test_scale.py` prints them; docs/benchmarks.md records them.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from osp_jax import sharding
+from osp_jax.model import Transformer, abstract_params
+from osp_jax.muon import muon
+from osp_jax.optim import MUON, make_optimizer, param_labels
+from osp_jax.step import train_step
+from osp_jax.train import abstract_state, state_shardings
+from tests.helpers import load_recipe
+
+BATCH, SEQ = 8, 128
+ONE = {"dp": 1, "op": 1, "fsdp": 1, "tp": 1}
+
+
+def _config(mesh_sizes):
+    cfg = load_recipe("osp_124m")
+    cfg.train.global_batch_size, cfg.train.seq_len = BATCH, SEQ
+    cfg.mesh.update(mesh_sizes)
+    return cfg
+
+
+def _mesh(sizes):
+    return sharding.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def _compile_train_step(sizes):
+    cfg = _config(sizes)
+    mesh = _mesh(sizes)
+    model = Transformer(cfg.model)
+    tx, _ = make_optimizer(cfg, mesh)
+    shardings = state_shardings(cfg, model, tx, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = abstract_state(cfg, model, tx, shardings)
+        batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=batch_sharding)
+                 for k in ("inputs", "targets", "positions", "segment_ids")}
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx), in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        return step.lower(state, batch).compile(), state
+
+
+def test_fsdp_splits_parameters_and_optimizer_state():
+    assert jax.device_count() == 8, "tests/conftest.py should give 8 simulated CPU devices"
+    single, state = _compile_train_step(ONE)
+    split, _ = _compile_train_step({**ONE, "fsdp": 8})
+    one, eight = single.memory_analysis(), split.memory_analysis()
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    ratio = eight.argument_size_in_bytes / one.argument_size_in_bytes
+    print(f"\nosp_124m train step, batch {BATCH}x{SEQ}: state {state_bytes / 2**20:,.1f} MiB in all")
+    print(f"  per-device argument bytes: 1 device {one.argument_size_in_bytes / 2**20:,.1f} MiB, "
+          f"fsdp=8 {eight.argument_size_in_bytes / 2**20:,.1f} MiB, ratio {ratio:.4f}")
+    print(f"  per-device temp bytes: 1 device {one.temp_size_in_bytes / 2**20:,.1f} MiB, "
+          f"fsdp=8 {eight.temp_size_in_bytes / 2**20:,.1f} MiB")
+    # One device holds the whole state (and the batch); fsdp=8 about an eighth of it.
+    assert one.argument_size_in_bytes >= state_bytes
+    assert ratio < 0.2, ratio
+
+
+def _keep(tree, labels):
+    """The subtree of `tree` whose leaves are labelled MUON (nesting kept: Muon reads q/k/v by path)."""
+    if not isinstance(tree, dict):
+        return tree if labels == MUON else None
+    kept = {k: _keep(tree[k], labels[k]) for k in tree}
+    return {k: v for k, v in kept.items() if v is not None} or None
+
+
+def test_op_splits_newton_schulz_flops():
+    boxed = abstract_params(_config(ONE).model, SEQ)
+    params = nn.unbox(boxed)
+    muon_params = _keep(params, param_labels(params, "muon"))  # the Muon partition, nested as in the model
+    matrices = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(muon_params))
+
+    def update(grads, state, params):
+        return tx.update(grads, state, params)
+
+    tx = muon(1e-3, weight_decay=0.1)
+    state = jax.eval_shape(tx.init, muon_params)
+    single = jax.jit(update).lower(muon_params, state, muon_params).compile()
+    with jax.set_mesh(_mesh({**ONE, "op": 8})):
+        split = jax.jit(update).lower(muon_params, state, muon_params).compile()
+    ratio = _flops(split) / _flops(single)
+    print(f"\nosp_124m Muon partition ({matrices / 1e6:.1f}M parameters), one optimizer update, per device: "
+          f"1 device {_flops(single) / 1e9:,.1f} GFLOP, op=8 {_flops(split) / 1e9:,.1f} GFLOP, ratio {ratio:.4f}")
+    assert ratio < 0.25, ratio
