@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--worker-count", type=int, action="append",
                     help="Grain worker processes (0: a prefetch thread); repeatable (default 0)")
     ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="one short run (1 s, seq 256, batch 4) for CI")
     args = ap.parse_args()
+    if args.smoke:
+        args.seconds, args.seq_len, args.batch = 1.0, 256, 4
     for data in args.data or ["builtin"]:
         data_dir = pipeline.resolve_data_dir(data)
         for wc in args.worker_count or [0]:

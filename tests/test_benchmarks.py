@@ -53,7 +53,7 @@ def test_muon_smoke():
 
 
 def test_data_smoke():
-    lines = _run("benchmarks/data.py", "--seconds=1", "--seq-len=256", "--batch=4")
+    lines = _run("benchmarks/data.py", "--smoke")
     record = json.loads(lines[-1])
     assert record["benchmark"] == "data_pipeline"
     assert record["tokens_per_s"] > 0 and record["batches"] > 0
