@@ -145,10 +145,13 @@ def _digest_tree(tree) -> dict[str, tuple[bool, dict | None]]:
     groups: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
     out: dict[str, tuple[bool, dict | None]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not _digestible(np.dtype(leaf.dtype) if not isinstance(leaf, jax.Array) else leaf.dtype):
+            out[_path_str(path)] = (True, None)  # exotic dtype: still saved, just not checked
+            continue
         if not isinstance(leaf, jax.Array):
-            leaf = jnp.asarray(np.asarray(leaf))
-        if not _digestible(leaf.dtype):  # exotic dtype: still saved, just not checked
-            out[_path_str(path)] = (True, None)
+            # Host arrays (a params-only restore on CPU) go one at a time: memory stays at one leaf's copy.
+            finite, sums = _digest_leaves([jnp.asarray(leaf)])
+            out[_path_str(path)] = (bool(finite[0]), {"dtype": str(leaf.dtype), "bits": [int(v) for v in sums[0]]})
             continue
         groups.setdefault(_device_key(leaf.sharding), []).append((_path_str(path), leaf))
     for items in groups.values():
