@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import time
 from typing import Any, Mapping
 
@@ -49,9 +50,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which step, where and why."""
 
 
+def _absolute(directory) -> epath.Path:
+    """Orbax needs absolute paths; a relative local one is taken from the working directory."""
+    path = os.fspath(directory)
+    if "://" not in path:
+        path = os.path.abspath(path)
+    return epath.Path(path)
+
+
 def find_checkpoint_dir(workdir) -> str:
     """Where a run keeps its checkpoints: ``WORKDIR/checkpoints``."""
-    return str(epath.Path(workdir) / "checkpoints")
+    return str(_absolute(workdir) / "checkpoints")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,7 +357,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint save_every={save_every!r}: expected an integer >= 1")
         if int(keep) < 1:
             raise ValueError(f"checkpoint keep={keep!r}: expected an integer >= 1")
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         self.save_every, self.keep = int(save_every), int(keep)
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(

@@ -14,9 +14,9 @@ def cli_env(devices: int = 1, **extra) -> dict:
     return env
 
 
-def start_cli(workdir, *flags, config="configs/tiny.py", devices=1, **env):
-    cmd = [sys.executable, "-m", "osp_jax.train", f"--config={config}", f"--workdir={workdir}", *flags]
-    return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(devices, **env), stdout=subprocess.PIPE,
+def start_cli(workdir, *flags, config="configs/tiny.py", devices=1, cwd=ROOT, **env):
+    cmd = [sys.executable, "-m", "osp_jax.train", f"--config={ROOT / config}", f"--workdir={workdir}", *flags]
+    return subprocess.Popen(cmd, cwd=cwd, env=cli_env(devices, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -27,7 +27,8 @@ def read_metrics(workdir) -> list[dict]:
 
 def test_tiny_cli_trains_and_muon_keeps_pace_with_adamw(tmp_path):
     flags = ["--config.train.steps=60", "--config.train.eval_every=30", "--config.train.outlier_every=30"]
-    runs = {name: start_cli(tmp_path / name, *flags, f"--config.optimizer.name={name}") for name in ("muon", "adamw")}
+    # A relative --workdir, as in the README (run from tmp_path).
+    runs = {name: start_cli(name, *flags, f"--config.optimizer.name={name}", cwd=tmp_path) for name in ("muon", "adamw")}
     outputs = {name: p.communicate(timeout=900)[0] for name, p in runs.items()}
     for name, p in runs.items():
         assert p.returncode == 0, outputs[name][-3000:]
