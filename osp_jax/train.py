@@ -128,6 +128,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = init(jax.random.key(t.seed))
             start = 0
 
+        if start >= t.steps:
+            log.info("the checkpoint in %s is at step %d, train.steps=%d: nothing to do (raise train.steps to "
+                     "train on)", workdir, start, t.steps)
         n_params = count_params(state.params)
         fpt = flops_per_token(config.model, t.seq_len)
         tokens_per_step = t.global_batch_size * t.seq_len
@@ -203,6 +206,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpointer.wait()
             checkpointer.close()
             writer.close()
+    if last and is_main:
+        log.info("done at step %d: loss %.4f%s; checkpoints in %s", step, last["loss"],
+                 f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "", checkpointer.directory)
     return last
 
 
