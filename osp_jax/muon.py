@@ -267,8 +267,10 @@ def orthogonalize_stacks(stacks: Sequence[jax.Array], orthogonalize: Callable[[j
     Same-shaped matrices from all stacks are concatenated; a tall matrix joins the group of its
     transpose, as Newton–Schulz commutes with transposition. With a mesh whose `shard_axis` spans
     n > 1 devices, each group is zero-padded to a multiple of n and split over that axis, so every
-    device orthogonalises about 1/n of the matrices; the result is gathered back to replicated and
-    the caller's output shardings take it from there. Without one the same code runs unsplit.
+    device orthogonalises about 1/n of the matrices. The result is left unconstrained, so the
+    partitioner moves each slice straight to its parameter's own sharding: gathering it to
+    replicated first cost 27% more temporary memory on the 124M step with op=2, fsdp=4.
+    Without such a mesh the same code runs unsplit.
     """
     mesh = _resolve_mesh(mesh)
     shards = _shard_count(mesh, shard_axis)
@@ -290,8 +292,6 @@ def orthogonalize_stacks(stacks: Sequence[jax.Array], orthogonalize: Callable[[j
             group = jnp.pad(group, ((0, padding), (0, 0), (0, 0)))  # zeros stay zero under NS
             group = _reshard(group, mesh, P(shard_axis, None, None))
         group = orthogonalize(group)
-        if shards > 1:
-            group = _reshard(group, mesh, P())
         parts = jnp.split(group[:sum(sizes)], np.cumsum(sizes)[:-1].tolist(), axis=0)
         for i, part in zip(members, parts):
             out[i] = jnp.swapaxes(part, 1, 2) if tall[i] else part
