@@ -51,10 +51,15 @@ def _bf16_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _quintic_step(x: jax.Array, a, b, c) -> jax.Array:
-    """One step `x <- a x + b (x x^T) x + c (x x^T)^2 x` on a wide matrix (or a stack of them)."""
+    """One step `x <- a x + b (x x^T) x + c (x x^T)^2 x` on a wide matrix (or a stack of them).
+
+    Sums are float32; the iterate is stored in bfloat16 between steps. Keeping it in float32 made the
+    1.4B train step need 13 GiB more temporaries (XLA's estimate) than with bfloat16, which put OSP's
+    peak memory above AdamW's; the iteration is self-correcting, so the rounding does not accumulate.
+    """
     gram = _bf16_matmul(x, jnp.swapaxes(x, -1, -2))  # (..., m, m): the smaller side, as x is wide
     poly = b * gram + c * _bf16_matmul(gram, gram)
-    return a * x + _bf16_matmul(poly, x)
+    return (a * x + _bf16_matmul(poly, x)).astype(jnp.bfloat16)
 
 
 def _coefficient_schedule(coeffs, steps: int) -> list[tuple[float, float, float]]:
@@ -94,7 +99,7 @@ def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: f
         x = jnp.swapaxes(x, -1, -2)
     x = x.astype(jnp.float32)
     # The Frobenius norm bounds the spectral norm, so every singular value starts in [0, 1].
-    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    x = (x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)).astype(jnp.bfloat16)
 
     try:
         steps = operator.index(steps)

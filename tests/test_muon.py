@@ -60,10 +60,10 @@ def _muon_params(params):
 
 
 def _assert_bf16_close(actual, desired, scale=1.0):
-    """Equal up to bf16 rounding, which Newton–Schulz amplifies: entries within 2e-2 (times `scale`)
+    """Equal up to bf16 rounding, which Newton–Schulz (bf16 between steps) amplifies: entries within 4e-2 (times `scale`)
     and the whole matrix within 5% in Frobenius norm."""
     actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
-    np.testing.assert_allclose(actual, desired, atol=2e-2 * scale)
+    np.testing.assert_allclose(actual, desired, atol=4e-2 * scale)
     assert np.linalg.norm(actual - desired) <= 5e-2 * np.linalg.norm(desired)
 
 
