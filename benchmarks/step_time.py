@@ -49,7 +49,7 @@ from osp_jax.attention import pick_backend  # noqa: E402
 from osp_jax.model import Transformer, count_params, flops_per_token, matmul_params  # noqa: E402
 from osp_jax.optim import make_optimizer  # noqa: E402
 from osp_jax.step import init_state, train_step  # noqa: E402
-from osp_jax.train import state_shardings  # noqa: E402
+from osp_jax.train import abstract_state, state_shardings  # noqa: E402
 
 SMOKE_CONFIG = "configs/tiny.py"
 # The paper's ablation axes: what --compare changes on top of the given config.
@@ -242,7 +242,56 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
     }
 
 
+def compile_memory(config) -> dict:
+    """Compiles the train step from shapes alone (nothing allocated) and returns the compiler's
+    per-device memory figures: how a config too big for this machine would fit on one that has it."""
+    config_lib.validate(config)
+    t = config.train
+    mesh = sharding.make_mesh(config.mesh)
+    model = Transformer(config.model)
+    tx, _ = make_optimizer(config, mesh)
+    shardings = state_shardings(config, model, tx, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = abstract_state(config, model, tx, shardings)
+        batch = {k: jax.ShapeDtypeStruct((t.global_batch_size, t.seq_len), jnp.int32, sharding=batch_sharding)
+                 for k in ("inputs", "targets", "positions", "segment_ids")}
+        step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                            grad_accum_steps=config.optimizer.grad_accum_steps,
+                                            pack_mask=config.data.pack_mask),
+                          in_shardings=(shardings, batch_sharding),
+                          out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        start = time.perf_counter()
+        m = step_fn.lower(state, batch).compile().memory_analysis()
+        compile_s = time.perf_counter() - start
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    analysis = {k: int(getattr(m, k)) for k in fields}
+    commit, dirty = git_commit()
+    device = jax.devices()[0]
+    return {
+        "benchmark": "step_memory", "optimizer": config.optimizer.name, "norm_scale": config.model.norm_scale,
+        "embed_proj": config.model.embed_proj, "params": count_params(state.params),
+        "state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
+        "mesh": dict(mesh.shape), "batch": t.global_batch_size, "seq_len": t.seq_len,
+        "grad_accum": config.optimizer.grad_accum_steps, "remat": config.model.remat,
+        "compile_s": round(compile_s, 3), "compiled_memory": analysis,
+        # Donated outputs reuse the argument buffers (alias), so they are counted once.
+        "peak_memory_bytes": analysis["argument_size_in_bytes"] + analysis["output_size_in_bytes"]
+        + analysis["temp_size_in_bytes"] - analysis["alias_size_in_bytes"],
+        "memory_source": "compiled.memory_analysis: argument+output+temp-alias (per device, estimate)",
+        "device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
+        "jax_version": jax.__version__, "git_commit": commit, "git_dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def summary(r: dict) -> str:
+    if r["benchmark"] == "step_memory":
+        m = r["compiled_memory"]
+        return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params | mesh {r['mesh']} | batch {r['batch']} x seq "
+                f"{r['seq_len']} (accum {r['grad_accum']}) | compiled in {r['compile_s']:.1f} s\n"
+                f"  per device: state {r['state_bytes'] / 2**30:.2f} GiB, temporaries "
+                f"{m['temp_size_in_bytes'] / 2**30:.2f} GiB, peak estimate {r['peak_memory_bytes'] / 2**30:.2f} GiB")
     mfu = "n/a (peak unknown)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
     return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params | {r['device_count']} x {r['device_kind']} | "
@@ -261,7 +310,7 @@ def _append(path: str | None, record: dict) -> None:
 def compare(args) -> dict:
     """Runs the baseline and the OSP recipe in two child processes; returns the comparison record."""
     common = [f"--config={args.config}", *(f"--set={s}" for s in args.set), f"--steps={args.steps}",
-              f"--warmup={args.warmup}", f"--seed={args.seed}"]
+              f"--warmup={args.warmup}", f"--seed={args.seed}", *(["--compile-only"] if args.compile_only else [])]
     for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--grad-accum", args.grad_accum),
                         ("--peak-tflops", args.peak_tflops)):
         if value is not None:
@@ -355,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="append the JSON record to this file")
     p.add_argument("--compare", action="store_true", help="AdamW baseline vs OSP recipe, same config")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile from shapes only and report the compiler's per-device memory (no run)")
     p.add_argument("--smoke", action="store_true", help=f"{SMOKE_CONFIG} on CPU, batch 8, 3 steps")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="only draw tokens/s by config and optimizer from the --results JSON lines")
@@ -379,9 +430,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.compare:
         record = compare(args)
-        print(f"OSP / AdamW: step time x{record['step_time_ratio']:.3f}, tokens/s x{record['tokens_per_s_ratio']:.3f}, "
-              f"peak memory x{record['peak_memory_ratio']:.3f}" if record["peak_memory_ratio"] is not None else
-              f"OSP / AdamW: step time x{record['step_time_ratio']:.3f}", flush=True)
+        ratios = [(name, record[key]) for name, key in (("step time", "step_time_ratio"),
+                  ("tokens/s", "tokens_per_s_ratio"), ("peak memory", "peak_memory_ratio")) if record[key] is not None]
+        print("OSP / AdamW: " + ", ".join(f"{name} x{value:.3f}" for name, value in ratios), flush=True)
     else:
         config = load_config(args.config)
         apply_overrides(config, args.set)
@@ -402,8 +453,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"({config.optimizer.grad_accum_steps}) x the data-parallel devices dp*op*fsdp ({dp * op * fsdp})")
         except (config_lib.ConfigError, sharding.MeshError) as e:
             raise SystemExit(f"step_time: {e}") from None
-        record = measure(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
-                         seed=args.seed)
+        if args.compile_only:
+            record = compile_memory(config)
+        else:
+            record = measure(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
+                             seed=args.seed)
         record["config"] = args.config
         record["overrides"] = list(args.set)
         print(summary(record), flush=True)
