@@ -164,11 +164,30 @@ def _digest_tree(tree) -> dict[str, tuple[bool, dict | None]]:
             continue
         groups.setdefault(_device_key(leaf.sharding), []).append((_path_str(path), leaf))
     for items in groups.values():
-        finite, sums = _digest_leaves([leaf for _, leaf in items])
-        finite, sums = _to_host(finite), _to_host(sums)
-        for j, (name, leaf) in enumerate(items):
-            out[name] = (bool(finite[j]), {"dtype": str(leaf.dtype), "bits": [int(v) for v in sums[j]]})
+        for batch in _by_size(items, _DIGEST_BATCH_BYTES):
+            finite, sums = _digest_leaves([leaf for _, leaf in batch])
+            finite, sums = _to_host(finite), _to_host(sums)
+            for j, (name, leaf) in enumerate(batch):
+                out[name] = (bool(finite[j]), {"dtype": str(leaf.dtype), "bits": [int(v) for v in sums[j]]})
     return out
+
+
+# Leaves digested per call: the pass holds a few uint32 copies of what it reads, so one call over a
+# whole 1.4B tree doubled the memory of a params-only restore (9.0 -> 18.4 GB); batches bound that.
+_DIGEST_BATCH_BYTES = 256 << 20
+
+
+def _by_size(items, limit: int):
+    batch, size = [], 0
+    for name, leaf in items:
+        nbytes = leaf.size * leaf.dtype.itemsize // max(1, len(leaf.sharding.device_set))
+        if batch and size + nbytes > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append((name, leaf))
+        size += nbytes
+    if batch:
+        yield batch
 
 
 def _verify(tree, checksums: Mapping[str, Any] | None, step: int) -> None:
