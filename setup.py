@@ -36,7 +36,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "sentencepiece>=0.2"],
         "torch": ["torch>=2.3", "transformers>=4.45", "safetensors>=0.4"],
         "seqio": ["seqio>=0.0.19"],
         "tpu": ["jax[tpu]>=0.6"],
