@@ -48,8 +48,8 @@ from osp_jax import sharding  # noqa: E402
 from osp_jax.attention import pick_backend  # noqa: E402
 from osp_jax.model import Transformer, count_params, flops_per_token, matmul_params  # noqa: E402
 from osp_jax.optim import make_optimizer  # noqa: E402
-from osp_jax.step import init_state, train_step  # noqa: E402
-from osp_jax.train import abstract_state, state_shardings  # noqa: E402
+from osp_jax.step import init_state  # noqa: E402
+from osp_jax.train import abstract_state, jit_train_step, state_shardings  # noqa: E402
 
 SMOKE_CONFIG = "configs/tiny.py"
 # The paper's ablation axes: what --compare changes on top of the given config.
@@ -156,7 +156,6 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
     tx, _ = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    repl = sharding.replicated(mesh)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         init = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)
@@ -170,11 +169,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
                     "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
 
         batch = jax.block_until_ready(synthetic_batch(jax.random.key(seed + 1)))
-        step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                            grad_accum_steps=config.optimizer.grad_accum_steps,
-                                            pack_mask=config.data.pack_mask),
-                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, repl),
-                          donate_argnums=0)
+        step_fn = jit_train_step(config, model, tx, shardings, mesh)
         start = time.perf_counter()
         lowered = step_fn.lower(state, batch)
         lowered_at = time.perf_counter()
@@ -256,11 +251,7 @@ def compile_memory(config) -> dict:
         state = abstract_state(config, model, tx, shardings)
         batch = {k: jax.ShapeDtypeStruct((t.global_batch_size, t.seq_len), jnp.int32, sharding=batch_sharding)
                  for k in ("inputs", "targets", "positions", "segment_ids")}
-        step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                            grad_accum_steps=config.optimizer.grad_accum_steps,
-                                            pack_mask=config.data.pack_mask),
-                          in_shardings=(shardings, batch_sharding),
-                          out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        step_fn = jit_train_step(config, model, tx, shardings, mesh)
         start = time.perf_counter()
         m = step_fn.lower(state, batch).compile().memory_analysis()
         compile_s = time.perf_counter() - start

@@ -6,7 +6,6 @@
 
 Tokens come from the built-in tokenizer, so the vocabulary is a PassThroughVocabulary of its size.
 """
-import functools
 import json
 import lzma
 

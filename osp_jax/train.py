@@ -13,10 +13,8 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -50,6 +48,14 @@ def state_shardings(config, model, tx, mesh) -> TrainState:
                                 is_leaf=lambda x: isinstance(x, (masked, jax.sharding.NamedSharding)))
     repl = sharding.replicated(mesh)
     return TrainState(step=repl, params=params, opt_state=opt, rng=repl, bad_steps=repl)
+
+
+def jit_train_step(config, model, tx, shardings: TrainState, mesh):
+    """The train step, jitted with the state's and the batch's shardings and the state donated."""
+    step = functools.partial(train_step, model=model, tx=tx, grad_accum_steps=config.optimizer.grad_accum_steps,
+                             pack_mask=config.data.pack_mask)
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def abstract_state(config, model, tx, shardings: TrainState) -> TrainState:
@@ -137,11 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("model: %.2f M parameters; mesh %s; %d devices; %d tokens per step",
                  n_params / 1e6, dict(mesh.shape), jax.device_count(), tokens_per_step)
 
-        step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                            grad_accum_steps=config.optimizer.grad_accum_steps,
-                                            pack_mask=config.data.pack_mask),
-                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, repl),
-                          donate_argnums=0)
+        step_fn = jit_train_step(config, model, tx, shardings, mesh)
         eval_fn = jax.jit(functools.partial(eval_step, model=model, pack_mask=config.data.pack_mask),
                           in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
         outlier_fn = jax.jit(lambda p, b: metrics_lib.outlier_stats(

@@ -1,11 +1,9 @@
 """Never lose a run: exact resume after SIGKILL, SIGTERM saves, NaN steps, restore onto another mesh."""
-import os
 import signal
 import socket
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -103,7 +101,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     for p in launch(6, port):
         _finish(p, timeout=600)
     for p in launch(8, port + 1 if port < 65535 else port - 1):
-        out = _finish(p, timeout=600)
+        _finish(p, timeout=600)
     steps = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=6, keep=3).all_steps()
     assert steps == [6, 8], steps
     assert sorted(_losses(workdir)) == list(range(1, 9))

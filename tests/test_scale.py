@@ -7,7 +7,6 @@ and compiled (batch 8 x 128, so compiling is quick). Two figures, both per devic
 - the FLOPs of the Muon update (Newton–Schulz) with op=8 are about 1/8 of those on one device.
 `pytest -s tests/test_scale.py` prints them; docs/benchmarks.md records them.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,7 @@ from osp_jax import sharding
 from osp_jax.model import Transformer, abstract_params
 from osp_jax.muon import muon
 from osp_jax.optim import MUON, make_optimizer, param_labels
-from osp_jax.step import train_step
-from osp_jax.train import abstract_state, state_shardings
+from osp_jax.train import abstract_state, jit_train_step, state_shardings
 from tests.helpers import load_recipe
 
 BATCH, SEQ = 8, 128
@@ -55,8 +53,7 @@ def _compile_train_step(sizes):
         state = abstract_state(cfg, model, tx, shardings)
         batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=batch_sharding)
                  for k in ("inputs", "targets", "positions", "segment_ids")}
-        step = jax.jit(functools.partial(train_step, model=model, tx=tx), in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        step = jit_train_step(cfg, model, tx, shardings, mesh)
         return step.lower(state, batch).compile(), state
 
 

@@ -28,7 +28,6 @@ def test_mesh_fill_and_errors():
 def test_rule_table_names_every_logical_axis_once():
     names = [rule[0] for rule in sharding.LOGICAL_AXIS_RULES]
     assert len(names) == len(set(names))
-    boxed = Transformer(small_config().model)
     from osp_jax.model import abstract_params
     used = {a for spec in jax.tree.leaves(nn.get_partition_spec(abstract_params(small_config().model)),
                                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
