@@ -59,11 +59,17 @@ def xla_attention(q, k, v, segment_ids=None):
     return out.reshape(b, s, h, d).astype(q.dtype)
 
 
-def cudnn_attention(q, k, v, segment_ids=None):
-    """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU only)."""
-    mask = None if segment_ids is None else _mask(q.shape[1], segment_ids)[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=segment_ids is None,
-                                        implementation="cudnn")
+def cudnn_attention(q, k, v, segment_ids=None, *, implementation: str = "cudnn"):
+    """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU only).
+
+    Causality stays the kernel's own mask type, so cuDNN skips the blocks above the diagonal; only
+    the document boundaries of a packed window travel as a (batch, 1, seq, seq) mask.
+    `implementation="xla"` runs the same call on any backend (how the mask handling is tested).
+    """
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
 def splash_attention(q, k, v, segment_ids=None, *, interpret: bool = False):

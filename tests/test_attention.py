@@ -118,6 +118,15 @@ def test_cudnn_matches_xla(segments):
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
 
 
+@pytest.mark.parametrize("segments", [False, True])
+def test_cudnn_call_masks_like_the_reference(segments):
+    """The cuDNN path's arguments (kernel-causal + document mask), run by XLA so any machine checks them."""
+    q, k, v = _qkv(2, 64, 4, 2, 32)
+    ids = _segments(2, 64) if segments else None
+    out = attn.cudnn_attention(q, k, v, ids, implementation="xla")
+    np.testing.assert_allclose(out, attn.xla_attention(q, k, v, ids), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Splash (Pallas TPU kernel, in interpret mode on CPU)
 # ------------------------------------------------------------------------------------------------
