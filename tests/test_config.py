@@ -32,6 +32,7 @@ BAD = [
     ("--config.train.steps=-5", "train.steps"),
     ("--config.model.nonexistent=1", "nonexistent"),         # unknown key (ml_collections refuses it)
     ("--config.mesh.fsdp=3", "fsdp=3"),                      # mesh does not fit 1 device
+    ("--config.model.vocab_size=1000", "vocabulary 4096 but the model's vocab_size is 1000"),  # data vs model
 ]
 
 
