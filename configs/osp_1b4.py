@@ -2,8 +2,8 @@
 trained with Muon + Single-Scale RMSNorm + EmbProj.
 
 On a TPU v4-512 (256 devices), as in the paper:
-    python -m osp_jax.train --config=configs/osp_1b4.py --workdir=gs://BUCKET/osp_1b4 \
-        --config.data.path=gs://BUCKET/data --config.mesh.dp=2 --config.mesh.op=8 --config.mesh.fsdp=16
+    python -m osp_jax.train --config=configs/osp_1b4.py --workdir=/gcs/BUCKET/osp_1b4 \
+        --config.data.path=/gcs/BUCKET/data --config.mesh.dp=2 --config.mesh.op=8 --config.mesh.fsdp=16
 """
 from osp_jax.config import defaults
 

@@ -39,7 +39,7 @@ Options:
 
 Example:
   launch/tpu_pod.sh --name osp-1b4 --zone us-central2-b --accelerator-type v4-512 -- \
-    --config=configs/osp_1b4.py --workdir=gs://BUCKET/osp_1b4 \
+    --config=configs/osp_1b4.py --workdir=/gcs/BUCKET/osp_1b4 \
     --config.mesh.dp=2 --config.mesh.op=8 --config.mesh.fsdp=16
 EOF
 }

@@ -102,6 +102,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from osp_jax.checkpoint import Checkpointer
 
     config_lib.validate(config)
+    for name, path in (("--workdir", workdir), ("config.data.path", config.data.path)):
+        if "://" in str(path):
+            raise FileNotFoundError(f"{name}={path}: URLs are not supported yet; use a local or mounted path "
+                                    "(e.g. a Cloud Storage FUSE mount such as /gcs/BUCKET/...)")
     t = config.train
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)

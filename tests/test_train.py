@@ -56,3 +56,13 @@ def test_tiny_cli_trains_and_muon_keeps_pace_with_adamw(tmp_path):
     print(f"val   {curves['muon'][-1]['val_loss']:.4f}  {curves['adamw'][-1]['val_loss']:.4f}")
     # Muon lowers the loss at least as fast as AdamW over the same steps (held-out loss, less noisy).
     assert curves["muon"][-1]["val_loss"] <= curves["adamw"][-1]["val_loss"] + 0.02
+
+
+def test_url_workdir_is_refused_before_anything_is_written(tmp_path):
+    import pytest
+
+    from osp_jax import train as train_lib
+    from tests.helpers import load_recipe
+
+    with pytest.raises(FileNotFoundError, match="URLs are not supported yet"):
+        train_lib.train(load_recipe("tiny"), "gs://bucket/run")
