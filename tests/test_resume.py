@@ -85,26 +85,41 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert max(_losses(workdir)) == 8
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
-    """Two processes on localhost (gloo, 2 CPU devices each) form one 4-device job."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_resume_and_agree_on_preemption(tmp_path):
+    """Two processes on localhost (gloo, 2 CPU devices each) form one 4-device job. A SIGTERM that
+    reaches only one of them still makes both save at the same step and exit 0."""
     workdir = tmp_path / "run"
 
-    def launch(steps, port):
-        return [start_cli(workdir, *SMALL, f"--config.train.steps={steps}", "--config.mesh.fsdp=-1", devices=2,
-                          OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES="2",
+    def launch(steps, *flags):
+        port = _free_port()
+        return [start_cli(workdir, *SMALL, f"--config.train.steps={steps}", "--config.mesh.fsdp=-1", *flags,
+                          devices=2, OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES="2",
                           OSP_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
                 for i in range(2)]
 
-    for p in launch(6, port):
+    for p in launch(6):
         _finish(p, timeout=600)
-    for p in launch(8, port + 1 if port < 65535 else port - 1):
+    for p in launch(8):
         _finish(p, timeout=600)
-    steps = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=6, keep=3).all_steps()
-    assert steps == [6, 8], steps
+    ckpts = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=6, keep=3)
+    assert ckpts.all_steps() == [6, 8], ckpts.all_steps()
     assert sorted(_losses(workdir)) == list(range(1, 9))
+
+    # Preemption notice to process 1 only; process 0 learns of it at the next agreement (every 2 steps).
+    procs = launch(100000, "--config.train.log_every=2", "--config.train.checkpoint_every=1000",
+                   "--config.optimizer.decay_steps=12")
+    _wait_for(lambda: max(_losses(workdir)) >= 11, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+        _finish(p, timeout=300)
+    steps = ckpts.all_steps()
+    assert steps[-1] > 11 and steps[-1] % 2 == 0, steps
 
 
 class _poisoned_batches:
