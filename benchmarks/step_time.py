@@ -49,7 +49,7 @@ from osp_jax.attention import pick_backend  # noqa: E402
 from osp_jax.model import Transformer, count_params, flops_per_token, matmul_params  # noqa: E402
 from osp_jax.optim import make_optimizer  # noqa: E402
 from osp_jax.step import init_state  # noqa: E402
-from osp_jax.train import abstract_state, jit_train_step, state_shardings  # noqa: E402
+from osp_jax.train import abstract_batch, abstract_state, jit_train_step, state_shardings  # noqa: E402
 
 SMOKE_CONFIG = "configs/tiny.py"
 # The paper's ablation axes: what --compare changes on top of the given config.
@@ -246,11 +246,9 @@ def compile_memory(config) -> dict:
     model = Transformer(config.model)
     tx, _ = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = abstract_state(config, model, tx, shardings)
-        batch = {k: jax.ShapeDtypeStruct((t.global_batch_size, t.seq_len), jnp.int32, sharding=batch_sharding)
-                 for k in ("inputs", "targets", "positions", "segment_ids")}
+        batch = abstract_batch(config, mesh)
         step_fn = jit_train_step(config, model, tx, shardings, mesh)
         start = time.perf_counter()
         m = step_fn.lower(state, batch).compile().memory_analysis()

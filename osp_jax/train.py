@@ -58,6 +58,13 @@ def jit_train_step(config, model, tx, shardings: TrainState, mesh):
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def abstract_batch(config, mesh) -> dict:
+    """Shapes of one global batch, sharded as the loop feeds it: for compiling without data."""
+    shape, sh = (config.train.global_batch_size, config.train.seq_len), sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=sh)
+            for k in ("inputs", "targets", "positions", "segment_ids")}
+
+
 def abstract_state(config, model, tx, shardings: TrainState) -> TrainState:
     shapes = jax.eval_shape(functools.partial(init_state, config, model, tx), jax.random.key(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -9,7 +9,6 @@ and compiled (batch 8 x 128, so compiling is quick). Two figures, both per devic
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -17,7 +16,7 @@ from osp_jax import sharding
 from osp_jax.model import Transformer, abstract_params
 from osp_jax.muon import muon
 from osp_jax.optim import MUON, make_optimizer, param_labels
-from osp_jax.train import abstract_state, jit_train_step, state_shardings
+from osp_jax.train import abstract_batch, abstract_state, jit_train_step, state_shardings
 from tests.helpers import load_recipe
 
 BATCH, SEQ = 8, 128
@@ -48,11 +47,9 @@ def _compile_train_step(sizes):
     model = Transformer(cfg.model)
     tx, _ = make_optimizer(cfg, mesh)
     shardings = state_shardings(cfg, model, tx, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = abstract_state(cfg, model, tx, shardings)
-        batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=batch_sharding)
-                 for k in ("inputs", "targets", "positions", "segment_ids")}
+        batch = abstract_batch(cfg, mesh)
         step = jit_train_step(cfg, model, tx, shardings, mesh)
         return step.lower(state, batch).compile(), state
 

@@ -71,15 +71,8 @@ def log(msg: str) -> None:
 # Atomic files
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Flushes a file, or a directory's entries (so a rename into it survives a crash), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -98,7 +91,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    _fsync(os.path.dirname(path) or ".")
 
 
 class _ShardWriter:
@@ -134,7 +127,7 @@ class _ShardWriter:
     def _close_current(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            _fsync_file(self.shards[-1]["tmp"])
+            _fsync(self.shards[-1]["tmp"])
             self._writer = None
 
     def finish(self) -> list[dict]:
@@ -402,7 +395,7 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
     for name in os.listdir(output):  # shards of an earlier, different run
         if _SHARD_RE.match(name) and name not in keep:
             os.remove(os.path.join(output, name))
-    _fsync_dir(output)
+    _fsync(output)
 
     elapsed = time.monotonic() - t0
     meta = {
