@@ -227,13 +227,8 @@ def head_dim(model: ConfigDict) -> int:
     return model.head_dim or model.dim // model.heads
 
 
-def to_dict(config: ConfigDict) -> dict:
-    """Plain nested dict (JSON-serialisable) of a config."""
-    return config.to_dict()
-
-
 def from_dict(values: dict) -> ConfigDict:
-    """Rebuilds a validated config from `to_dict` output (e.g. a checkpoint's or a workdir's config.json)."""
+    """Rebuilds a validated config from `ConfigDict.to_dict()` output (e.g. a checkpoint's or a workdir's config.json)."""
     config = defaults()
     config.unlock()
     for section, entries in values.items():
