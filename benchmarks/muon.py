@@ -13,7 +13,9 @@ Prints a table, then one JSON line per optimizer: {"optimizer": ..., "ms": ..., 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import inspect
 import json
 import os
 import statistics
@@ -22,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -81,6 +84,15 @@ def random_tree(shapes, seed: int, scale: float = 1.0):
     return treedef.unflatten(make(jax.random.key(seed)))
 
 
+def _supported(fn, kwargs: dict) -> dict:
+    """The keyword arguments `fn` accepts (optax.contrib.muon gained some across releases); says what it drops."""
+    accepted = inspect.signature(fn).parameters
+    dropped = sorted(set(kwargs) - set(accepted))
+    if dropped:
+        print(f"note: optax {optax.__version__} optax.contrib.muon has no {', '.join(dropped)}; left out")
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
 def optimizers(shapes, lr: float = 1e-3, weight_decay: float = 0.1) -> dict:
     """The three updates compared, each configured as a full training run would use it."""
     dims = osp_muon.infer_dimension_numbers(shapes)
@@ -91,9 +103,9 @@ def optimizers(shapes, lr: float = 1e-3, weight_decay: float = 0.1) -> dict:
     return {
         "osp_jax.muon": optax.multi_transform(
             {"muon": osp_muon.muon(lr, weight_decay=weight_decay), "adamw": adamw}, labels),
-        "optax.contrib.muon": optax.contrib.muon(
-            lr, weight_decay=weight_decay, adam_weight_decay=weight_decay, consistent_rms=0.2,
-            muon_weight_dimension_numbers=contrib_dims),
+        "optax.contrib.muon": optax.contrib.muon(lr, **_supported(optax.contrib.muon, dict(
+            weight_decay=weight_decay, adam_weight_decay=weight_decay, consistent_rms=0.2,
+            muon_weight_dimension_numbers=contrib_dims))),
         "optax.adamw": adamw,
     }
 
@@ -123,6 +135,38 @@ def time_update(opt, params, grads, iters: int, warmup: int = 2) -> float:
         times.append(1e3 * (time.perf_counter() - start))
     del updates, state
     return statistics.median(times)
+
+
+def newton_schulz_only(shapes, iters: int, steps: int = 5) -> list[dict]:
+    """Newton–Schulz alone on each same-shape group of the Muon matrices (wide orientation), as the
+    update stacks them: milliseconds and achieved TFLOP/s (4 m^2 n + 2 m^3 per matrix and step, m <= n)."""
+    dims = osp_muon.infer_dimension_numbers(shapes)
+    groups: dict = {}
+    for (path, leaf), dn in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
+            dims, is_leaf=lambda x: x is None or isinstance(x, osp_muon.MuonDimensionNumbers))):
+        if dn is None or not is_muon_leaf(path):
+            continue
+        red = tuple(a % len(leaf.shape) for a in np.atleast_1d(dn.reduction_axis).tolist())
+        out = tuple(a % len(leaf.shape) for a in np.atleast_1d(dn.output_axis).tolist())
+        m = int(np.prod([leaf.shape[a] for a in red]))
+        n = int(np.prod([leaf.shape[a] for a in out]))
+        batch = int(np.prod([d for a, d in enumerate(leaf.shape) if a not in red + out]))
+        key = (min(m, n), max(m, n))
+        groups[key] = groups.get(key, 0) + batch
+    rows = []
+    for (m, n), count in sorted(groups.items()):
+        x = random_tree(jax.ShapeDtypeStruct((count, m, n), jnp.float32), seed=2)
+        fn = jax.jit(functools.partial(osp_muon.newton_schulz, steps=steps))
+        jax.block_until_ready(fn(x))
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            times.append(1e3 * (time.perf_counter() - start))
+        ms = statistics.median(times)
+        flops = count * steps * (4 * m * m * n + 2 * m ** 3)
+        rows.append({"shape": [count, m, n], "ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)})
+    return rows
 
 
 def main(argv=None) -> None:
@@ -155,8 +199,15 @@ def main(argv=None) -> None:
     print(f"{'optimizer':<20} {'ms':>10} {'x adamw':>8}")
     for name, ms in results.items():
         print(f"{name:<20} {ms:>10.2f} {ms / results['optax.adamw']:>8.2f}")
+    ns = newton_schulz_only(shapes, args.iters)
+    print("Newton–Schulz alone (5 steps), per same-shape group:")
+    for row in ns:
+        print(f"  {row['shape'][0]:>4} x {row['shape'][1]} x {row['shape'][2]:<6} {row['ms']:>9.2f} ms "
+              f"{row['tflops']:>8.1f} TFLOP/s")
+    print(f"  total {sum(r['ms'] for r in ns):.2f} ms")
     for name, ms in results.items():
         print(json.dumps({"optimizer": name, "ms": round(ms, 3), "device": device}))
+    print(json.dumps({"newton_schulz_only": ns, "device": device}))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def load_config(spec: str):
 
 
 def _parse_value(text: str, old):
-    if text.lower() in ("none", "null"):
+    if text.lower() in ("none", "null") and (old is None or not isinstance(old, str)):
         return None
     if isinstance(old, bool):
         if text.lower() not in ("true", "false", "1", "0"):
@@ -146,8 +146,12 @@ def _memory(compiled) -> tuple[int | None, str, dict]:
 
 
 # ---------------------------------------------------------------- the benchmark
-def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None, seed: int = 0) -> dict:
-    """Compiles and times the train step of a validated `config`; returns the record."""
+def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None, seed: int = 0,
+            profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+    """Compiles and times the train step of a validated `config`; returns the record.
+
+    With `profile_dir`, `profile_steps` more steps run under `jax.profiler.trace` after the timed ones
+    (`benchmarks/trace_summary.py` reads the trace)."""
     config_lib.validate(config)
     t, m = config.train, config.model
     batch_size, seq_len = t.global_batch_size, t.seq_len
@@ -188,6 +192,11 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
             times.append(time.perf_counter() - step_start)
         jax.block_until_ready(state)
         run_s = time.perf_counter() - run_start
+        if profile_dir:
+            with jax.profiler.trace(profile_dir):
+                for _ in range(profile_steps):
+                    state, out = compiled(state, batch)
+                    out["loss"].block_until_ready()
         loss = float(out["loss"])
 
     n_params = count_params(state.params)
@@ -393,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="append the JSON record to this file")
     p.add_argument("--compare", action="store_true", help="AdamW baseline vs OSP recipe, same config")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace 3 more steps into DIR and print benchmarks/trace_summary.py's table")
     p.add_argument("--compile-only", action="store_true",
                    help="compile from shapes only and report the compiler's per-device memory (no run)")
     p.add_argument("--smoke", action="store_true", help=f"{SMOKE_CONFIG} on CPU, batch 8, 3 steps")
@@ -446,7 +457,11 @@ def main(argv: list[str] | None = None) -> None:
             record = compile_memory(config)
         else:
             record = measure(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
-                             seed=args.seed)
+                             seed=args.seed, profile_dir=args.profile)
+            if args.profile:
+                from trace_summary import summarize  # benchmarks/ is on sys.path as the script's folder
+
+                print(summarize(args.profile, steps=3), flush=True)
         record["config"] = args.config
         record["overrides"] = list(args.set)
         print(summary(record), flush=True)

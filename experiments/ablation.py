@@ -243,6 +243,15 @@ def evaluate_all(workdir: str, data_path: str, max_tokens: int, batch_size: int,
     return out
 
 
+def evaluate_sweep(sweep: list, out: str, data_path: str, eval_tokens: int, batch_size: int) -> None:
+    """16-bit, 4-4-4 and 4-4-4 + FFN Hadamard for every finite sweep run (into each record's "eval")."""
+    few = [s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4", "w4a4kv4_had")]
+    for rec in sweep:
+        if math.isfinite(rec["val_loss"]):
+            rec["eval"] = evaluate_all(os.path.join(out, "sweep", f"{rec['arm']}_lr{rec['lr']:g}"),
+                                       data_path, eval_tokens, batch_size, few)
+
+
 # ---------------------------------------------------------------------------------------------- report
 def plot_curves(runs: dict, prefix: str) -> list[str]:
     import matplotlib
@@ -403,6 +412,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-each", action="store_true", help="sweep every arm, not only Adam and Muon")
     p.add_argument("--eval-tokens", type=int, default=None, help="tokens per evaluation (default: the preset's)")
     p.add_argument("--no-eval-sweep", action="store_true", help="do not evaluate the sweep's checkpoints")
+    p.add_argument("--stage", choices=("all", "sweep"), default="all",
+                   help="'sweep': stop after the learning-rate sweep and its evaluation (a later run with "
+                        "the same --out goes on from there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set=model.layers=6")
@@ -456,6 +468,13 @@ def main(argv=None) -> int:
         chosen.setdefault(arm[0], chosen["muon"] if arm[2] == "muon" else chosen["adam"])
     _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
 
+    if args.stage == "sweep":
+        if not args.no_eval_sweep:
+            evaluate_sweep(sweep, args.out, data_path, args.eval_tokens or preset["eval_tokens"], preset["eval_batch"])
+        _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
+        log.info("--stage=sweep: chosen %s (%.1f min)", chosen, (time.time() - t_start) / 60)
+        return 0
+
     # 3. the compared runs; 4. evaluation
     results, curves, final, wall = {}, {}, {}, {}
     for arm in ARMS:
@@ -471,11 +490,7 @@ def main(argv=None) -> int:
     # The sweep's shorter runs too: models of other 16-bit quality, to tell how much of a difference in
     # quantisation cost is the optimizer and how much is how far training got.
     if not args.no_eval_sweep:
-        few = [s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4", "w4a4kv4_had")]
-        for rec in sweep:
-            if math.isfinite(rec["val_loss"]):
-                rec["eval"] = evaluate_all(os.path.join(args.out, "sweep", f"{rec['arm']}_lr{rec['lr']:g}"),
-                                           data_path, eval_tokens, preset["eval_batch"], few)
+        evaluate_sweep(sweep, args.out, data_path, eval_tokens, preset["eval_batch"])
 
     # 5. report
     from osp_jax.evaluate import load_checkpoint

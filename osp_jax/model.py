@@ -7,6 +7,8 @@ docs/CONTRACTS.md; every parameter carries logical axis names that sharding.py m
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -218,12 +220,41 @@ class Transformer(nn.Module):
             head = Embed(c.vocab_size, c.dim, init, pdtype, transpose=True, name="lm_head")()
             spec = "bsd,dv->bsv"
         if targets is not None:
-            return chunked_cross_entropy(x, head.astype(dtype), spec, targets, c.loss_chunk)
-        logits = jnp.einsum(spec, x, head.astype(dtype), preferred_element_type=jnp.float32)
+            return chunked_cross_entropy(x, head, spec, targets, c.loss_chunk)
+        logits = head_logits(x, head, spec)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         if return_hidden:
             return logits, jnp.concatenate([embedded[None], hidden], axis=0)
         return logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_logits(x, head, spec: str):
+    """float32 logits `einsum(spec, x, head)` with `head` cast to `x`'s dtype (float32 accumulation).
+
+    The backward pass casts the float32 logit gradient to `x`'s dtype before its two matmuls, as every
+    other layer's gradient already is; left to autodiff, the float32 cotangent promoted both to float32
+    (TF32 on a GPU): 24 ms of the 1.4B bfloat16 step on one H100. The head's gradient comes back in
+    its own dtype (float32 for float32 parameters), accumulated in float32.
+    """
+    return jnp.einsum(spec, x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(x, head, spec):
+    return head_logits(x, head, spec), (x, head)
+
+
+def _head_logits_bwd(spec, residuals, g):
+    x, head = residuals
+    lhs, out = spec.split("->")
+    a, b = lhs.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{b}->{a}", g, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    dhead = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dhead.astype(head.dtype)
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
 def chunked_cross_entropy(x, head, spec: str, targets, chunk: int):
@@ -235,7 +266,7 @@ def chunked_cross_entropy(x, head, spec: str, targets, chunk: int):
     """
 
     def losses(xc, tc):
-        logits = jnp.einsum(spec, xc, head, preferred_element_type=jnp.float32)
+        logits = head_logits(xc, head, spec)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return optax.softmax_cross_entropy_with_integer_labels(logits, tc)
 

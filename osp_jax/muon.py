@@ -62,6 +62,14 @@ def _quintic_step(x: jax.Array, a, b, c) -> jax.Array:
     return (a * x + _bf16_matmul(poly, x)).astype(jnp.bfloat16)
 
 
+def _normalize(x: jax.Array, eps: float) -> jax.Array:
+    """`x / ||x||_F` per matrix, computed in float32, stored in bfloat16: Newton–Schulz's first iterate.
+
+    The Frobenius norm bounds the spectral norm, so every singular value starts in [0, 1]."""
+    x = x.astype(jnp.float32)
+    return (x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)).astype(jnp.bfloat16)
+
+
 def _coefficient_schedule(coeffs, steps: int) -> list[tuple[float, float, float]]:
     """`steps` (a, b, c) triples, from one triple or from a per-step schedule."""
     table = np.asarray(coeffs, dtype=np.float64)
@@ -73,7 +81,8 @@ def _coefficient_schedule(coeffs, steps: int) -> list[tuple[float, float, float]
                      f"step), got an array of shape {table.shape}.")
 
 
-def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: float = 1e-7) -> jax.Array:
+def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: float = 1e-7,
+                  normalize: bool = True) -> jax.Array:
     """Approximately orthogonalises `x` (`U S V^T -> U V^T`) by a quintic Newton–Schulz iteration.
 
     The default coefficients (Keller Jordan's) raise small singular values fast instead of converging
@@ -86,6 +95,8 @@ def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: f
             the loop is then a `fori_loop` and `coeffs` must be a single triple.
         coeffs: one `(a, b, c)` triple for every step, or a sequence of `steps` triples.
         eps: guards the normalisation of an all-zero matrix (which stays zero).
+        normalize: False when `x` is already each matrix divided by its Frobenius norm (as
+            `scale_by_muon` does before stacking, in bfloat16, to move half the bytes).
 
     Returns:
         An array of the shape and dtype of `x`.
@@ -97,9 +108,7 @@ def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: f
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = jnp.swapaxes(x, -1, -2)
-    x = x.astype(jnp.float32)
-    # The Frobenius norm bounds the spectral norm, so every singular value starts in [0, 1].
-    x = (x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)).astype(jnp.bfloat16)
+    x = _normalize(x, eps) if normalize else x.astype(jnp.bfloat16)
 
     try:
         steps = operator.index(steps)
@@ -345,8 +354,10 @@ def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
+    ns_eps = 1e-7
+
     def orthogonalize(stack):
-        return newton_schulz(stack, steps=ns_steps, coeffs=ns_coeffs)
+        return newton_schulz(stack, steps=ns_steps, coeffs=ns_coeffs, eps=ns_eps, normalize=False)
 
     def init_fn(params):
         return ScaleByMuonState(count=jnp.zeros([], jnp.int32),
@@ -362,7 +373,10 @@ def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
 
         treedef, leaves, views = _matrix_leaves(direction, dimension_numbers)
         active = [i for i, view in enumerate(views) if view is not None]
-        stacks = [views[i].to_stack(leaves[i]) for i in active]
+        # Normalised (float32) and cast to Newton–Schulz's bfloat16 before the stacking, so the
+        # grouping's concatenations and transposes move half the bytes; the same numbers as
+        # newton_schulz(x) would compute from x itself.
+        stacks = [_normalize(views[i].to_stack(leaves[i]), ns_eps) for i in active]
         for i, stack in zip(active, orthogonalize_stacks(stacks, orthogonalize, mesh, shard_axis)):
             leaves[i] = views[i].from_stack(stack)
         # Keep the incoming dtypes: wrappers such as optax.MultiSteps need the tree type unchanged.

@@ -119,6 +119,24 @@ def test_cudnn_matches_xla(segments):
 
 
 @pytest.mark.parametrize("segments", [False, True])
+def test_cudnn_gradients_match_xla(segments):
+    if not _has_gpu():
+        pytest.skip("cuDNN attention needs a GPU; none present")
+    gpu = jax.devices("gpu")[0]
+    q, k, v = (jax.device_put(x, gpu) for x in _qkv(2, 256, 8, 2, 128, seed=3, dtype=jnp.bfloat16))
+    ids = jax.device_put(_segments(2, 256), gpu) if segments else None
+    cot = jax.device_put(jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.bfloat16), gpu)
+
+    def grads(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, ids).astype(jnp.float32) * cot.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads(attn.cudnn_attention), grads(attn.xla_attention)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+
+
+@pytest.mark.parametrize("segments", [False, True])
 def test_cudnn_call_masks_like_the_reference(segments):
     """The cuDNN path's arguments (kernel-causal + document mask), run by XLA so any machine checks them."""
     q, k, v = _qkv(2, 64, 4, 2, 32)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The accelerator measurements recorded in docs/benchmarks.md, stage by stage, as they were taken.
+#
+#   bash benchmarks/gpu_suite.sh OUT STAGE [STAGE ...]
+#
+# Stages (each appends JSON lines to OUT/*.jsonl and writes OUT/STAGE.log):
+#   check        device, driver and library versions; the cuDNN-vs-XLA attention tests on the GPU
+#   muon         benchmarks/muon.py on the 1.4B tree (osp_jax Muon vs optax.contrib.muon vs AdamW)
+#   muon_cublas  the same with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every matmul)
+#   profile      1.4B, batch 8 x 2048, remat full: OSP and AdamW traced, time per op category
+#   remat_osp    1.4B OSP recipe, batch 8 x 2048, remat full / dots / none
+#   remat_adamw  1.4B AdamW baseline (configs/adam_1b4.py), the same sweep
+#   compare      OSP vs AdamW at 0.5 M tokens per optimizer step (256 x 2048, grad accumulation),
+#                remat policy REMAT (default dots)
+#   m124         the ablation's GPT-2-small shape (vocab 16384, batch 16 x 1024, no remat), both recipes
+#
+# Environment: REMAT (compare's policy), ACCUM (compare's micro-batches, default 32), STEPS (timed
+# steps, default 10), COMPARE_STEPS (default 3), REMATS (remat_* policies, default "full dots none").
+set -uo pipefail
+OUT=${1:?usage: gpu_suite.sh OUT STAGE...}
+shift
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-10}
+BENCH="$PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=8 --seq-len=2048 --steps=$STEPS --warmup=2"
+export PYTHONUNBUFFERED=1
+
+stage() {
+  local name=$1
+  shift
+  echo "=== $name $(date -u +%H:%M:%S)"
+  ( "$@" ) 2>&1 | tee "$OUT/$name.log" | grep -v -e '^{' -e 'Involuntary' -e '^ *$'
+  echo "=== $name done $(date -u +%H:%M:%S)"
+}
+
+check() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  $PY -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__); print(jax.devices())"
+  JAX_PLATFORMS=cuda,cpu $PY -m pytest -q -p no:cacheprovider tests/test_attention.py -k cudnn -rs
+}
+
+muon() {
+  $PY benchmarks/muon.py --iters=20 | tee -a "$OUT/muon.jsonl"
+}
+
+profile() {
+  $BENCH --set model.remat=full --profile="$OUT/trace_osp" --output="$OUT/step_time.jsonl"
+  $BENCH --config=configs/adam_1b4.py --set model.remat=full --profile="$OUT/trace_adamw" \
+    --output="$OUT/step_time.jsonl"
+}
+
+remat() {  # remat RECIPE-FILE
+  for policy in ${REMATS:-full dots none}; do
+    $BENCH --config="$1" --set model.remat=$policy --output="$OUT/step_time.jsonl" || echo "remat=$policy: FAILED"
+  done
+}
+
+compare() {
+  $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
+    --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
+    --compare --output="$OUT/step_time.jsonl"
+}
+
+m124() {
+  $PY benchmarks/step_time.py --config=configs/osp_124m.py --batch=16 --seq-len=1024 --steps="$STEPS" \
+    --warmup=2 --set model.vocab_size=16384 --set model.remat=none --set model.dtype=bfloat16 --compare \
+    --output="$OUT/step_time.jsonl"
+}
+
+for s in "$@"; do
+  case $s in
+    check) stage check check ;;
+    muon) stage muon muon ;;
+    muon_cublas) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" stage muon_cublas muon ;;
+    profile) stage profile profile ;;
+    remat_osp) stage remat_osp remat configs/osp_1b4.py ;;
+    remat_adamw) stage remat_adamw remat configs/adam_1b4.py ;;
+    compare) stage compare compare ;;
+    m124) stage m124 m124 ;;
+    *) echo "gpu_suite.sh: unknown stage $s" >&2; exit 2 ;;
+  esac
+done
