@@ -12,6 +12,7 @@
 #   remat_adamw  1.4B AdamW baseline (configs/adam_1b4.py), the same sweep
 #   compare      OSP vs AdamW at 0.5 M tokens per optimizer step (256 x 2048, grad accumulation),
 #                remat policy REMAT (default dots)
+#   levers       1.4B batch 8 x 2048, remat dots: AdamW, OSP, and AdamW with data.pack_mask=false
 #   m124         the ablation's GPT-2-small shape (vocab 16384, batch 16 x 1024, no remat), both recipes
 #
 # Environment: REMAT (compare's policy), ACCUM (compare's micro-batches, default 32), STEPS (timed
@@ -56,6 +57,12 @@ remat() {  # remat RECIPE-FILE
   done
 }
 
+levers() {
+  $BENCH --config=configs/adam_1b4.py --set model.remat=dots --output="$OUT/step_time.jsonl"
+  $BENCH --set model.remat=dots --output="$OUT/step_time.jsonl"
+  $BENCH --config=configs/adam_1b4.py --set model.remat=dots --set data.pack_mask=false --output="$OUT/step_time.jsonl"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -77,6 +84,7 @@ for s in "$@"; do
     remat_osp) stage remat_osp remat configs/osp_1b4.py ;;
     remat_adamw) stage remat_adamw remat configs/adam_1b4.py ;;
     compare) stage compare compare ;;
+    levers) stage levers levers ;;
     m124) stage m124 m124 ;;
     *) echo "gpu_suite.sh: unknown stage $s" >&2; exit 2 ;;
   esac
