@@ -170,12 +170,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = None        # (step, device metrics) of the previous step: read one step late
         skipped_total = 0
         step = start
+        stopped = False
         try:
             while step < t.steps:
                 if _preemption_agreed(preempted["flag"], step, t.log_every):
                     log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                     checkpointer.save(step, state, data_iterator=ckpt_iter, config=config.to_dict(), force=True)
                     checkpointer.wait()
+                    stopped = True
                     break
                 batch = to_global(next(train_iter), batch_sharding)
                 state, device_metrics = step_fn(state, batch)
@@ -219,6 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpointer.wait()
             checkpointer.close()
             writer.close()
+            _restore_sigterm_handler(preempted, stopped)
     if last and is_main:
         log.info("done at step %d: loss %.4f%s; checkpoints in %s", step, last["loss"],
                  f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "", checkpointer.directory)
@@ -260,17 +263,35 @@ def _preemption_agreed(flag: bool, step: int, every: int) -> bool:
 
 
 def _install_sigterm_handler() -> dict:
-    """SIGTERM (a preemption notice) sets a flag; the loop saves at the current step and exits 0."""
-    state = {"flag": False}
+    """SIGTERM (a preemption notice) sets a flag; the loop saves at the current step and exits 0.
+
+    Returns the flag holder with the handler it replaced, which `_restore_sigterm_handler` puts back:
+    after `train` returns, SIGTERM means again what it meant before (a script that trains several
+    runs stays killable between and after them).
+    """
+    state = {"flag": False, "previous": None, "installed": False}
 
     def handler(signum, frame):
         state["flag"] = True
 
     try:
-        signal.signal(signal.SIGTERM, handler)
+        state["previous"] = signal.signal(signal.SIGTERM, handler)
+        state["installed"] = True
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
         pass
     return state
+
+
+def _restore_sigterm_handler(state: dict, stopped: bool) -> None:
+    """Puts the previous SIGTERM handler back. A notice that came after the last step was saved (so
+    the loop did not stop for it) is delivered again to that handler, so it is not lost."""
+    if not state["installed"]:
+        return
+    previous = state["previous"] if state["previous"] is not None else signal.SIG_DFL
+    signal.signal(signal.SIGTERM, previous)
+    if state["flag"] and not stopped:
+        log.warning("SIGTERM arrived after the last step; passing it on")
+        signal.raise_signal(signal.SIGTERM)
 
 
 def _keep_tokenizer(data_dir: str, workdir: str) -> None:

@@ -191,3 +191,32 @@ def test_a_bad_step_is_skipped_and_training_goes_on():
     after_good, m = step(after_bad, good)
     assert int(m["skipped"]) == 0 and int(after_good.bad_steps) == 0
     assert np.isfinite(float(m["loss"]))
+
+
+def test_sigterm_handler_is_put_back_after_training_and_a_late_notice_is_passed_on():
+    """A script that trains several runs in one process (experiments/ablation.py) must stay killable:
+    train() puts the previous SIGTERM handler back, and a notice that came after the last step
+    reaches it instead of being swallowed."""
+    import os
+    import threading
+
+    from osp_jax import train as train_lib
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set from the main thread")
+    seen = []
+    outer = lambda signum, frame: seen.append(signum)  # noqa: E731
+    before = signal.signal(signal.SIGTERM, outer)
+    try:
+        state = train_lib._install_sigterm_handler()
+        os.kill(os.getpid(), signal.SIGTERM)  # while training: only the flag is set
+        assert state["flag"] and seen == []
+        train_lib._restore_sigterm_handler(state, stopped=False)  # the loop ended without stopping for it
+        assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is outer
+
+        state = train_lib._install_sigterm_handler()
+        os.kill(os.getpid(), signal.SIGTERM)
+        train_lib._restore_sigterm_handler(state, stopped=True)  # the loop saved and stopped: handled
+        assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is outer
+    finally:
+        signal.signal(signal.SIGTERM, before)
