@@ -234,7 +234,11 @@ def hadamard_transform(x, axis: int = -1):
     s, q = _sylvester(p).astype(dtype), _odd_orthogonal(m).astype(dtype)
     moved = xp.moveaxis(x, axis, -1).astype(dtype)
     blocks = moved.reshape(*moved.shape[:-1], p, m)
-    out = xp.einsum("...ab,ai,bj->...ij", blocks, s, q).reshape(moved.shape)
+    # Two contractions, each a matmul: NumPy's einsum of all three at once runs as one naive loop
+    # (70 s for a 124M model's down-projections, against well under a second this way).
+    kw = {"optimize": True} if xp is np else {}
+    out = xp.einsum("...ib,bj->...ij", xp.einsum("...ab,ai->...ib", blocks, s, **kw), q, **kw)
+    out = out.reshape(moved.shape)
     return xp.moveaxis(out, -1, axis).astype(x.dtype)
 
 
