@@ -187,18 +187,32 @@ def prepare_data(preset: dict, args) -> str:
     return out
 
 
-def train_tokens_in(data_path: str) -> int:
+def train_tokens_in(data_path: str, out: str | None = None) -> int:
+    """Training tokens of the prepared data; with --report-only (the data may be elsewhere) the copy
+    of its metadata that `osp_jax.train` keeps in each run's workdir serves as well."""
     from osp_jax.data import pipeline
 
-    meta = pipeline.load_metadata(pipeline.resolve_data_dir(data_path))
+    try:
+        meta = pipeline.load_metadata(pipeline.resolve_data_dir(data_path))
+    except FileNotFoundError:
+        kept = sorted(glob.glob(os.path.join(out or "", "**", "data_metadata.json"), recursive=True))
+        if not (REPORT_ONLY and kept):
+            raise
+        meta = _read_json(kept[0])
     return int(meta["splits"]["train"]["tokens"])
 
 
-def run(config, workdir: str) -> dict:
-    """Trains (resuming if interrupted; skipping if done); returns a summary with the wall time."""
+REPORT_ONLY = False  # --report-only: never train or evaluate; report what is on disk
+
+
+def run(config, workdir: str) -> dict | None:
+    """Trains (resuming if interrupted; skipping if done); returns a summary with the wall time.
+    With --report-only, returns the summary of a finished run or None."""
     from osp_jax.train import train
 
     done = os.path.join(workdir, "done.json")
+    if REPORT_ONLY:
+        return _read_json(done) if os.path.exists(done) else None
     if os.path.exists(done):
         saved = _read_json(os.path.join(workdir, "config.json"))
         want = (config.optimizer.learning_rate, config.train.steps)
@@ -231,6 +245,8 @@ def evaluate_all(workdir: str, data_path: str, max_tokens: int, batch_size: int,
     out = {}
     for key, bits, had, _ in settings:
         path = os.path.join(workdir, f"eval_{key}.json")
+        if REPORT_ONLY and not os.path.exists(path):
+            continue
         if not os.path.exists(path):
             argv = [f"--workdir={workdir}", f"--data={data_path}", f"--bits={bits}", f"--output={path}",
                     f"--max-tokens={max_tokens}", f"--batch-size={batch_size}"] + ([f"--hadamard={had}"] if had else [])
@@ -247,7 +263,7 @@ def evaluate_sweep(sweep: list, out: str, data_path: str, eval_tokens: int, batc
     """16-bit, 4-4-4 and 4-4-4 + FFN Hadamard for every finite sweep run (into each record's "eval")."""
     few = [s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4", "w4a4kv4_had")]
     for rec in sweep:
-        if math.isfinite(rec["val_loss"]):
+        if rec["val_loss"] is not None and math.isfinite(rec["val_loss"]):
             rec["eval"] = evaluate_all(os.path.join(out, "sweep", f"{rec['arm']}_lr{rec['lr']:g}"),
                                        data_path, eval_tokens, batch_size, few)
 
@@ -375,6 +391,67 @@ def report(args, preset, info: dict, sweep: list, chosen: dict, results: dict, c
     return "\n".join(L)
 
 
+def _count_params(model_config) -> int:
+    from osp_jax.model import abstract_params, count_params
+
+    return count_params(abstract_params(model_config))
+
+
+def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> str:
+    """The sweep stage's report: every run at the sweep's length, the four arms at their chosen rates."""
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.doc)))  # noqa: E731
+    labels = dict((a[0], a[1]) for a in ARMS)
+    m = info["model"]
+    tokens = info["sweep_steps"] * info["batch"] * info["seq_len"]
+    L = [f"## `{args.preset}`, sweep stage: {info['label']}", "",
+         f"- Date: {info['date']}; git commit `{info['commit']}`; device: {info['device']}.",
+         f"- Command: `{info['command']}`.",
+         f"- Model: dim {m['dim']}, {m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), SwiGLU "
+         f"{m['ffn_dim']}, vocabulary {m['vocab_size']}; {info['params'] / 1e6:.2f} M parameters (Adam arm; "
+         f"EmbProj adds {2 * m['dim'] ** 2 / 1e6:.2f} M). Compute dtype {m['dtype']}.",
+         f"- Every run: {info['sweep_steps']} steps x {info['batch']} x {info['seq_len']} tokens = "
+         f"{tokens / 1e6:.2f} M tokens = **{tokens / info['train_tokens']:.3f} epoch** of "
+         f"{info['train_tokens'] / 1e6:.2f} M training tokens; warmup {info['warmup']} steps, cosine to 0.1x; "
+         f"weight decay 0.1; clip 1.0; seed {info['seed']}.",
+         f"- Swept ({', '.join(l for _, l in info['swept'])}): peak rates {', '.join(f'{x:g}' for x in info['lrs'])}, "
+         "the same for the AdamW and the Muon groups (Muon's update is RMS-matched). The other arms ran at "
+         "the Muon arm's best rate. Best = lowest final validation loss.",
+         "- Evaluation: `osp_jax.evaluate` on the validation split, float32; round-to-nearest W per output "
+         "channel (symmetric), A per token and KV in groups of 128 (asymmetric); ratio = perplexity / the "
+         "same model's 16-16-16 perplexity.", "",
+         "| arm | lr | val loss | excess kurtosis | max \\|act\\| | ppl 16-16-16 | 4-4-4 | 4-4-4 + FFN Had. | tokens/s |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {a[0]: i for i, a in enumerate(ARMS)}
+    for rec in sorted(sweep, key=lambda r: (order[r["arm"]], r["lr"])):
+        e = rec.get("eval", {})
+        fp = e.get("w16a16kv16")
+        star = " **(best)**" if chosen.get(rec["arm"]) == rec["lr"] else ""
+        def q(key):
+            if key not in e or not fp:
+                return "not run"
+            return f"{e[key]['quant_ppl']:.2f} ({e[key]['quant_ppl'] / fp['quant_ppl']:.3f}x)"
+        tps = (rec.get("summary") or {}).get("tokens_per_sec")
+        L.append(f"| {labels[rec['arm']]} | {rec['lr']:g}{star} | {_fmt(rec['val_loss'], '.4f')} | "
+                 + (f"{fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | {fp['quant_ppl']:.2f}" if fp else "– | – | –")
+                 + f" | {q('w4a4kv4')} | {q('w4a4kv4_had')} | {_fmt(tps, ',.0f')} |")
+    edges = [labels[a] for a, _ in info["swept"] if chosen[a] in (min(info["lrs"]), max(info["lrs"]))]
+    if edges and len(info["lrs"]) > 1:
+        L += ["", f"Best rate at the edge of the grid for: {', '.join(edges)} (a wider sweep may find a better one)."]
+    L += ["", "Per-layer excess kurtosis / max |activation| at each arm's best rate (0 = embedding output):", "",
+          "| model | kurtosis per layer | max \\|act\\| per layer |", "|---|---|---|"]
+    for arm in ARMS:
+        rec = next((r for r in sweep if r["arm"] == arm[0] and r["lr"] == chosen[arm[0]]), None)
+        fp = (rec or {}).get("eval", {}).get("w16a16kv16")
+        if fp:
+            L.append(f"| {arm[1]} | {' '.join(f'{v:.2f}' for v in fp['kurtosis_per_layer'])} | "
+                     f"{' '.join(f'{v:.0f}' for v in fp['max_abs_per_layer'])} |")
+    L += ["", f"Curves at each arm's best rate (logged every {info['outlier_every']} steps on one fixed "
+          f"validation batch by `osp_jax.train`):", "",
+          f"![excess kurtosis over training]({rel(plots[0])})", "",
+          f"![max |activation| over training]({rel(plots[1])})", ""]
+    return "\n".join(L)
+
+
 def write_section(doc: str, preset: str, body: str) -> None:
     """Replaces this preset's section of `doc` (between markers), keeping everything else."""
     begin, end = f"<!-- ablation:{preset}:begin -->", f"<!-- ablation:{preset}:end -->"
@@ -413,8 +490,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=None, help="tokens per evaluation (default: the preset's)")
     p.add_argument("--no-eval-sweep", action="store_true", help="do not evaluate the sweep's checkpoints")
     p.add_argument("--stage", choices=("all", "sweep"), default="all",
-                   help="'sweep': stop after the learning-rate sweep and its evaluation (a later run with "
-                        "the same --out goes on from there)")
+                   help="'sweep': the learning-rate sweep, then the arms that were not swept at the Muon "
+                        "arm's best rate and the sweep's length, all evaluated and reported as a short "
+                        "ablation of its own; a later run with the same --out goes on from there")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --stage=sweep: train and evaluate nothing, report the runs found under --out "
+                        "(e.g. results copied back from an accelerator machine)")
+    p.add_argument("--device", default=None, help="device written in the report (default: this machine's)")
+    p.add_argument("--commit", default=None, help="commit written in the report (default: this checkout's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set=model.layers=6")
@@ -423,6 +506,10 @@ def main(argv=None) -> int:
     p.add_argument("--date", default=None, help="date written in the report (default: today, UTC)")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)  # Orbax wants absolute checkpoint paths
+    if args.report_only and args.stage != "sweep":
+        p.error("--report-only works with --stage=sweep")
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -433,8 +520,8 @@ def main(argv=None) -> int:
     extra = _overrides(args.set)
     os.makedirs(args.out, exist_ok=True)
 
-    data_path = prepare_data(preset, args)
-    train_tokens = train_tokens_in(data_path)
+    data_path = args.data if args.report_only and args.data else prepare_data(preset, args)
+    train_tokens = train_tokens_in(data_path, args.out)
     probe = make_config(preset, data_path, ARMS[0], 1e-3, 100, args.seed, extra)
     per_step = probe.train.global_batch_size * probe.train.seq_len
     if args.steps:
@@ -461,17 +548,46 @@ def main(argv=None) -> int:
         for lr in lrs:
             cfg = make_config(preset, data_path, arm, lr, sweep_steps, args.seed, extra)
             s = run(cfg, os.path.join(args.out, "sweep", f"{arm[0]}_lr{lr:g}"))
+            if s is None:  # --report-only: not run
+                continue
             v = s["val_loss"] if s["finite"] and s["val_loss"] is not None else float("inf")
-            sweep.append({"arm": arm[0], "lr": lr, "val_loss": v})
+            sweep.append({"arm": arm[0], "lr": lr, "val_loss": v, "summary": s})
         chosen[arm[0]] = min((x for x in sweep if x["arm"] == arm[0]), key=lambda x: x["val_loss"])["lr"]
     for arm in ARMS:
         chosen.setdefault(arm[0], chosen["muon"] if arm[2] == "muon" else chosen["adam"])
     _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
 
     if args.stage == "sweep":
+        # The arms that were not swept, at their chosen (the Muon arm's) rate and the sweep's length:
+        # with the sweep's best runs, a complete short ablation at equal tokens.
+        for arm in ARMS:
+            if arm in swept:
+                continue
+            lr = chosen[arm[0]]
+            cfg = make_config(preset, data_path, arm, lr, sweep_steps, args.seed, extra)
+            s = run(cfg, os.path.join(args.out, "sweep", f"{arm[0]}_lr{lr:g}"))
+            if s is not None:
+                v = s["val_loss"] if s["finite"] and s["val_loss"] is not None else float("inf")
+                sweep.append({"arm": arm[0], "lr": lr, "val_loss": v, "summary": s})
         if not args.no_eval_sweep:
             evaluate_sweep(sweep, args.out, data_path, args.eval_tokens or preset["eval_tokens"], preset["eval_batch"])
         _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
+        curves = {arm: _metrics(os.path.join(args.out, "sweep", f"{arm[0]}_lr{chosen[arm[0]]:g}")) for arm in ARMS}
+        plots = plot_curves(curves, (args.plots or os.path.join(ROOT, preset["plots"])) + "_sweep")
+        info = {
+            "label": preset["label"], "device": args.device or _device(),
+            "date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+            "commit": args.commit or _git("rev-parse", "--short", "HEAD"),
+            "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+            "model": probe.model.to_dict(), "params": _count_params(probe.model),
+            "train_tokens": train_tokens, "sweep_steps": sweep_steps, "batch": probe.train.global_batch_size,
+            "seq_len": probe.train.seq_len, "lrs": lrs, "swept": [(a[0], a[1]) for a in swept],
+            "warmup": min(preset["optimizer"]["warmup_steps"], max(sweep_steps // 10, 1)),
+            "outlier_every": probe.train.outlier_every, "seed": args.seed,
+        }
+        body = report_sweep(args, info, sweep, chosen, plots)
+        write_section(args.doc, f"{args.preset}:sweep", body)
+        print(body)
         log.info("--stage=sweep: chosen %s (%.1f min)", chosen, (time.time() - t_start) / 60)
         return 0
 
