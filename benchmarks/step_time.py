@@ -338,11 +338,17 @@ def compare(args) -> dict:
 
 
 def _series(r: dict) -> str:
+    """Recipe, then the remat policy and (when off) the document mask: one bar per combination."""
     if r["optimizer"] == "adamw" and r["norm_scale"] == "channel" and not r["embed_proj"]:
-        return "AdamW baseline"
-    if r["optimizer"] == "muon" and r["norm_scale"] == "single" and r["embed_proj"]:
-        return "OSP (Muon + SSNorm + EmbProj)"
-    return f"{r['optimizer']}, {r['norm_scale']} norm{', EmbProj' if r['embed_proj'] else ''}"
+        name = "AdamW baseline"
+    elif r["optimizer"] == "muon" and r["norm_scale"] == "single" and r["embed_proj"]:
+        name = "OSP"
+    else:
+        name = f"{r['optimizer']}, {r['norm_scale']} norm{', EmbProj' if r['embed_proj'] else ''}"
+    name += f", remat {r['remat']}"
+    if any(o.replace(" ", "").lower() == "data.pack_mask=false" for o in r.get("overrides", [])):
+        name += ", causal only"
+    return name
 
 
 def plot(results: str, png: str, title: str | None = None) -> None:
@@ -357,8 +363,8 @@ def plot(results: str, png: str, title: str | None = None) -> None:
     for r in records:
         if r.get("benchmark") != "step_time":
             continue
-        group = (f"{pathlib.Path(r.get('config', '?')).stem}: {r['layers']} layers, dim {r['dim']}, "
-                 f"vocab {r['vocab_size']}\nbatch {r['batch']} x {r['seq_len']}")
+        group = (f"{r['layers']} layers, dim {r['dim']}, vocab {r['vocab_size']}\nbatch {r['batch']} x "
+                 f"{r['seq_len']}" + (f" ({r['grad_accum']} micro-batches)" if r.get("grad_accum", 1) > 1 else ""))
         latest[(group, _series(r))] = r
     if not latest:
         raise SystemExit(f"step_time: no step_time records in {results}")

@@ -17,7 +17,7 @@ import re
 
 CATEGORIES = (  # first match wins; names are XLA's (fusion.12, cublas-gemm.3, ...) or the kernels'
     ("attention (cuDNN)", re.compile(r"cudnn|custom-call.*fmha|flash|fmha", re.I)),
-    ("matmul", re.compile(r"gemm|dot|cublas|matmul|convolution|triton_gemm", re.I)),
+    ("matmul", re.compile(r"gemm|dot|cublas|nvjet|matmul|convolution|triton_gemm", re.I)),
     ("collective", re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective|nccl", re.I)),
     ("copy / transpose", re.compile(r"^copy|transpose|memcpy|memset|dynamic-update-slice|concatenate", re.I)),
     ("reduce / fusion (elementwise)", re.compile(r"fusion|reduce|loop|input", re.I)),
