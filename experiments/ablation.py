@@ -518,7 +518,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     preset = PRESETS[args.preset]
     extra = _overrides(args.set)
-    os.makedirs(args.out, exist_ok=True)
+    if not args.report_only:
+        os.makedirs(args.out, exist_ok=True)
 
     data_path = args.data if args.report_only and args.data else prepare_data(preset, args)
     train_tokens = train_tokens_in(data_path, args.out)
@@ -555,7 +556,8 @@ def main(argv=None) -> int:
         chosen[arm[0]] = min((x for x in sweep if x["arm"] == arm[0]), key=lambda x: x["val_loss"])["lr"]
     for arm in ARMS:
         chosen.setdefault(arm[0], chosen["muon"] if arm[2] == "muon" else chosen["adam"])
-    _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
+    if not REPORT_ONLY:  # --report-only reads --out and writes nothing there
+        _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
 
     if args.stage == "sweep":
         # The arms that were not swept, at their chosen (the Muon arm's) rate and the sweep's length:
@@ -571,7 +573,8 @@ def main(argv=None) -> int:
                 sweep.append({"arm": arm[0], "lr": lr, "val_loss": v, "summary": s})
         if not args.no_eval_sweep:
             evaluate_sweep(sweep, args.out, data_path, args.eval_tokens or preset["eval_tokens"], preset["eval_batch"])
-        _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
+        if not REPORT_ONLY:
+            _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
         curves = {arm: _metrics(os.path.join(args.out, "sweep", f"{arm[0]}_lr{chosen[arm[0]]:g}")) for arm in ARMS}
         plots = plot_curves(curves, (args.plots or os.path.join(ROOT, preset["plots"])) + "_sweep")
         info = {

@@ -48,8 +48,36 @@ def test_step_time_smoke_compare(tmp_path):
 def test_muon_smoke():
     lines = _run("benchmarks/muon.py", "--smoke")
     records = [json.loads(line) for line in lines if line.startswith("{")]
-    assert {r["optimizer"] for r in records} == {"osp_jax.muon", "optax.contrib.muon", "optax.adamw"}
-    assert all(r["ms"] > 0 and r["device"] for r in records)
+    updates = [r for r in records if "optimizer" in r]
+    assert {r["optimizer"] for r in updates} == {"osp_jax.muon", "optax.contrib.muon", "optax.adamw"}
+    assert all(r["ms"] > 0 and r["device"] for r in updates)
+    # Newton–Schulz alone, one row per same-shape group of the smoke tree (2 layers, dim 64, SwiGLU 176):
+    # q, k, v, o of both layers and the two EmbProj matrices are 64 x 64; gate, up, down are 64 x 176.
+    (ns,) = [r["newton_schulz_only"] for r in records if "newton_schulz_only" in r]
+    assert [row["shape"] for row in ns] == [[10, 64, 64], [6, 64, 176]]
+    assert all(row["ms"] > 0 and row["tflops"] >= 0 for row in ns)
+
+
+def test_step_time_profile_writes_a_trace(tmp_path):
+    lines = _run("benchmarks/step_time.py", "--smoke", "--steps=1", "--warmup=0", "--seq-len=64",
+                 "--set=model.layers=2", "--set=model.vocab_size=512", f"--profile={tmp_path / 'trace'}")
+    assert json.loads(lines[-1])["benchmark"] == "step_time"
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # what benchmarks/trace_summary.py reads
+
+
+def test_ablation_report_regenerates_from_the_committed_gpu_results(tmp_path):
+    """--stage=sweep --report-only rebuilds the GPU sweep's table from experiments/results/gpu_124m
+    (configs, metrics and evaluations copied back from the H100; no checkpoints, no data)."""
+    doc = tmp_path / "ablation.md"
+    lines = _run("experiments/ablation.py", "--preset=gpu_124m", "--out=experiments/results/gpu_124m",
+                 "--data=absent", "--tokens=25e6", "--lrs=1e-3,2e-3,4e-3", "--sweep-fraction=0.25",
+                 "--stage=sweep", "--report-only", f"--doc={doc}", f"--plots={tmp_path / 'p'}")
+    text = doc.read_text()
+    assert "<!-- ablation:gpu_124m:sweep:begin -->" in text
+    assert "381 steps x 16 x 1024 tokens = 6.24 M tokens" in text
+    osp = next(line for line in text.splitlines() if line.startswith("| Muon + SSNorm + EmbProj (OSP) | 0.004"))
+    assert "| 0.077 |" in osp and "76.71 (1.036x)" in osp
+    assert (tmp_path / "p_sweep_kurtosis.png").exists() and (tmp_path / "p_sweep_max_abs.png").exists()
 
 
 def test_data_smoke():
