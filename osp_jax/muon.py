@@ -298,9 +298,10 @@ def orthogonalize_stacks(stacks: Sequence[jax.Array], orthogonalize: Callable[[j
         groups.setdefault((s.shape[1:], jnp.dtype(s.dtype)), []).append(i)
 
     out: list[jax.Array] = [None] * len(stacks)
-    for members in groups.values():
+
+    def run(members):
         sizes = [wide[i].shape[0] for i in members]
-        group = jnp.concatenate([wide[i] for i in members], axis=0)
+        group = jnp.concatenate([wide[i] for i in members], axis=0) if len(members) > 1 else wide[members[0]]
         padding = -group.shape[0] % shards
         if shards > 1:
             group = jnp.pad(group, ((0, padding), (0, 0), (0, 0)))  # zeros stay zero under NS
@@ -309,6 +310,18 @@ def orthogonalize_stacks(stacks: Sequence[jax.Array], orthogonalize: Callable[[j
         parts = jnp.split(group[:sum(sizes)], np.cumsum(sizes)[:-1].tolist(), axis=0)
         for i, part in zip(members, parts):
             out[i] = jnp.swapaxes(part, 1, 2) if tall[i] else part
+
+    for members in groups.values():
+        # A stack that splits evenly over the shards (scanned layers, usually) goes alone: moving it
+        # from its parameter's sharding to the op split is one collective, where a concatenation of
+        # differently sharded stacks made the partitioner replicate every one of them first
+        # ("involuntary full rematerialization" on fsdp x op meshes). The rest are concatenated.
+        alone = [i for i in members if shards > 1 and wide[i].shape[0] % shards == 0]
+        for i in alone:
+            run([i])
+        rest = [i for i in members if i not in alone]
+        if rest:
+            run(rest)
     return out
 
 

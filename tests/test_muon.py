@@ -1,4 +1,5 @@
 """Tests for osp_jax.muon: Newton–Schulz quality, dimension numbers, optax composition, sharding."""
+import os
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,6 +298,37 @@ def test_one_batched_newton_schulz_per_shape_group():
     opt = scale_by_muon()
     jaxpr = jax.make_jaxpr(opt.update)(grads, opt.init(grads))
     assert sum(eqn.primitive.name == "dot_general" for eqn in jaxpr.eqns) == 2 * 5 * 3
+
+
+_FSDP_OP_PROBE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from osp_jax.muon import scale_by_muon
+mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 4, 1), ("dp", "op", "fsdp", "tp"), axis_types=(AxisType.Auto,) * 4)
+tree = {f"w{i}": jax.ShapeDtypeStruct((4, 64, 128), jnp.float32) for i in range(4)}  # 4 same-shape layer stacks
+split = {k: NamedSharding(mesh, P(None, "fsdp", None)) for k in tree}                 # as fsdp splits a kernel
+opt = scale_by_muon()
+with jax.set_mesh(mesh):
+    state = jax.eval_shape(opt.init, tree)
+    state_split = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)._replace(mu=split)
+    update = jax.jit(opt.update, in_shardings=(split, state_split), out_shardings=(split, state_split))
+    update.lower(tree, state).compile()
+print("compiled")
+"""
+
+
+def test_layer_stacks_reach_the_op_split_without_a_full_rematerialization():
+    """On an fsdp x op mesh, stacks whose layer count the op axis divides go to the op split one by one:
+    concatenating four fsdp-split stacks first made XLA replicate them ("[SPMD] Involuntary full
+    rematerialization") before splitting the result over op."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", _FSDP_OP_PROBE], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_explicit_mesh_argument_and_uneven_groups():
