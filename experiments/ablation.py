@@ -307,6 +307,7 @@ def _fmt(x, spec=".2f") -> str:
 def report(args, preset, info: dict, sweep: list, chosen: dict, results: dict, curves: dict, plots: list,
            wall_s: float) -> str:
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.doc)))
+    linear = any("linear_inputs" in results[a[0]]["w16a16kv16"] for a in ARMS)
     L = [f"## `{args.preset}`: {info['label']}", ""]
     L += [f"- Date: {info['date']}; git commit `{info['commit']}`{info['dirty']}; device: {info['device']}.",
           f"- Command: `{info['command']}` (wall time of the whole script: {wall_s / 60:.1f} min"
@@ -343,14 +344,16 @@ def report(args, preset, info: dict, sweep: list, chosen: dict, results: dict, c
     L += ["### Ablation table", "",
           "Excess kurtosis and max |activation| of the residual stream (embedding output and every layer's "
           "output) on the evaluation tokens at the end of training; perplexity at W-A-KV bits.", "",
-          "| model | lr | excess kurtosis | max \\|act\\| | " + " | ".join(s[3] for s in SETTINGS) + " |",
-          "|---|---:|---:|---:|" + "---:|" * len(SETTINGS)]
+          "| model | lr | excess kurtosis | max \\|act\\| | " + " | ".join(s[3] for s in SETTINGS) + " |"
+          + (" kurtosis at q/k/v / down-proj inputs |" if linear else ""),
+          "|---|---:|---:|---:|" + "---:|" * len(SETTINGS) + ("---:|" if linear else "")]
     for arm in ARMS:
         name, label = arm[0], arm[1]
         r = results[name]
         fp = r["w16a16kv16"]
         L.append(f"| {label} | {chosen[name]:g} | {fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | "
-                 + " | ".join(_fmt(r[s[0]]["quant_ppl"]) for s in SETTINGS) + " |")
+                 + " | ".join(_fmt(r[s[0]]["quant_ppl"]) for s in SETTINGS) + " |"
+                 + (f" {_linear_inputs_cell(fp)} |" if linear else ""))
     L += ["", "Perplexity relative to the same model at 16-16-16 (how much each quantisation costs):", "",
           "| model | " + " | ".join(s[3] for s in SETTINGS[1:]) + " | train wall time |",
           "|---|" + "---:|" * (len(SETTINGS) - 1) + "---:|"]
@@ -397,12 +400,22 @@ def _count_params(model_config) -> int:
     return count_params(abstract_params(model_config))
 
 
+def _linear_inputs_cell(fp) -> str:
+    """Mean excess kurtosis at the q/k/v and down-projection inputs (what the activation quantiser sees)."""
+    li = (fp or {}).get("linear_inputs")
+    if not li:
+        return "–"
+    return f"{li['qkv_in']['kurtosis']:.3f} / {li['down_in']['kurtosis']:.3f}"
+
+
 def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> str:
     """The sweep stage's report: every run at the sweep's length, the four arms at their chosen rates."""
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.doc)))  # noqa: E731
     labels = dict((a[0], a[1]) for a in ARMS)
     m = info["model"]
     tokens = info["sweep_steps"] * info["batch"] * info["seq_len"]
+    # Evaluations since the linear-input statistics were added carry them: a column only then.
+    linear = any("linear_inputs" in (r.get("eval", {}).get("w16a16kv16") or {}) for r in sweep)
     L = [f"## `{args.preset}`, sweep stage: {info['label']}", "",
          f"- Date: {info['date']}; git commit `{info['commit']}`; device: {info['device']}.",
          f"- Command: `{info['command']}`.",
@@ -419,8 +432,9 @@ def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> st
          "- Evaluation: `osp_jax.evaluate` on the validation split, float32; round-to-nearest W per output "
          "channel (symmetric), A per token and KV in groups of 128 (asymmetric); ratio = perplexity / the "
          "same model's 16-16-16 perplexity.", "",
-         "| arm | lr | val loss | excess kurtosis | max \\|act\\| | ppl 16-16-16 | 4-4-4 | 4-4-4 + FFN Had. | tokens/s |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| arm | lr | val loss | excess kurtosis | max \\|act\\| | ppl 16-16-16 | 4-4-4 | 4-4-4 + FFN Had. | tokens/s |"
+         + (" kurtosis at q/k/v / down-proj inputs |" if linear else ""),
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if linear else "")]
     order = {a[0]: i for i, a in enumerate(ARMS)}
     for rec in sorted(sweep, key=lambda r: (order[r["arm"]], r["lr"])):
         e = rec.get("eval", {})
@@ -433,7 +447,8 @@ def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> st
         tps = (rec.get("summary") or {}).get("tokens_per_sec")
         L.append(f"| {labels[rec['arm']]} | {rec['lr']:g}{star} | {_fmt(rec['val_loss'], '.4f')} | "
                  + (f"{fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | {fp['quant_ppl']:.2f}" if fp else "– | – | –")
-                 + f" | {q('w4a4kv4')} | {q('w4a4kv4_had')} | {_fmt(tps, ',.0f')} |")
+                 + f" | {q('w4a4kv4')} | {q('w4a4kv4_had')} | {_fmt(tps, ',.0f')} |"
+                 + (f" {_linear_inputs_cell(fp)} |" if linear else ""))
     edges = [labels[a] for a, _ in info["swept"] if chosen[a] in (min(info["lrs"]), max(info["lrs"]))]
     if edges and len(info["lrs"]) > 1:
         L += ["", f"Best rate at the edge of the grid for: {', '.join(edges)} (a wider sweep may find a better one)."]

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from typing import Iterator
 
 import jax
@@ -35,7 +36,7 @@ import optax
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
 from osp_jax import quant as quant_lib
-from osp_jax.model import Transformer
+from osp_jax.model import LINEAR_INPUTS, Transformer
 
 PROG = "osp_jax.evaluate"
 TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst", ".txt.gz", ".txt.xz", ".txt.zst")
@@ -144,10 +145,40 @@ def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batc
 # Pure per-batch functions.
 
 
+def linear_inputs(intermediates) -> dict:
+    """`observe`d per-token (kurtosis, max |x|) of the linear layers' inputs -> {name: (kurtosis,
+    max_abs)}, each (layers, batch, seq), from the scanned stack or from layers_0, layers_1, ..."""
+    found: dict = {}
+
+    def visit(tree, layer):
+        for key, value in tree.items():
+            if key in LINEAR_INPUTS:
+                ((kurt, max_abs),) = value
+                found.setdefault(key, []).append((layer, kurt, max_abs))
+            elif isinstance(value, Mapping):
+                visit(value, int(key.split("_", 1)[1]) if key.startswith("layers_") else layer)
+
+    visit(intermediates, None)
+    out = {}
+    for key, items in found.items():
+        if len(items) == 1 and items[0][0] is None:  # scanned: already stacked over layers
+            out[key] = items[0][1:]
+        else:
+            items.sort(key=lambda t: t[0])
+            out[key] = (jnp.stack([t[1] for t in items]), jnp.stack([t[2] for t in items]))
+    return out
+
+
 def batch_stats(params, batch, *, model: Transformer, pack_mask: bool, outliers: bool = False) -> dict:
-    """Summed loss and scored-token count; with `outliers`, per-layer kurtosis sums and max |activation|."""
+    """Summed loss and scored-token count; with `outliers`, per-layer kurtosis sums and max |activation|
+    of the residual stream and of every linear layer's input (what the activation quantiser sees)."""
     out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"] if pack_mask else None, return_hidden=outliers)
+                      segment_ids=batch["segment_ids"] if pack_mask else None, return_hidden=outliers,
+                      mutable=["intermediates"] if outliers else False)
+    inputs = {}
+    if outliers:
+        out, state = out
+        inputs = linear_inputs(state.get("intermediates", {}))
     logits, hidden = out if outliers else (out, None)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
     w = batch["weights"]
@@ -156,6 +187,9 @@ def batch_stats(params, batch, *, model: Transformer, pack_mask: bool, outliers:
         stats["kurtosis_sum"] = jnp.sum(metrics_lib.excess_kurtosis(hidden) * w, axis=(1, 2))
         per_token_max = jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=-1)
         stats["max_abs"] = jnp.max(jnp.where(w > 0, per_token_max, 0.0), axis=(1, 2))
+        for name, (kurt, max_abs) in inputs.items():
+            stats[f"{name}.kurtosis_sum"] = jnp.sum(kurt * w, axis=(1, 2))
+            stats[f"{name}.max_abs"] = jnp.max(jnp.where(w > 0, max_abs, 0.0), axis=(1, 2))
     return stats
 
 
@@ -175,7 +209,7 @@ def _run(fn, params, batches) -> dict:
             if k not in total:
                 total[k] = v
             else:
-                total[k] = np.maximum(total[k], v) if k == "max_abs" else total[k] + v
+                total[k] = np.maximum(total[k], v) if k.endswith("max_abs") else total[k] + v
     return total
 
 
@@ -268,6 +302,14 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
         "kurtosis_per_layer": [float(v) for v in kurt],
         "max_abs": float(fp["max_abs"].max()),
         "max_abs_per_layer": [float(v) for v in fp["max_abs"]],
+        # The same statistics at the inputs of the linear layers (float32 model, before any
+        # quantisation or rotation): qkv_in and gate_up_in are the normalised residual stream.
+        "linear_inputs": {
+            name: {"kurtosis": float(np.mean(fp[f"{name}.kurtosis_sum"]) / max(tokens, 1.0)),
+                   "kurtosis_per_layer": [float(v) / max(tokens, 1.0) for v in fp[f"{name}.kurtosis_sum"]],
+                   "max_abs": float(np.max(fp[f"{name}.max_abs"])),
+                   "max_abs_per_layer": [float(v) for v in fp[f"{name}.max_abs"]]}
+            for name in LINEAR_INPUTS if f"{name}.max_abs" in fp},
     }
 
 
@@ -279,6 +321,8 @@ def format_table(r: dict) -> str:
     extras = "".join([" +FFN Had" if r["hadamard"] else "", " +clip search" if r["clip_search"] else ""])
     rows = [("kurtosis (mean over layers)", f"{r['kurtosis']:.4f}"),
             ("max |activation|", f"{r['max_abs']:.4f}"),
+            *((f"  at {name} (linear input): kurtosis / max", f"{v['kurtosis']:.4f} / {v['max_abs']:.4f}")
+              for name, v in r.get("linear_inputs", {}).items()),
             ("perplexity", f"{r['ppl']:.4f}  (loss {r['loss']:.4f})"),
             (f"perplexity {r['setting']}{extras}", f"{r['quant_ppl']:.4f}  (loss {r['quant_loss']:.4f})")]
     width = max(len(label) for label, _ in rows)

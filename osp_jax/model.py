@@ -81,6 +81,23 @@ def rope(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+# The inputs of the linear layers, as the activation quantiser sees them (osp_jax.quant), by the
+# names `observe` records them under.
+LINEAR_INPUTS = ("qkv_in", "o_in", "gate_up_in", "down_in")
+
+
+def observe(module: nn.Module, name: str, x: jax.Array) -> None:
+    """Records per-token excess kurtosis and max |x| of a linear layer's input (features: every axis
+    after (batch, seq)) in the "intermediates" collection, when the caller made it mutable
+    (`osp_jax.evaluate` does); a no-op otherwise, so training never pays for it."""
+    if not module.is_mutable_collection("intermediates"):
+        return
+    from osp_jax.metrics import excess_kurtosis
+
+    flat = x.reshape(*x.shape[:2], -1).astype(jnp.float32)
+    module.sow("intermediates", name, (excess_kurtosis(flat), jnp.max(jnp.abs(flat), axis=-1)))
+
+
 class Attention(nn.Module):
     config: ml_collections.ConfigDict
     quant: quant_lib.QuantSpec | None = None  # fake quantisation for evaluation (osp_jax.quant); None = off
@@ -92,6 +109,7 @@ class Attention(nn.Module):
         hd = _head_dim(c)
         dense = lambda name, spec, shape, axes: Dense(spec, shape, axes, nn.initializers.normal(c.init_std),
                                                       dtype, pdtype, name=name)
+        observe(self, "qkv_in", x)
         if self.quant is not None:  # quant hook: q/k/v input, per token
             x = quant_lib.activations(x, self.quant)
         q = dense("q", "bsd,dhk->bshk", (c.dim, c.heads, hd), ("embed", "heads", "head_dim"))(x)
@@ -103,6 +121,7 @@ class Attention(nn.Module):
             k, v = quant_lib.kv(k, self.quant), quant_lib.kv(v, self.quant)
         out = attn_lib.attention(q, k, v, segment_ids, backend=c.attention)
         out = checkpoint_name(out, "attn_out")
+        observe(self, "o_in", out)
         if self.quant is not None:  # quant hook: o input, per token over (heads, head_dim)
             out = quant_lib.activations(out, self.quant, (-2, -1))
         return dense("o", "bshk,hkd->bsd", (c.heads, hd, c.dim), ("heads", "head_dim", "embed"))(out)
@@ -120,6 +139,7 @@ class MLP(nn.Module):
         dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
         dense = lambda name, shape, axes: Dense("bsd,df->bsf", shape, axes, nn.initializers.normal(c.init_std),
                                                 dtype, pdtype, name=name)
+        observe(self, "gate_up_in", x)
         if self.quant is not None:  # quant hook: gate/up input, per token
             x = quant_lib.activations(x, self.quant)
         gate = dense("gate", (c.dim, c.ffn_dim), ("embed", "mlp"))(x)
@@ -127,6 +147,7 @@ class MLP(nn.Module):
         h = jax.nn.silu(gate) * up
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = checkpoint_name(h, "mlp_hidden")
+        observe(self, "down_in", h)
         if self.quant is not None:  # quant hook: down input (optionally Hadamard-rotated), per token
             h = quant_lib.ffn_hidden(h, self.quant)
         return dense("down", (c.ffn_dim, c.dim), ("mlp", "embed"))(h)
@@ -197,7 +218,7 @@ class Transformer(nn.Module):
         if c.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=c.layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, hidden = stack(c, return_hidden, self.quant, name="layers")(x, positions, segment_ids)

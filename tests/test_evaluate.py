@@ -108,6 +108,11 @@ def test_cli_writes_json_table_and_plot(run, capsys, tmp_path):
     assert len(r["kurtosis_per_layer"]) == len(r["max_abs_per_layer"]) == run["layers"] + 1
     assert r["kurtosis"] == pytest.approx(np.mean(r["kurtosis_per_layer"]))
     assert all(k >= 0 for k in r["kurtosis_per_layer"]) and all(m > 0 for m in r["max_abs_per_layer"])
+    assert sorted(r["linear_inputs"]) == ["down_in", "gate_up_in", "o_in", "qkv_in"]
+    for stats in r["linear_inputs"].values():
+        assert len(stats["kurtosis_per_layer"]) == len(stats["max_abs_per_layer"]) == run["layers"]
+        assert stats["kurtosis"] == pytest.approx(np.mean(stats["kurtosis_per_layer"]))
+        assert stats["max_abs"] == max(stats["max_abs_per_layer"]) > 0
     # Every validation token but the first of each window is a scored target; padding never is.
     val_tokens = run["meta"]["splits"]["validation"]["tokens"]
     assert r["tokens"] == val_tokens - -(-val_tokens // (SEQ + 1))
@@ -153,6 +158,15 @@ def test_masked_kurtosis_matches_outlier_stats(run):
     stats, ref = both(params, batch)
     np.testing.assert_allclose(stats["kurtosis_sum"] / stats["tokens"], ref["kurtosis_per_layer"], rtol=1e-5)
     np.testing.assert_allclose(stats["max_abs"], ref["max_abs_per_layer"], rtol=1e-6)
+    # What the activation quantiser sees: every linear layer's input, per layer. Under SSNorm a
+    # layer's q/k/v input is its residual input times one scalar per token, and kurtosis is blind to
+    # scale, so it equals the residual stream's kurtosis before that layer.
+    assert cfg["model"]["norm_scale"] == "single"
+    for name in ("qkv_in", "o_in", "gate_up_in", "down_in"):
+        assert stats[f"{name}.kurtosis_sum"].shape == stats[f"{name}.max_abs"].shape == (cfg["model"]["layers"],)
+    np.testing.assert_allclose(stats["qkv_in.kurtosis_sum"] / stats["tokens"], ref["kurtosis_per_layer"][:-1],
+                               rtol=1e-4, atol=1e-6)
+    assert not np.allclose(stats["down_in.kurtosis_sum"], stats["qkv_in.kurtosis_sum"])
 
 
 # ------------------------------------------------------------------------------------------ bad input
