@@ -331,7 +331,8 @@ def format_table(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-    """Per-layer kurtosis and max |activation| (log scale), two panels."""
+    """Per-layer kurtosis and max |activation| (log scale), two panels: the residual stream, and the
+    q/k/v and down-projection inputs where the record has them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,14 +340,22 @@ def plot(r: dict, path: str) -> None:
 
     layers = np.arange(len(r["kurtosis_per_layer"]))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(layers, r["kurtosis_per_layer"], marker="o")
+    ax1.plot(layers, r["kurtosis_per_layer"], marker="o", label="residual stream")
     ax1.set_ylabel("excess kurtosis")
     ax1.set_title(f"step {r['step']}: kurtosis {r['kurtosis']:.3g}, ppl {r['ppl']:.3g}, "
                   f"{r['setting']} ppl {r['quant_ppl']:.3g}")
-    ax2.plot(layers, np.maximum(r["max_abs_per_layer"], 1e-12), marker="o", color="tab:red")
+    ax2.plot(layers, np.maximum(r["max_abs_per_layer"], 1e-12), marker="o", label="residual stream")
+    # Inputs of layer l's linear layers, drawn at l (q/k/v reads the residual stream after layer l - 1).
+    for name, label in (("qkv_in", "q/k/v input"), ("down_in", "down-proj input")):
+        li = r.get("linear_inputs", {}).get(name)
+        if li:
+            x = np.arange(1, len(li["kurtosis_per_layer"]) + 1)
+            ax1.plot(x, li["kurtosis_per_layer"], marker=".", linestyle="--", label=label)
+            ax2.plot(x, np.maximum(li["max_abs_per_layer"], 1e-12), marker=".", linestyle="--", label=label)
+    ax1.legend(fontsize=8)
     ax2.set_yscale("log")
     ax2.set_ylabel("max |activation|")
-    ax2.set_xlabel("residual stream after layer (0 = embedding)")
+    ax2.set_xlabel("layer (residual stream: after it, 0 = embedding; linear inputs: inside it)")
     ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
