@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 MuonDimensionNumbers = optax.contrib.MuonDimensionNumbers
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7  # guards the normalisation of an all-zero matrix
 SCALE_MODES = ("rms", "shape")
 
 # A pytree of MuonDimensionNumbers / None matching the params, one MuonDimensionNumbers for every
@@ -81,7 +82,7 @@ def _coefficient_schedule(coeffs, steps: int) -> list[tuple[float, float, float]
                      f"step), got an array of shape {table.shape}.")
 
 
-def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: float = 1e-7,
+def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: float = NS_EPS,
                   normalize: bool = True) -> jax.Array:
     """Approximately orthogonalises `x` (`U S V^T -> U V^T`) by a quintic Newton–Schulz iteration.
 
@@ -367,10 +368,8 @@ def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
-    ns_eps = 1e-7
-
-    def orthogonalize(stack):
-        return newton_schulz(stack, steps=ns_steps, coeffs=ns_coeffs, eps=ns_eps, normalize=False)
+    def orthogonalize(stack):  # stacks arrive normalised (below)
+        return newton_schulz(stack, steps=ns_steps, coeffs=ns_coeffs, normalize=False)
 
     def init_fn(params):
         return ScaleByMuonState(count=jnp.zeros([], jnp.int32),
@@ -389,7 +388,7 @@ def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
         # Normalised (float32) and cast to Newton–Schulz's bfloat16 before the stacking, so the
         # grouping's concatenations and transposes move half the bytes; the same numbers as
         # newton_schulz(x) would compute from x itself.
-        stacks = [_normalize(views[i].to_stack(leaves[i]), ns_eps) for i in active]
+        stacks = [_normalize(views[i].to_stack(leaves[i]), NS_EPS) for i in active]
         for i, stack in zip(active, orthogonalize_stacks(stacks, orthogonalize, mesh, shard_axis)):
             leaves[i] = views[i].from_stack(stack)
         # Keep the incoming dtypes: wrappers such as optax.MultiSteps need the tree type unchanged.
