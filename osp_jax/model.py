@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from osp_jax import attention as attn_lib
+from osp_jax.metrics import excess_kurtosis
 from osp_jax import quant as quant_lib
 from osp_jax.config import head_dim as _head_dim
 
@@ -92,8 +93,6 @@ def observe(module: nn.Module, name: str, x: jax.Array) -> None:
     (`osp_jax.evaluate` does); a no-op otherwise, so training never pays for it."""
     if not module.is_mutable_collection("intermediates"):
         return
-    from osp_jax.metrics import excess_kurtosis
-
     flat = x.reshape(*x.shape[:2], -1).astype(jnp.float32)
     module.sow("intermediates", name, (excess_kurtosis(flat), jnp.max(jnp.abs(flat), axis=-1)))
 
