@@ -13,14 +13,20 @@
 #   compare      OSP vs AdamW at 0.5 M tokens per optimizer step (256 x 2048, grad accumulation),
 #                remat policy REMAT (default dots)
 #   levers       1.4B batch 8 x 2048, remat dots: AdamW, OSP, and AdamW with data.pack_mask=false
+#   after        what the levers were not re-measured on: both recipes at full remat, and the
+#                0.5 M-token comparison (the 2026-11-22 figures of these predate the levers)
+#   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
+#                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   m124         the ablation's GPT-2-small shape (vocab 16384, batch 16 x 1024, no remat), both recipes
 #
+# Needs osp_jax's requirements installed (setup.py; on a bare image: grain, array_record,
+# ml_collections, portpicker, tensorboardX, zstandard beside jax/flax/optax/orbax).
 # Environment: REMAT (compare's policy), ACCUM (compare's micro-batches, default 32), STEPS (timed
 # steps, default 10), COMPARE_STEPS (default 3), REMATS (remat_* policies, default "full dots none").
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUT STAGE...}
 shift
-mkdir -p "$OUT"
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)  # absolute: the stages run from the repository root
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-10}
@@ -69,6 +75,23 @@ compare() {
     --compare --output="$OUT/step_time.jsonl"
 }
 
+after() {
+  $BENCH --set model.remat=full --output="$OUT/step_time.jsonl"
+  $BENCH --config=configs/adam_1b4.py --set model.remat=full --output="$OUT/step_time.jsonl"
+  compare
+}
+
+ablation() {
+  local data=${DATA:-$OUT/data}
+  if [ ! -f "$data/metadata.json" ]; then
+    $PY -m osp_jax.data.prepare --input "${CORPUS:-/work/shared/corpus/*.jsonl.xz}" --output "$data" \
+      --tokenizer train:16384 --val-fraction 0.02
+  fi
+  # 25 M tokens (0.70 epoch) a run; an estimated 20-25 minutes on one H100 in all.
+  $PY experiments/ablation.py --preset=gpu_124m --out="$OUT/ablation" --data="$data" --tokens=25e6 \
+    --lrs=3e-4,1e-3,2e-3,4e-3 --sweep-fraction=0.25 --eval-tokens=524288 --set train.checkpoint_every=500
+}
+
 m124() {
   $PY benchmarks/step_time.py --config=configs/osp_124m.py --batch=16 --seq-len=1024 --steps="$STEPS" \
     --warmup=2 --set model.vocab_size=16384 --set model.remat=none --set model.dtype=bfloat16 --compare \
@@ -85,6 +108,8 @@ for s in "$@"; do
     remat_adamw) stage remat_adamw remat configs/adam_1b4.py ;;
     compare) stage compare compare ;;
     levers) stage levers levers ;;
+    after) stage after after ;;
+    ablation) stage ablation ablation ;;
     m124) stage m124 m124 ;;
     *) echo "gpu_suite.sh: unknown stage $s" >&2; exit 2 ;;
   esac
