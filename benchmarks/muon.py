@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -122,48 +121,45 @@ def time_update(opt, params, grads, iters: int, warmup: int = 2) -> float:
         return updates, state
 
     step = jax.jit(step, donate_argnums=(1,))
-    state = init(params)
-    for _ in range(warmup):
-        updates, state = step(grads, state, params)
-    jax.block_until_ready((updates, state))
+    holder = {"state": init(params)}
 
+    def one_update():
+        updates, holder["state"] = step(grads, holder["state"], params)  # the donated state moves on
+        return updates, holder["state"]
+
+    return _median_ms(one_update, iters, warmup)
+
+
+def _median_ms(fn, iters: int, warmup: int = 1) -> float:
+    """Median wall milliseconds of `fn()` (blocked on its result) over `iters` calls after `warmup`."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        updates, state = step(grads, state, params)
-        jax.block_until_ready((updates, state))
+        jax.block_until_ready(fn())
         times.append(1e3 * (time.perf_counter() - start))
-    del updates, state
     return statistics.median(times)
 
 
 def newton_schulz_only(shapes, iters: int, steps: int = 5) -> list[dict]:
     """Newton–Schulz alone on each same-shape group of the Muon matrices (wide orientation), as the
     update stacks them: milliseconds and achieved TFLOP/s (4 m^2 n + 2 m^3 per matrix and step, m <= n)."""
+    # AdamW's leaves masked out as optax.multi_transform masks them; the views are the (batch, fan_in,
+    # fan_out) stacks the update builds, grouped here as it groups them.
     dims = osp_muon.infer_dimension_numbers(shapes)
+    muon_shapes = jax.tree_util.tree_map_with_path(
+        lambda p, s: s if is_muon_leaf(p) else optax.MaskedNode(), shapes)
+    _, _, views = osp_muon._matrix_leaves(muon_shapes, dims)
     groups: dict = {}
-    for (path, leaf), dn in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
-            dims, is_leaf=lambda x: x is None or isinstance(x, osp_muon.MuonDimensionNumbers))):
-        if dn is None or not is_muon_leaf(path):
-            continue
-        red = tuple(a % len(leaf.shape) for a in np.atleast_1d(dn.reduction_axis).tolist())
-        out = tuple(a % len(leaf.shape) for a in np.atleast_1d(dn.output_axis).tolist())
-        m = int(np.prod([leaf.shape[a] for a in red]))
-        n = int(np.prod([leaf.shape[a] for a in out]))
-        batch = int(np.prod([d for a, d in enumerate(leaf.shape) if a not in red + out]))
-        key = (min(m, n), max(m, n))
-        groups[key] = groups.get(key, 0) + batch
+    for v in filter(None, views):
+        key = (min(v.fan_in, v.fan_out), max(v.fan_in, v.fan_out))
+        groups[key] = groups.get(key, 0) + v.batch
     rows = []
+    ns = jax.jit(functools.partial(osp_muon.newton_schulz, steps=steps))
     for (m, n), count in sorted(groups.items()):
         x = random_tree(jax.ShapeDtypeStruct((count, m, n), jnp.float32), seed=2)
-        fn = jax.jit(functools.partial(osp_muon.newton_schulz, steps=steps))
-        jax.block_until_ready(fn(x))
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times.append(1e3 * (time.perf_counter() - start))
-        ms = statistics.median(times)
+        ms = _median_ms(lambda: ns(x), iters)
         flops = count * steps * (4 * m * m * n + 2 * m ** 3)
         rows.append({"shape": [count, m, n], "ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)})
     return rows

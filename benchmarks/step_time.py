@@ -49,7 +49,7 @@ from osp_jax.attention import pick_backend  # noqa: E402
 from osp_jax.model import Transformer, count_params, flops_per_token, matmul_params  # noqa: E402
 from osp_jax.optim import make_optimizer  # noqa: E402
 from osp_jax.step import init_state  # noqa: E402
-from osp_jax.train import abstract_batch, abstract_state, jit_train_step, state_shardings  # noqa: E402
+from osp_jax.train import jit_train_step, lower_train_step, state_shardings  # noqa: E402
 
 SMOKE_CONFIG = "configs/tiny.py"
 # The paper's ablation axes: what --compare changes on top of the given config.
@@ -252,16 +252,10 @@ def compile_memory(config) -> dict:
     config_lib.validate(config)
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
-    model = Transformer(config.model)
-    tx, _ = make_optimizer(config, mesh)
-    shardings = state_shardings(config, model, tx, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        state = abstract_state(config, model, tx, shardings)
-        batch = abstract_batch(config, mesh)
-        step_fn = jit_train_step(config, model, tx, shardings, mesh)
-        start = time.perf_counter()
-        m = step_fn.lower(state, batch).compile().memory_analysis()
-        compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lowered, state = lower_train_step(config, mesh)
+    m = lowered.compile().memory_analysis()
+    compile_s = time.perf_counter() - start
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
     analysis = {k: int(getattr(m, k)) for k in fields}
     commit, dirty = git_commit()

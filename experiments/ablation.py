@@ -259,6 +259,15 @@ def evaluate_all(workdir: str, data_path: str, max_tokens: int, batch_size: int,
     return out
 
 
+def _add_sweep_run(sweep: list, arm: tuple, lr: float, summary: dict | None) -> None:
+    """Appends a finished sweep run (a diverged one at +inf validation loss); None (--report-only, not
+    run) adds nothing."""
+    if summary is None:
+        return
+    v = summary["val_loss"] if summary["finite"] and summary["val_loss"] is not None else float("inf")
+    sweep.append({"arm": arm[0], "lr": lr, "val_loss": v, "summary": summary})
+
+
 def evaluate_sweep(sweep: list, out: str, data_path: str, eval_tokens: int, batch_size: int) -> None:
     """16-bit, 4-4-4 and 4-4-4 + FFN Hadamard for every finite sweep run (into each record's "eval")."""
     few = [s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4", "w4a4kv4_had")]
@@ -563,11 +572,7 @@ def main(argv=None) -> int:
             continue
         for lr in lrs:
             cfg = make_config(preset, data_path, arm, lr, sweep_steps, args.seed, extra)
-            s = run(cfg, os.path.join(args.out, "sweep", f"{arm[0]}_lr{lr:g}"))
-            if s is None:  # --report-only: not run
-                continue
-            v = s["val_loss"] if s["finite"] and s["val_loss"] is not None else float("inf")
-            sweep.append({"arm": arm[0], "lr": lr, "val_loss": v, "summary": s})
+            _add_sweep_run(sweep, arm, lr, run(cfg, os.path.join(args.out, "sweep", f"{arm[0]}_lr{lr:g}")))
         chosen[arm[0]] = min((x for x in sweep if x["arm"] == arm[0]), key=lambda x: x["val_loss"])["lr"]
     for arm in ARMS:
         chosen.setdefault(arm[0], chosen["muon"] if arm[2] == "muon" else chosen["adam"])
@@ -582,10 +587,7 @@ def main(argv=None) -> int:
                 continue
             lr = chosen[arm[0]]
             cfg = make_config(preset, data_path, arm, lr, sweep_steps, args.seed, extra)
-            s = run(cfg, os.path.join(args.out, "sweep", f"{arm[0]}_lr{lr:g}"))
-            if s is not None:
-                v = s["val_loss"] if s["finite"] and s["val_loss"] is not None else float("inf")
-                sweep.append({"arm": arm[0], "lr": lr, "val_loss": v, "summary": s})
+            _add_sweep_run(sweep, arm, lr, run(cfg, os.path.join(args.out, "sweep", f"{arm[0]}_lr{lr:g}")))
         if not args.no_eval_sweep:
             evaluate_sweep(sweep, args.out, data_path, args.eval_tokens or preset["eval_tokens"], preset["eval_batch"])
         if not REPORT_ONLY:

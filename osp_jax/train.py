@@ -70,6 +70,18 @@ def abstract_state(config, model, tx, shardings: TrainState) -> TrainState:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
+def lower_train_step(config, mesh):
+    """The train step lowered from shapes alone (nothing allocated), as `train` would compile it for
+    `mesh`; returns (lowered, abstract state). For compiler figures: memory, FLOPs, sharding."""
+    model = Transformer(config.model)
+    tx, _ = make_optimizer(config, mesh)
+    shardings = state_shardings(config, model, tx, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = abstract_state(config, model, tx, shardings)
+        step_fn = jit_train_step(config, model, tx, shardings, mesh)
+        return step_fn.lower(state, abstract_batch(config, mesh)), state
+
+
 # ---------------------------------------------------------------- data
 def make_data(config, mesh):
     """The training iterator and a fixed list of validation batches (host numpy)."""

@@ -13,10 +13,10 @@ import numpy as np
 from flax import linen as nn
 
 from osp_jax import sharding
-from osp_jax.model import Transformer, abstract_params
+from osp_jax.model import abstract_params
 from osp_jax.muon import muon
-from osp_jax.optim import MUON, make_optimizer, param_labels
-from osp_jax.train import abstract_batch, abstract_state, jit_train_step, state_shardings
+from osp_jax.optim import MUON, param_labels
+from osp_jax.train import lower_train_step
 from tests.helpers import load_recipe
 
 BATCH, SEQ = 8, 128
@@ -42,16 +42,8 @@ def _flops(compiled) -> float:
 
 
 def _compile_train_step(sizes):
-    cfg = _config(sizes)
-    mesh = _mesh(sizes)
-    model = Transformer(cfg.model)
-    tx, _ = make_optimizer(cfg, mesh)
-    shardings = state_shardings(cfg, model, tx, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        state = abstract_state(cfg, model, tx, shardings)
-        batch = abstract_batch(cfg, mesh)
-        step = jit_train_step(cfg, model, tx, shardings, mesh)
-        return step.lower(state, batch).compile(), state
+    lowered, state = lower_train_step(_config(sizes), _mesh(sizes))
+    return lowered.compile(), state
 
 
 def test_fsdp_splits_parameters_and_optimizer_state():
