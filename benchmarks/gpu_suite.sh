@@ -87,7 +87,7 @@ ablation() {
     $PY -m osp_jax.data.prepare --input "${CORPUS:-/work/shared/corpus/*.jsonl.xz}" --output "$data" \
       --tokenizer train:16384 --val-fraction 0.02
   fi
-  # 25 M tokens (0.70 epoch) a run; an estimated 20-25 minutes on one H100 in all.
+  # 25 M tokens (0.70 epoch) a run, rates swept on a quarter of that; not timed as a whole.
   $PY experiments/ablation.py --preset=gpu_124m --out="$OUT/ablation" --data="$data" --tokens=25e6 \
     --lrs=3e-4,1e-3,2e-3,4e-3 --sweep-fraction=0.25 --eval-tokens=524288 --set train.checkpoint_every=500
 }
