@@ -239,12 +239,13 @@ def run(config, workdir: str) -> dict | None:
     return summary
 
 
-def evaluate_all(workdir: str, data_path: str, max_tokens: int, batch_size: int, settings=SETTINGS) -> dict:
+def evaluate_all(workdir: str, data_path: str, max_tokens: int, batch_size: int, settings=SETTINGS,
+                 prefix: str = "eval") -> dict:
     from osp_jax import evaluate
 
     out = {}
     for key, bits, had, _ in settings:
-        path = os.path.join(workdir, f"eval_{key}.json")
+        path = os.path.join(workdir, f"{prefix}_{key}.json")
         if REPORT_ONLY and not os.path.exists(path):
             continue
         if not os.path.exists(path):
@@ -354,7 +355,7 @@ def report(args, preset, info: dict, sweep: list, chosen: dict, results: dict, c
           "Excess kurtosis and max |activation| of the residual stream (embedding output and every layer's "
           "output) on the evaluation tokens at the end of training; perplexity at W-A-KV bits.", "",
           "| model | lr | excess kurtosis | max \\|act\\| | " + " | ".join(s[3] for s in SETTINGS) + " |"
-          + (" kurtosis at q/k/v / down-proj inputs |" if linear else ""),
+          + (" kurtosis (max \\|x\\|) at q/k/v / down-proj inputs |" if linear else ""),
           "|---|---:|---:|---:|" + "---:|" * len(SETTINGS) + ("---:|" if linear else "")]
     for arm in ARMS:
         name, label = arm[0], arm[1]
@@ -410,11 +411,11 @@ def _count_params(model_config) -> int:
 
 
 def _linear_inputs_cell(fp) -> str:
-    """Mean excess kurtosis at the q/k/v and down-projection inputs (what the activation quantiser sees)."""
+    """Excess kurtosis (max |x|) at the q/k/v and down-projection inputs: what the activation quantiser sees."""
     li = (fp or {}).get("linear_inputs")
     if not li:
         return "–"
-    return f"{li['qkv_in']['kurtosis']:.3f} / {li['down_in']['kurtosis']:.3f}"
+    return " / ".join(f"{li[k]['kurtosis']:.2f} ({li[k]['max_abs']:.0f})" for k in ("qkv_in", "down_in"))
 
 
 def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> str:
@@ -442,7 +443,7 @@ def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> st
          "channel (symmetric), A per token and KV in groups of 128 (asymmetric); ratio = perplexity / the "
          "same model's 16-16-16 perplexity.", "",
          "| arm | lr | val loss | excess kurtosis | max \\|act\\| | ppl 16-16-16 | 4-4-4 | 4-4-4 + FFN Had. | tokens/s |"
-         + (" kurtosis at q/k/v / down-proj inputs |" if linear else ""),
+         + (" kurtosis (max \\|x\\|) at q/k/v / down-proj inputs |" if linear else ""),
          "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if linear else "")]
     order = {a[0]: i for i, a in enumerate(ARMS)}
     for rec in sorted(sweep, key=lambda r: (order[r["arm"]], r["lr"])):
@@ -639,8 +640,9 @@ def main(argv=None) -> int:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     info = {
         "label": preset["label"], "date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": " (plus uncommitted changes in the working tree)" if dirty and dirty != "unknown" else "",
+        "commit": args.commit or _git("rev-parse", "--short", "HEAD"),
+        "dirty": " (plus uncommitted changes in the working tree)" if dirty and dirty != "unknown" and not args.commit
+                 else "",
         "device": _device(), "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "model": cfg.model.to_dict(), "params": n_params, "data": data_path, "train_tokens": train_tokens,
         "steps": steps, "batch": cfg.train.global_batch_size, "seq_len": cfg.train.seq_len,
