@@ -17,6 +17,8 @@
 #                0.5 M-token comparison (the 2026-11-22 figures of these predate the levers)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
+#   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
+#                8 M-token subset of CORPUS (the probe's params/tokens ratio), 4-bit cost per epoch count
 #   m124         the ablation's GPT-2-small shape (vocab 16384, batch 16 x 1024, no remat), both recipes
 #
 # Needs osp_jax's requirements installed (setup.py; on a bare image: grain, array_record,
@@ -49,6 +51,8 @@ check() {
 
 muon() {
   $PY benchmarks/muon.py --iters=20 | tee -a "$OUT/muon.jsonl"
+  $PY benchmarks/muon.py --accuracy | tee -a "$OUT/muon.jsonl"
+  $PY benchmarks/muon.py --cost | tee -a "$OUT/muon.jsonl"
 }
 
 profile() {
@@ -92,6 +96,13 @@ ablation() {
     --lrs=3e-4,1e-3,2e-3,4e-3 --sweep-fraction=0.25 --eval-tokens=524288 --set train.checkpoint_every=500
 }
 
+epochs() {
+  # 7 epochs of 8 M tokens per arm; resumable, so a call cut short goes on. Not timed as a whole.
+  $PY experiments/epochs.py --preset=gpu_124m --out="$OUT/epochs" \
+    --corpus="${CORPUS:-/work/shared/corpus/*.jsonl.xz}" --train-tokens="${EPOCH_TOKENS:-8e6}" \
+    --epochs="${EPOCHS:-1,2,4}" --arms=adam,osp --lrs=adam:1e-3,osp:4e-3 --eval-tokens=524288
+}
+
 m124() {
   $PY benchmarks/step_time.py --config=configs/osp_124m.py --batch=16 --seq-len=1024 --steps="$STEPS" \
     --warmup=2 --set model.vocab_size=16384 --set model.remat=none --set model.dtype=bfloat16 --compare \
@@ -110,6 +121,7 @@ for s in "$@"; do
     levers) stage levers levers ;;
     after) stage after after ;;
     ablation) stage ablation ablation ;;
+    epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;
     *) echo "gpu_suite.sh: unknown stage $s" >&2; exit 2 ;;
   esac

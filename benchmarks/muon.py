@@ -6,6 +6,8 @@ on the same device; each figure is the median of `--iters` runs after a warm-up.
 
     python benchmarks/muon.py            # the 1.4B tree (needs an accelerator)
     python benchmarks/muon.py --smoke    # a tiny tree, seconds on CPU
+    python benchmarks/muon.py --cost     # no timing: XLA's FLOP and byte counts of each compiled update
+    python benchmarks/muon.py --accuracy # Newton–Schulz against the same iteration in float64 (any backend)
 
 Prints a table, then one JSON line per optimizer: {"optimizer": ..., "ms": ..., "device": ...}.
 """
@@ -24,6 +26,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -165,6 +168,47 @@ def newton_schulz_only(shapes, iters: int, steps: int = 5) -> list[dict]:
     return rows
 
 
+def compiled_cost(opt, shapes) -> dict:
+    """XLA's cost analysis of one compiled update on abstract shapes (nothing is run or allocated):
+    FLOPs and bytes accessed, the memory traffic the update's fusions imply on this backend."""
+    state = jax.eval_shape(opt.init, shapes)
+    compiled = jax.jit(lambda g, s, p: opt.update(g, s, p)).lower(shapes, state, shapes).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    return {"gflops": round(float(cost["flops"]) / 1e9, 3),
+            "gbytes_accessed": round(float(cost["bytes accessed"]) / 1e9, 3)}
+
+
+def _newton_schulz_float64(x: np.ndarray, steps: int = 5, coeffs=osp_muon.DEFAULT_NS_COEFFS) -> np.ndarray:
+    """The quintic iteration as written in the papers, in float64 (the reference for --accuracy)."""
+    x = np.asarray(x, np.float64)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / np.linalg.norm(x)
+    a, b, c = coeffs
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return x.T if tall else x
+
+
+def accuracy(shapes=((256, 256), (256, 704), (704, 256), (512, 1376)), seeds: int = 4) -> list[dict]:
+    """Relative Frobenius error of `osp_jax.muon.newton_schulz` (bf16 matmuls, bf16 iterate) against the
+    float64 iteration, on Gaussian matrices, mean over `seeds`."""
+    rng = np.random.default_rng(0)
+    ns = jax.jit(osp_muon.newton_schulz)
+    rows = []
+    for shape in shapes:
+        errs = []
+        for _ in range(seeds):
+            g = rng.standard_normal(shape).astype(np.float32)
+            ref = _newton_schulz_float64(g)
+            errs.append(float(np.linalg.norm(np.asarray(ns(jnp.asarray(g)), np.float64) - ref) / np.linalg.norm(ref)))
+        rows.append({"shape": list(shape), "rel_error": round(statistics.mean(errs), 4)})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -176,7 +220,15 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny tree (2 layers, dim 64), seconds on CPU")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="only Newton–Schulz's error against a float64 iteration (any backend, seconds)")
+    parser.add_argument("--cost", action="store_true",
+                        help="compile only and print XLA's FLOP and byte counts of each update (any backend)")
     args = parser.parse_args(argv)
+    if args.accuracy:
+        for row in accuracy():
+            print(json.dumps({"newton_schulz_rel_error_vs_float64": row, "device": jax.devices()[0].device_kind}))
+        return
     if args.smoke:
         args.layers, args.dim, args.heads, args.ffn, args.vocab, args.iters = 2, 64, 4, 176, 512, 10
     kv_heads = args.kv_heads or args.heads
@@ -185,6 +237,11 @@ def main(argv=None) -> None:
     shapes = parameter_shapes(args.layers, args.dim, args.heads, kv_heads, head_dim, args.ffn, args.vocab)
     n_params = sum(leaf.size for leaf in jax.tree.leaves(shapes))
     device = jax.devices()[0].device_kind
+    if args.cost:
+        print(f"optimizer update, {n_params / 1e6:,.1f}M params, XLA cost analysis on {device} (compiled, not run)")
+        for name, opt in optimizers(shapes).items():
+            print(json.dumps({"optimizer": name, **compiled_cost(opt, shapes), "device": device}))
+        return
     params = random_tree(shapes, seed=0, scale=0.02)
     grads = random_tree(shapes, seed=1)
 

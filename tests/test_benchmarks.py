@@ -58,6 +58,15 @@ def test_muon_smoke():
     assert all(row["ms"] > 0 and row["tflops"] >= 0 for row in ns)
 
 
+def test_muon_cost_and_accuracy_modes():
+    cost = [json.loads(line) for line in _run("benchmarks/muon.py", "--smoke", "--cost") if line.startswith("{")]
+    assert {r["optimizer"] for r in cost} == {"osp_jax.muon", "optax.contrib.muon", "optax.adamw"}
+    flops = {r["optimizer"]: r["gflops"] for r in cost}
+    assert flops["osp_jax.muon"] > 10 * flops["optax.adamw"]  # the Newton–Schulz matmuls are counted
+    rows = [json.loads(line)["newton_schulz_rel_error_vs_float64"] for line in _run("benchmarks/muon.py", "--accuracy")]
+    assert len(rows) == 4 and all(0 < r["rel_error"] < 0.05 for r in rows)  # bf16, not a different iteration
+
+
 def test_step_time_profile_writes_a_trace(tmp_path):
     lines = _run("benchmarks/step_time.py", "--smoke", "--steps=1", "--warmup=0", "--seq-len=64",
                  "--set=model.layers=2", "--set=model.vocab_size=512", f"--profile={tmp_path / 'trace'}")
