@@ -1,0 +1,278 @@
+"""Past one epoch: does training on the same tokens again change what 4-bit quantisation costs?
+
+    python experiments/epochs.py --preset=cpu_tiny --out=runs/epochs_cpu --train-tokens=4e5 --epochs=1,2,4
+    python experiments/epochs.py --preset=gpu_124m --out=runs/epochs --epochs=1,3 --lrs=adam:1e-3,osp:4e-3
+
+The OSP issue's probe saw an OSP model lose more to round-to-nearest 4-bit than an Adam model after
+several epochs over a small corpus; memorisation is one of the explanations it names. This script
+separates it from the others: the same arms as `experiments/ablation.py`, at fixed learning rates, each
+trained for every epoch count in --epochs over the same training subset (one run per count, each with
+its whole warmup + cosine schedule, so a 1-epoch model is not a 4-epoch model caught mid-schedule),
+then evaluated with `osp_jax.evaluate` at 16-16-16, 4-16-16, 16-4-16 and 4-4-4 on held-out documents.
+
+Steps (each skipped when its output exists, so a re-run resumes):
+1. the subset: whole training documents of the corpus, taken evenly across it until about
+   --train-tokens, plus every validation document (the corpus's `split` field, else every 50th
+   document of each file), into OUT/subset.jsonl; `osp_jax.data.prepare` makes OUT/data;
+2. the runs, OUT/ARM_epE, with `osp_jax.train` (memorisation shows as train loss below validation loss);
+3. the evaluations (eval_*.json in each run), the report section `<!-- ablation:PRESET:epochs:... -->`
+   of docs/ablation.md and a plot of each arm's 4-bit cost and losses against epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import logging
+import lzma
+import math
+import os
+import shlex
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import ablation as abl  # noqa: E402  (the arms, presets, training and evaluation steps)
+
+ROOT = abl.ROOT
+SETTINGS = tuple(s for s in abl.SETTINGS if s[2] is None)  # 16-16-16, W only, A only, 4-4-4
+DEFAULT_LR = {"cpu_tiny": 1e-2, "gpu_124m": 4e-3}  # the rates the presets' sweeps chose (docs/ablation.md)
+TRAIN_PROBE = "train_probe.jsonl"  # training documents, evaluated like the held-out ones
+VAL_EVERY = 50  # without a `split` field: every 50th document of a file is held out
+
+log = logging.getLogger("epochs")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _documents(path: str):
+    opener = lzma.open if path.endswith(".xz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                rec = json.loads(line)
+                if isinstance(rec.get("text"), str) and rec["text"]:
+                    split = rec.get("split") or ("validation" if i % VAL_EVERY == VAL_EVERY // 2 else "train")
+                    yield {"text": rec["text"], "split": split}
+
+
+def _write_jsonl(path: str, docs: list[dict]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def make_subset(files: list[str], out: str, train_chars: float, probe_docs: int = 64) -> dict:
+    """OUT/subset.jsonl: every validation document and about `train_chars` of training text, taken as
+    every k-th training document so that each source keeps its share. OUT/train_probe.jsonl: about
+    `probe_docs` of those training documents, spread across the subset, for measuring what the model
+    memorised. Written atomically; returns counts."""
+    docs = [d for f in files for d in _documents(f)]
+    train = [d for d in docs if d["split"] == "train"]
+    val = [d for d in docs if d["split"] == "validation"]
+    if not train or not val:
+        raise SystemExit(f"epochs: {files} hold {len(train)} training and {len(val)} validation documents; "
+                         "both are needed")
+    total = sum(len(d["text"]) for d in train)
+    stride = max(1, round(total / train_chars)) if math.isfinite(train_chars) else 1
+    chosen = train[::stride]
+    _write_jsonl(os.path.join(out, TRAIN_PROBE), chosen[::max(1, len(chosen) // probe_docs)])
+    _write_jsonl(os.path.join(out, "subset.jsonl"), chosen + val)
+    return {"train_docs": len(chosen), "train_chars": sum(len(d["text"]) for d in chosen), "val_docs": len(val),
+            "stride": stride}
+
+
+def prepare(args, preset: dict) -> str:
+    from osp_jax.data import pipeline, prepare as prepare_lib
+
+    out = os.path.join(args.out, "data")
+    if os.path.isfile(os.path.join(out, "metadata.json")):
+        return out
+    if args.corpus:
+        files = sorted(glob.glob(args.corpus))
+    elif preset["data"] == "builtin":
+        files = [pipeline.builtin_files()[0]]
+    else:
+        files = sorted(glob.glob(preset["corpus"]))
+    if not files:
+        raise SystemExit(f"epochs: --corpus={args.corpus or preset['corpus']!r} matches no file")
+    tokenizer = args.tokenizer or preset["tokenizer"] or pipeline.builtin_files()[1]
+    # Characters for the token target: ~4 per token for BPE on English and code; the report uses the
+    # prepared split's exact token count, so the estimate only sets the subset's size.
+    counts = make_subset(files, args.out, args.train_tokens * args.chars_per_token)
+    abl._write_json(os.path.join(args.out, "subset.json"), counts)
+    log.info("subset: %s", counts)
+    argv = ["--input", os.path.join(args.out, "subset.jsonl"), "--output", out, "--tokenizer", tokenizer, "--workers", str(args.workers), "--quiet"]
+    log.info("python -m osp_jax.data.prepare %s", shlex.join(argv))
+    if prepare_lib.main(argv) != 0:
+        raise SystemExit("epochs: data preparation failed")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _ratio(r: dict, key: str) -> float:
+    return r[key]["quant_ppl"] / r["w16a16kv16"]["quant_ppl"]
+
+
+def plot(rows: list[dict], labels: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, label in labels.items():
+        rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["epochs"])
+        if not rs:
+            continue
+        x = [r["epochs"] for r in rs]
+        line, = a1.plot(x, [_ratio(r["eval"], "w4a4kv4") for r in rs], marker="o", label=f"{label}: held out")
+        a1.plot(x, [_ratio(r["train_eval"], "w4a4kv4") for r in rs], marker="s", ls="--", color=line.get_color(),
+                label=f"{label}: training documents")
+        a2.plot(x, [r["eval"]["w16a16kv16"]["quant_ppl"] for r in rs], marker="o", color=line.get_color(),
+                label=f"{label}: held out")
+        a2.plot(x, [r["train_eval"]["w16a16kv16"]["quant_ppl"] for r in rs], marker="s", ls="--",
+                color=line.get_color(), label=f"{label}: training documents")
+    a1.set_ylabel("4-4-4 perplexity / 16-bit perplexity")
+    a2.set_ylabel("16-bit perplexity")
+    a2.set_yscale("log")
+    for a in (a1, a2):
+        a.set_xlabel("epochs over the training subset")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(args, info: dict, rows: list[dict], plot_path: str) -> str:
+    m = info["model"]
+    labels = {a[0]: a[1] for a in abl.ARMS}
+    rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.doc)))
+    L = [f"## `{args.preset}`, past one epoch: memorisation and the 4-bit cost", "",
+         f"- Date: {info['date']}; git commit `{info['commit']}`; device: {info['device']}.",
+         f"- Command: `{info['command']}` (made by `experiments/epochs.py`).",
+         f"- Model: dim {m['dim']}, {m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), SwiGLU "
+         f"{m['ffn_dim']}, vocabulary {m['vocab_size']}; compute dtype {m['dtype']}.",
+         f"- Data: {info['train_tokens'] / 1e6:.3f} M training tokens ({info['subset']['train_docs']} whole "
+         f"documents taken evenly across {info['corpus']}); {info['batch']} x {info['seq_len']} tokens a step.",
+         f"- One run per arm and epoch count, each with its own schedule (warmup, cosine to 0.1x over the "
+         f"run); weight decay 0.1; clip 1.0; seed {info['seed']}; rates fixed, not swept here: "
+         + ", ".join(f"{labels[a]} {lr:g}" for a, lr in info["lrs"].items()) + ".",
+         f"- Evaluation (`osp_jax.evaluate`, float32, round-to-nearest as in the ablation): held out = "
+         f"{info['eval_tokens']:,} tokens of validation documents; training documents = "
+         f"{info['train_eval_tokens']:,} tokens of documents the model trained on (`{TRAIN_PROBE}`), which "
+         "shows what it memorised. Ratios: perplexity / the same model's 16-16-16 perplexity on the same "
+         "tokens.", "",
+         "| arm | epochs | steps | ppl train docs (4-4-4) | ppl held out | excess kurtosis | max \\|act\\| | "
+         "kurtosis (max \\|x\\|) at q/k/v / down-proj inputs | 4-16-16 (W only) | 16-4-16 (A only) | 4-4-4 |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {a[0]: i for i, a in enumerate(abl.ARMS)}
+    for r in sorted(rows, key=lambda r: (order[r["arm"]], r["epochs"])):
+        e, fp, t = r["eval"], r["eval"]["w16a16kv16"], r["train_eval"]
+        L.append(f"| {labels[r['arm']]} | {r['epochs']:.2f} | {r['steps']} | "
+                 f"{t['w16a16kv16']['quant_ppl']:.2f} ({_ratio(t, 'w4a4kv4'):.3f}x) | {fp['quant_ppl']:.2f} | "
+                 f"{fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | {abl._linear_inputs_cell(fp)} | "
+                 + " | ".join(f"{e[k]['quant_ppl']:.2f} ({_ratio(e, k):.3f}x)"
+                              for k in ("w4a16kv16", "w16a4kv16", "w4a4kv4")) + " |")
+    L += ["", f"![4-bit cost and perplexity against epochs]({rel})", ""]
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _arm_rates(text: str | None, preset: str, arms: list[str]) -> dict:
+    out = {a: DEFAULT_LR[preset] for a in arms}
+    for part in (text or "").split(","):
+        if part.strip():
+            arm, _, lr = part.partition(":")
+            if arm not in out:
+                raise SystemExit(f"epochs: --lrs names arm {arm!r}, not one of --arms {arms}")
+            out[arm] = float(lr)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(abl.PRESETS), required=True)
+    p.add_argument("--out", required=True, help="directory for the subset, runs and evaluations")
+    p.add_argument("--corpus", default=None, help="glob of .jsonl[.xz] files (default: the preset's)")
+    p.add_argument("--tokenizer", default=None, help="PATH or train:VOCAB (default: the preset's)")
+    p.add_argument("--train-tokens", type=float, default=float("inf"),
+                   help="size of the training subset (default: every training document)")
+    p.add_argument("--chars-per-token", type=float, default=4.0, help="to size the subset before tokenising")
+    p.add_argument("--epochs", default="1,2,4", help="comma-separated epoch counts, one run each")
+    p.add_argument("--arms", default="adam,osp", help=f"comma-separated, of {[a[0] for a in abl.ARMS]}")
+    p.add_argument("--lrs", default=None, help="ARM:RATE,... (default: the rate the preset's sweep chose)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="tokens per evaluation (default: the preset's)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every run")
+    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "ablation.md"))
+    p.add_argument("--plot", default=None, help="plot path (default: docs/ablation_PRESET_epochs.png)")
+    p.add_argument("--date", default=None)
+    args = p.parse_args(argv)
+    args.out = os.path.abspath(args.out)
+    arms = [a for a in args.arms.split(",") if a]
+    by_name = {a[0]: a for a in abl.ARMS}
+    if unknown := [a for a in arms if a not in by_name]:
+        p.error(f"--arms: unknown {unknown}; choose from {list(by_name)}")
+    epochs = sorted(abl._floats(args.epochs))
+    if not epochs or min(epochs) <= 0:
+        p.error("--epochs: positive numbers, e.g. 1,2,4")
+    if not args.train_tokens > 0:
+        p.error("--train-tokens: a positive number")
+    lrs = _arm_rates(args.lrs, args.preset, arms)
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for name in ("epochs", "ablation", "osp_jax"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    preset = abl.PRESETS[args.preset]
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    data = prepare(args, preset)
+    train_tokens = abl.train_tokens_in(data)
+    extra = abl._overrides(args.set)
+    extra.setdefault("train.checkpoint_every", 0)
+    eval_tokens = args.eval_tokens or preset["eval_tokens"]
+    probe = os.path.join(args.out, TRAIN_PROBE)
+
+    rows = []
+    for arm in arms:
+        for ep in epochs:
+            cfg = abl.make_config(preset, data, by_name[arm], lrs[arm], 1, args.seed, extra)
+            per_step = cfg.train.global_batch_size * cfg.train.seq_len
+            steps = max(1, round(ep * train_tokens / per_step))
+            cfg = abl.make_config(preset, data, by_name[arm], lrs[arm], steps, args.seed, extra)
+            workdir = os.path.join(args.out, f"{arm}_ep{ep:g}")
+            abl.run(cfg, workdir)
+            ev = abl.evaluate_all(workdir, data, eval_tokens, preset["eval_batch"], SETTINGS)
+            tr = abl.evaluate_all(workdir, probe, eval_tokens, preset["eval_batch"],
+                                  tuple(s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4")), prefix="train")
+            rows.append({"arm": arm, "epochs": steps * per_step / train_tokens, "steps": steps, "lr": lrs[arm],
+                         "eval": ev, "train_eval": tr})
+
+    cfg = abl.make_config(preset, data, by_name[arms[0]], lrs[arms[0]], 1, args.seed, extra)
+    info = {"date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+            "commit": abl._git("rev-parse", "--short", "HEAD"), "device": abl._device(),
+            "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+            "model": cfg.model.to_dict(), "train_tokens": train_tokens,
+            "subset": abl._read_json(os.path.join(args.out, "subset.json")),
+            "corpus": args.corpus or preset["corpus"] or "the built-in corpus",
+            "eval_tokens": rows[0]["eval"]["w16a16kv16"]["tokens"],
+            "train_eval_tokens": rows[0]["train_eval"]["w16a16kv16"]["tokens"],
+            "batch": cfg.train.global_batch_size, "seq_len": cfg.train.seq_len, "lrs": lrs, "seed": args.seed}
+    path = plot(rows, {a: by_name[a][1] for a in arms},
+                args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_epochs.png"))
+    body = report(args, info, rows, path)
+    abl.write_section(args.doc, f"{args.preset}:epochs", body)
+    abl._write_json(os.path.join(args.out, "epochs.json"), {"info": info, "rows": rows})
+    print(body)
+    log.info("wrote %s and %s (%.1f min)", args.doc, path, (time.time() - t0) / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
