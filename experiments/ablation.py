@@ -10,7 +10,8 @@ Steps, in order (each skipped when its output is already complete, so a re-run r
    update is RMS-matched to AdamW, so both optimisers sweep the same rates. The Muon arm's rate is used
    by all three Muon arms unless --sweep-each gives every arm its own sweep;
 3. the four compared runs, equal tokens, with kurtosis / max |activation| logged every outlier_every;
-4. `osp_jax.evaluate` of each at W16A16KV16, W4A16KV16, W16A4KV16, W4A4KV4 and W4A4KV4 + FFN Hadamard;
+4. `osp_jax.evaluate` of each at W16A16KV16, W4A16KV16 (round-to-nearest, and with the per-channel
+   MSE clip search), W16A4KV16, W4A4KV4 and W4A4KV4 + FFN Hadamard;
    then the sweep's shorter runs at 16-16-16 and 4-4-4 (quantisation cost against 16-bit quality);
 5. the report: a section of docs/ablation.md (between `<!-- ablation:PRESET:begin/end -->` markers;
    text outside the markers, such as interpretation, is kept) and two plots of the curves.
@@ -45,13 +46,14 @@ ARMS = (
     ("muon_ssnorm", "Muon + SSNorm", "muon", "single", False),
     ("osp", "Muon + SSNorm + EmbProj (OSP)", "muon", "single", True),
 )
-# (key, W,A,KV bits, hadamard, column title)
+# (key, W,A,KV bits, extra osp_jax.evaluate flags, column title)
 SETTINGS = (
-    ("w16a16kv16", "16,16,16", None, "16-16-16"),
-    ("w4a16kv16", "4,16,16", None, "4-16-16 (W only)"),
-    ("w16a4kv16", "16,4,16", None, "16-4-16 (A only)"),
-    ("w4a4kv4", "4,4,4", None, "4-4-4"),
-    ("w4a4kv4_had", "4,4,4", "ffn", "4-4-4 + FFN Had."),
+    ("w16a16kv16", "16,16,16", (), "16-16-16"),
+    ("w4a16kv16", "4,16,16", (), "4-16-16 (W only)"),
+    ("w4a16kv16_clip", "4,16,16", ("--clip-search",), "4-16-16, MSE clip"),
+    ("w16a4kv16", "16,4,16", (), "16-4-16 (A only)"),
+    ("w4a4kv4", "4,4,4", (), "4-4-4"),
+    ("w4a4kv4_had", "4,4,4", ("--hadamard=ffn",), "4-4-4 + FFN Had."),
 )
 
 PRESETS = {
@@ -244,13 +246,13 @@ def evaluate_all(workdir: str, data_path: str, max_tokens: int, batch_size: int,
     from osp_jax import evaluate
 
     out = {}
-    for key, bits, had, _ in settings:
+    for key, bits, flags, _ in settings:
         path = os.path.join(workdir, f"{prefix}_{key}.json")
         if REPORT_ONLY and not os.path.exists(path):
             continue
         if not os.path.exists(path):
             argv = [f"--workdir={workdir}", f"--data={data_path}", f"--bits={bits}", f"--output={path}",
-                    f"--max-tokens={max_tokens}", f"--batch-size={batch_size}"] + ([f"--hadamard={had}"] if had else [])
+                    f"--max-tokens={max_tokens}", f"--batch-size={batch_size}", *flags]
             log.info("python -m osp_jax.evaluate %s", " ".join(argv))
             t0 = time.time()
             if evaluate.main(argv) != 0:
@@ -334,7 +336,8 @@ def report(args, preset, info: dict, sweep: list, chosen: dict, results: dict, c
           f"- Schedule: linear warmup {info['warmup']} steps, cosine to 0.1x; weight decay 0.1; clip 1.0; "
           f"seed {info['seed']}. Evaluation: `osp_jax.evaluate` on {info['eval_tokens']:,} tokens of the "
           f"validation split (whole held-out documents), float32; round-to-nearest W per output channel "
-          f"(symmetric), A per token and KV in groups of 128 (asymmetric).", ""]
+          f"(symmetric; \"MSE clip\": each channel's clip ratio searched over 1.0-0.5 for the least weight "
+          f"error), A per token and KV in groups of 128 (asymmetric).", ""]
 
     L += ["### Learning-rate sweep", "",
           f"Each rate on {info['sweep_steps']} steps ({info['sweep_fraction']:.2f} of the run, cosine to that "

@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 import ablation as abl  # noqa: E402  (the arms, presets, training and evaluation steps)
 
 ROOT = abl.ROOT
-SETTINGS = tuple(s for s in abl.SETTINGS if s[2] is None)  # 16-16-16, W only, A only, 4-4-4
+SETTINGS = tuple(s for s in abl.SETTINGS if s[0] in ("w16a16kv16", "w4a16kv16", "w16a4kv16", "w4a4kv4"))
 DEFAULT_LR = {"cpu_tiny": 1e-2, "gpu_124m": 4e-3}  # the rates the presets' sweeps chose (docs/ablation.md)
 TRAIN_PROBE = "train_probe.jsonl"  # training documents, evaluated like the held-out ones
 VAL_EVERY = 50  # without a `split` field: every 50th document of a file is held out
