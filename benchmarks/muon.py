@@ -180,19 +180,6 @@ def compiled_cost(opt, shapes) -> dict:
             "gbytes_accessed": round(float(cost["bytes accessed"]) / 1e9, 3)}
 
 
-def _newton_schulz_float64(x: np.ndarray, steps: int = 5, coeffs=osp_muon.DEFAULT_NS_COEFFS) -> np.ndarray:
-    """The quintic iteration as written in the papers, in float64 (the reference for --accuracy)."""
-    x = np.asarray(x, np.float64)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    x = x / np.linalg.norm(x)
-    a, b, c = coeffs
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + b * gram @ x + c * gram @ gram @ x
-    return x.T if tall else x
-
-
 def accuracy(shapes=((256, 256), (256, 704), (704, 256), (512, 1376)), seeds: int = 4) -> list[dict]:
     """Relative Frobenius error of `osp_jax.muon.newton_schulz` (bf16 matmuls, bf16 iterate) against the
     float64 iteration, on Gaussian matrices, mean over `seeds`."""
@@ -203,7 +190,7 @@ def accuracy(shapes=((256, 256), (256, 704), (704, 256), (512, 1376)), seeds: in
         errs = []
         for _ in range(seeds):
             g = rng.standard_normal(shape).astype(np.float32)
-            ref = _newton_schulz_float64(g)
+            ref = osp_muon.newton_schulz_reference(g)
             errs.append(float(np.linalg.norm(np.asarray(ns(jnp.asarray(g)), np.float64) - ref) / np.linalg.norm(ref)))
         rows.append({"shape": list(shape), "rel_error": round(statistics.mean(errs), 4)})
     return rows

@@ -133,6 +133,21 @@ def newton_schulz(x: jax.Array, steps: int = 5, coeffs=DEFAULT_NS_COEFFS, eps: f
     return x.astype(dtype)
 
 
+def newton_schulz_reference(x, steps: int = 5, coeffs=DEFAULT_NS_COEFFS) -> np.ndarray:
+    """The same iteration in float64 NumPy, as the papers write it (`x <- a x + b (x x^T) x +
+    c (x x^T)^2 x`, from `x / ||x||_F`, on the wide orientation): the reference that tests and
+    `benchmarks/muon.py --accuracy` hold `newton_schulz` to. One matrix, one (a, b, c) triple."""
+    x = np.asarray(x, np.float64)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / np.linalg.norm(x)
+    a, b, c = coeffs
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return x.T if tall else x
+
+
 # ------------------------------------------------------------------------------------------------
 # Dimension numbers: which axes of a leaf form the matrix
 # ------------------------------------------------------------------------------------------------
@@ -474,6 +489,7 @@ __all__ = [
     "infer_dimension_numbers",
     "muon",
     "newton_schulz",
+    "newton_schulz_reference",
     "orthogonalize_stacks",
     "scale_by_muon",
     "scale_by_shape",
