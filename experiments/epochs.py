@@ -15,8 +15,11 @@ Steps (each skipped when its output exists, so a re-run resumes):
    --train-tokens, plus every validation document (the corpus's `split` field, else every 50th
    document of each file), into OUT/subset.jsonl; `osp_jax.data.prepare` makes OUT/data;
 2. the runs, OUT/ARM_epE, with `osp_jax.train` (memorisation shows as train loss below validation loss);
-3. the evaluations (eval_*.json in each run), the report section `<!-- ablation:PRESET:epochs:... -->`
-   of docs/ablation.md and a plot of each arm's 4-bit cost and losses against epochs.
+3. the evaluations (eval_*.json in each run), the report section `<!-- ablation:PRESET:NAME:... -->`
+   of docs/ablation.md (--name, default "epochs") and a plot of each arm's 4-bit cost and perplexity
+   against epochs.
+
+Epoch counts below one make the same script a token-count study within one epoch (`--name=tokens`).
 """
 from __future__ import annotations
 
@@ -152,7 +155,9 @@ def report(args, info: dict, rows: list[dict], plot_path: str) -> str:
     m = info["model"]
     labels = {a[0]: a[1] for a in abl.ARMS}
     rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.doc)))
-    L = [f"## `{args.preset}`, past one epoch: memorisation and the 4-bit cost", "",
+    title = ("past one epoch: memorisation and the 4-bit cost" if max(r["epochs"] for r in rows) > 1.01 else
+             "within one epoch: training tokens and the 4-bit cost")
+    L = [f"## `{args.preset}`, {title} (`--name={args.name}`)", "",
          f"- Date: {info['date']}; git commit `{info['commit']}`; device: {info['device']}.",
          f"- Command: `{info['command']}` (made by `experiments/epochs.py`).",
          f"- Model: dim {m['dim']}, {m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), SwiGLU "
@@ -167,13 +172,13 @@ def report(args, info: dict, rows: list[dict], plot_path: str) -> str:
          f"{info['train_eval_tokens']:,} tokens of documents the model trained on (`{TRAIN_PROBE}`), which "
          "shows what it memorised. Ratios: perplexity / the same model's 16-16-16 perplexity on the same "
          "tokens.", "",
-         "| arm | epochs | steps | ppl train docs (4-4-4) | ppl held out | excess kurtosis | max \\|act\\| | "
+         "| arm | epochs | tokens | ppl train docs (4-4-4) | ppl held out | excess kurtosis | max \\|act\\| | "
          "kurtosis (max \\|x\\|) at q/k/v / down-proj inputs | 4-16-16 (W only) | 16-4-16 (A only) | 4-4-4 |",
          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {a[0]: i for i, a in enumerate(abl.ARMS)}
     for r in sorted(rows, key=lambda r: (order[r["arm"]], r["epochs"])):
         e, fp, t = r["eval"], r["eval"]["w16a16kv16"], r["train_eval"]
-        L.append(f"| {labels[r['arm']]} | {r['epochs']:.2f} | {r['steps']} | "
+        L.append(f"| {labels[r['arm']]} | {r['epochs']:.3g} | {r['tokens'] / 1e6:.2f} M | "
                  f"{t['w16a16kv16']['quant_ppl']:.2f} ({_ratio(t, 'w4a4kv4'):.3f}x) | {fp['quant_ppl']:.2f} | "
                  f"{fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | {abl._linear_inputs_cell(fp)} | "
                  + " | ".join(f"{e[k]['quant_ppl']:.2f} ({_ratio(e, k):.3f}x)"
@@ -211,7 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every run")
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "ablation.md"))
-    p.add_argument("--plot", default=None, help="plot path (default: docs/ablation_PRESET_epochs.png)")
+    p.add_argument("--name", default="epochs", help="report section PRESET:NAME and plot name (default epochs)")
+    p.add_argument("--plot", default=None, help="plot path (default: docs/ablation_PRESET_NAME.png)")
     p.add_argument("--date", default=None)
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
@@ -251,7 +257,8 @@ def main(argv=None) -> int:
             ev = abl.evaluate_all(workdir, data, eval_tokens, preset["eval_batch"], SETTINGS)
             tr = abl.evaluate_all(workdir, probe, eval_tokens, preset["eval_batch"],
                                   tuple(s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4")), prefix="train")
-            rows.append({"arm": arm, "epochs": steps * per_step / train_tokens, "steps": steps, "lr": lrs[arm],
+            rows.append({"arm": arm, "epochs": steps * per_step / train_tokens, "steps": steps,
+                         "tokens": steps * per_step, "lr": lrs[arm],
                          "eval": ev, "train_eval": tr})
 
     cfg = abl.make_config(preset, data, by_name[arms[0]], lrs[arms[0]], 1, args.seed, extra)
@@ -265,9 +272,9 @@ def main(argv=None) -> int:
             "train_eval_tokens": rows[0]["train_eval"]["w16a16kv16"]["tokens"],
             "batch": cfg.train.global_batch_size, "seq_len": cfg.train.seq_len, "lrs": lrs, "seed": args.seed}
     path = plot(rows, {a: by_name[a][1] for a in arms},
-                args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_epochs.png"))
+                args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_{args.name}.png"))
     body = report(args, info, rows, path)
-    abl.write_section(args.doc, f"{args.preset}:epochs", body)
+    abl.write_section(args.doc, f"{args.preset}:{args.name}", body)
     abl._write_json(os.path.join(args.out, "epochs.json"), {"info": info, "rows": rows})
     print(body)
     log.info("wrote %s and %s (%.1f min)", args.doc, path, (time.time() - t0) / 60)

@@ -1,0 +1,60 @@
+"""experiments/epochs.py's training subset: whole documents, the held-out side untouched."""
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _epochs_module():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("epochs", ROOT / "experiments" / "epochs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_subset_takes_whole_training_documents_and_every_held_out_one(tmp_path):
+    epochs = _epochs_module()
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"text": f"train document {i} " * 10, "split": "train"} for i in range(100)]
+    docs += [{"text": f"held out {i}", "split": "validation"} for i in range(5)]
+    docs.append({"text": "", "split": "train"})  # empty: skipped
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    train_chars = sum(len(d["text"]) for d in docs if d["split"] == "train")
+
+    counts = epochs.make_subset([str(corpus)], str(tmp_path), train_chars / 4, probe_docs=5)
+    subset = _read(tmp_path / "subset.jsonl")
+    train = [d for d in subset if d["split"] == "train"]
+    originals = {d["text"] for d in docs}
+    assert all(d["text"] in originals for d in subset)  # never cut inside a document
+    assert counts["stride"] == 4 and len(train) == counts["train_docs"] == 25
+    assert [d["text"] for d in subset if d["split"] == "validation"] == [f"held out {i}" for i in range(5)]
+    probe = _read(tmp_path / epochs.TRAIN_PROBE)
+    assert 1 <= len(probe) <= 5 and all(d in train for d in probe)  # trained-on documents only
+
+    counts = epochs.make_subset([str(corpus)], str(tmp_path), float("inf"))
+    assert counts["train_docs"] == 100  # the whole training split
+
+
+def test_subset_without_a_split_field_holds_out_every_50th_document(tmp_path):
+    epochs = _epochs_module()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(200)))
+    counts = epochs.make_subset([str(corpus)], str(tmp_path), float("inf"))
+    held = [d["text"] for d in _read(tmp_path / "subset.jsonl") if d["split"] == "validation"]
+    assert held == ["doc 25", "doc 75", "doc 125", "doc 175"] and counts["train_docs"] == 196
+
+
+def test_subset_needs_both_sides(tmp_path):
+    epochs = _epochs_module()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "only training", "split": "train"}) + "\n")
+    with pytest.raises(SystemExit, match="validation"):
+        epochs.make_subset([str(corpus)], str(tmp_path), 100.0)
