@@ -100,6 +100,7 @@ def make_data(config, mesh):
     note = pipeline.check_vocab(meta, config.model.vocab_size)
     if note:
         log.info("%s", note)
+    _log_epochs(t.steps * t.global_batch_size * t.seq_len, int(meta["splits"]["train"]["tokens"]), d.path)
     train_iter = pipeline.make_iterator(data_dir, "train", seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                                         seed=t.seed, worker_count=d.worker_count, prefetch_buffer=d.prefetch)
     val_dir = pipeline.resolve_data_dir(t.eval_data) if t.eval_data else data_dir
@@ -108,6 +109,19 @@ def make_data(config, mesh):
                                       num_epochs=None)
     val_batches = [next(val_iter) for _ in range(t.eval_batches)]
     return train_iter, val_batches, data_dir
+
+
+def _log_epochs(run_tokens: int, split_tokens: int, path: str) -> float:
+    """Says how many passes over the training split the run makes; warns past one, where held-out
+    loss and quantisation cost measure memorisation too (docs/ablation.md, the epochs sections)."""
+    epochs = run_tokens / max(split_tokens, 1)
+    if epochs > 1:
+        log.warning("this run is %.2f epochs of %s's training split (%s tokens): documents repeat, so "
+                    "held-out loss and 4-bit cost measure memorisation as well as learning", epochs, path,
+                    f"{split_tokens:,}")
+    else:
+        log.info("this run is %.3f epoch of %s's training split (%s tokens)", epochs, path, f"{split_tokens:,}")
+    return epochs
 
 
 def to_global(batch: dict, batch_sharding) -> dict:

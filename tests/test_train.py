@@ -39,6 +39,7 @@ def test_tiny_cli_trains_and_muon_keeps_pace_with_adamw(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 60
     assert "step 60/60" in outputs["muon"] and "tok/s" in outputs["muon"] and "ETA" in outputs["muon"]
+    assert "this run is 0.044 epoch of builtin's training split" in outputs["muon"]  # 60 x 16 x 128 tokens
 
     curves = {name: read_metrics(tmp_path / name) for name in runs}
     records = curves["muon"]
@@ -66,3 +67,14 @@ def test_url_workdir_is_refused_before_anything_is_written(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="URLs are not supported yet"):
         train_lib.train(load_recipe("tiny"), "gs://bucket/run")
+
+
+def test_a_run_past_one_epoch_is_flagged(caplog):
+    import logging
+
+    from osp_jax import train as train_lib
+
+    with caplog.at_level(logging.INFO, logger="osp_jax"):
+        assert train_lib._log_epochs(3_000, 1_000, "DATA") == 3.0
+    (record,) = [r for r in caplog.records if "epochs of DATA" in r.getMessage()]
+    assert record.levelno == logging.WARNING and "memorisation" in record.getMessage()
