@@ -91,7 +91,12 @@ def prepare(args, preset: dict) -> str:
     from osp_jax.data import pipeline, prepare as prepare_lib
 
     out = os.path.join(args.out, "data")
-    if os.path.isfile(os.path.join(out, "metadata.json")):
+    made = os.path.join(args.out, "subset.json")
+    if os.path.isfile(os.path.join(out, "metadata.json")) and os.path.isfile(made):
+        asked = abl._read_json(made).get("asked_train_tokens")
+        if asked is not None and asked != args.train_tokens:
+            raise SystemExit(f"epochs: {out} holds a subset made for --train-tokens={asked:g}, not "
+                             f"{args.train_tokens:g}; use another --out")
         return out
     if args.corpus:
         files = sorted(glob.glob(args.corpus))
@@ -105,12 +110,13 @@ def prepare(args, preset: dict) -> str:
     # Characters for the token target: ~4 per token for BPE on English and code; the report uses the
     # prepared split's exact token count, so the estimate only sets the subset's size.
     counts = make_subset(files, args.out, args.train_tokens * args.chars_per_token)
-    abl._write_json(os.path.join(args.out, "subset.json"), counts)
     log.info("subset: %s", counts)
-    argv = ["--input", os.path.join(args.out, "subset.jsonl"), "--output", out, "--tokenizer", tokenizer, "--workers", str(args.workers), "--quiet"]
+    argv = ["--input", os.path.join(args.out, "subset.jsonl"), "--output", out, "--tokenizer", tokenizer,
+            "--workers", str(args.workers), "--quiet"]
     log.info("python -m osp_jax.data.prepare %s", shlex.join(argv))
     if prepare_lib.main(argv) != 0:
         raise SystemExit("epochs: data preparation failed")
+    abl._write_json(made, {**counts, "asked_train_tokens": args.train_tokens})  # last: the subset is complete
     return out
 
 

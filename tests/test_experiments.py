@@ -58,3 +58,24 @@ def test_subset_needs_both_sides(tmp_path):
     corpus.write_text(json.dumps({"text": "only training", "split": "train"}) + "\n")
     with pytest.raises(SystemExit, match="validation"):
         epochs.make_subset([str(corpus)], str(tmp_path), 100.0)
+
+
+def test_a_prepared_subset_is_not_reused_for_another_size(tmp_path):
+    import argparse
+
+    from osp_jax.data import pipeline
+
+    epochs = _epochs_module()
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"text": f"document number {i}. " * 20, "split": "train"} for i in range(40)]
+    docs += [{"text": f"held out number {i}. " * 20, "split": "validation"} for i in range(4)]
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    args = argparse.Namespace(out=str(tmp_path / "out"), corpus=str(corpus), tokenizer=pipeline.builtin_files()[1],
+                              train_tokens=1000.0, chars_per_token=4.0, workers=1)
+    (tmp_path / "out").mkdir()
+    data = epochs.prepare(args, epochs.abl.PRESETS["cpu_tiny"])
+    assert pipeline.load_metadata(data)["splits"]["validation"]["documents"] == 4
+    assert epochs.prepare(args, epochs.abl.PRESETS["cpu_tiny"]) == data  # the same size: reused
+    args.train_tokens = 2000.0
+    with pytest.raises(SystemExit, match="another --out"):
+        epochs.prepare(args, epochs.abl.PRESETS["cpu_tiny"])
