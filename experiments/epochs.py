@@ -130,7 +130,7 @@ def plot(rows: list[dict], labels: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.4))
     for arm, label in labels.items():
         rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["epochs"])
         if not rs:
@@ -143,11 +143,19 @@ def plot(rows: list[dict], labels: dict, path: str) -> str:
                 label=f"{label}: held out")
         a2.plot(x, [r["train_eval"]["w16a16kv16"]["quant_ppl"] for r in rs], marker="s", ls="--",
                 color=line.get_color(), label=f"{label}: training documents")
+        # The cost against how good the model is: the comparison at matched quality.
+        a3.plot([r["eval"]["w16a16kv16"]["quant_ppl"] for r in rs], [_ratio(r["eval"], "w4a4kv4") for r in rs],
+                marker="o", color=line.get_color(), label=f"{label} (points: epoch counts)")
     a1.set_ylabel("4-4-4 perplexity / 16-bit perplexity")
     a2.set_ylabel("16-bit perplexity")
     a2.set_yscale("log")
-    for a in (a1, a2):
-        a.set_xlabel("epochs over the training subset")
+    a3.set_xscale("log")
+    a3.invert_xaxis()  # better models to the right
+    a3.set_xlabel("held-out 16-bit perplexity (log, better to the right)")
+    a3.set_ylabel("4-4-4 perplexity / 16-bit perplexity (held out)")
+    for a in (a1, a2, a3):
+        if a is not a3:
+            a.set_xlabel("epochs over the training subset")
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
@@ -189,7 +197,7 @@ def report(args, info: dict, rows: list[dict], plot_path: str) -> str:
                  f"{fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | {abl._linear_inputs_cell(fp)} | "
                  + " | ".join(f"{e[k]['quant_ppl']:.2f} ({_ratio(e, k):.3f}x)"
                               for k in ("w4a16kv16", "w16a4kv16", "w4a4kv4")) + " |")
-    L += ["", f"![4-bit cost and perplexity against epochs]({rel})", ""]
+    L += ["", f"![4-bit cost and perplexity against epochs, and the cost against perplexity]({rel})", ""]
     return "\n".join(L)
 
 
@@ -224,7 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "ablation.md"))
     p.add_argument("--name", default="epochs", help="report section PRESET:NAME and plot name (default epochs)")
     p.add_argument("--plot", default=None, help="plot path (default: docs/ablation_PRESET_NAME.png)")
-    p.add_argument("--date", default=None)
+    p.add_argument("--date", default=None, help="date written in the report (default: today, UTC)")
+    p.add_argument("--commit", default=None, help="commit written in the report (default: this checkout's)")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
     arms = [a for a in args.arms.split(",") if a]
@@ -269,7 +278,7 @@ def main(argv=None) -> int:
 
     cfg = abl.make_config(preset, data, by_name[arms[0]], lrs[arms[0]], 1, args.seed, extra)
     info = {"date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-            "commit": abl._git("rev-parse", "--short", "HEAD"), "device": abl._device(),
+            "commit": args.commit or abl._git("rev-parse", "--short", "HEAD"), "device": abl._device(),
             "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
             "model": cfg.model.to_dict(), "train_tokens": train_tokens,
             "subset": abl._read_json(os.path.join(args.out, "subset.json")),
