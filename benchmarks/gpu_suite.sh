@@ -24,7 +24,8 @@
 # Needs osp_jax's requirements installed (setup.py; on a bare image: grain, array_record,
 # ml_collections, portpicker, tensorboardX, zstandard beside jax/flax/optax/orbax).
 # Environment: REMAT (compare's policy), ACCUM (compare's micro-batches, default 32), STEPS (timed
-# steps, default 10), COMPARE_STEPS (default 3), REMATS (remat_* policies, default "full dots none").
+# steps, default 10), COMPARE_STEPS (default 3), REMATS (remat_* policies, default "full dots none"),
+# DATA and CORPUS (ablation), EPOCHS_OUT, EPOCH_TOKENS and EPOCHS (epochs).
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUT STAGE...}
 shift
@@ -98,7 +99,8 @@ ablation() {
 
 epochs() {
   # 7 epochs of 8 M tokens per arm; resumable, so a call cut short goes on. Not timed as a whole.
-  $PY experiments/epochs.py --preset=gpu_124m --out="$OUT/epochs" \
+  # EPOCHS_OUT: a directory made beforehand with --prepare-only (carried), else OUT/epochs.
+  $PY experiments/epochs.py --preset=gpu_124m --out="${EPOCHS_OUT:-$OUT/epochs}" \
     --corpus="${CORPUS:-/work/shared/corpus/*.jsonl.xz}" --train-tokens="${EPOCH_TOKENS:-8e6}" \
     --epochs="${EPOCHS:-1,2,4}" --arms=adam,osp --lrs=adam:1e-3,osp:4e-3 --eval-tokens=524288
 }

@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "ablation.md"))
     p.add_argument("--name", default="epochs", help="report section PRESET:NAME and plot name (default epochs)")
     p.add_argument("--plot", default=None, help="plot path (default: docs/ablation_PRESET_NAME.png)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="make OUT/data and the training-document probe, then stop (e.g. to carry them to a GPU)")
     p.add_argument("--date", default=None, help="date written in the report (default: today, UTC)")
     p.add_argument("--commit", default=None, help="commit written in the report (default: this checkout's)")
     args = p.parse_args(argv)
@@ -255,6 +257,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     data = prepare(args, preset)
     train_tokens = abl.train_tokens_in(data)
+    if args.prepare_only:
+        log.info("prepared %s: %s training tokens; %s holds what the runs need (subset.jsonl is not needed)",
+                 data, f"{train_tokens:,}", args.out)
+        return 0
     extra = abl._overrides(args.set)
     extra.setdefault("train.checkpoint_every", 0)
     eval_tokens = args.eval_tokens or preset["eval_tokens"]
