@@ -217,13 +217,13 @@ def run(config, workdir: str) -> dict | None:
         return _read_json(done) if os.path.exists(done) else None
     if os.path.exists(done):
         saved = _read_json(os.path.join(workdir, "config.json"))
-        want = (config.optimizer.learning_rate, config.train.steps)
-        have = (saved["optimizer"]["learning_rate"], saved["train"]["steps"])
+        want = (config.optimizer.learning_rate, config.train.steps, config.train.seed)
+        have = (saved["optimizer"]["learning_rate"], saved["train"]["steps"], saved["train"]["seed"])
         if have == want:
             return _read_json(done)
-        # A wider sweep chose another rate (or --steps changed): keep the old run aside, train afresh.
-        aside = f"{workdir}.lr{have[0]:g}_s{have[1]}"
-        log.warning("%s was trained with lr %g, %d steps; moved to %s", workdir, have[0], have[1], aside)
+        # A wider sweep chose another rate (or --steps or --seed changed): keep the old run aside, train afresh.
+        aside = f"{workdir}.lr{have[0]:g}_s{have[1]}" + (f"_seed{have[2]}" if have[2] != want[2] else "")
+        log.warning("%s was trained with lr %g, %d steps, seed %d; moved to %s", workdir, *have, aside)
         os.replace(workdir, aside)
     log.info("train %s (%d steps, optimizer %s, lr %.3g, norm %s, embed_proj %s)", workdir, config.train.steps,
              config.optimizer.name, config.optimizer.learning_rate, config.model.norm_scale, config.model.embed_proj)

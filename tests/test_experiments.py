@@ -1,6 +1,8 @@
-"""experiments/epochs.py's training subset: whole documents, the held-out side untouched."""
+"""The experiment scripts: epochs.py's training subset (whole documents, the held-out side untouched) and
+ablation.py's reuse of finished runs."""
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -79,3 +81,31 @@ def test_a_prepared_subset_is_not_reused_for_another_size(tmp_path):
     args.train_tokens = 2000.0
     with pytest.raises(SystemExit, match="another --out"):
         epochs.prepare(args, epochs.abl.PRESETS["cpu_tiny"])
+
+
+def test_a_finished_run_is_reused_only_for_the_same_rate_steps_and_seed(tmp_path, monkeypatch):
+    from osp_jax import train as train_lib
+    from tests.helpers import small_config
+
+    abl = _epochs_module().abl
+    trained = []
+
+    def fake_train(config, workdir):  # writes what a finished osp_jax.train run leaves behind
+        trained.append(config.train.seed)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": config.train.steps, "loss": 1.0}) + "\n")
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f)
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(train_lib, "train", fake_train)
+    config = small_config()
+    abl.run(config, str(tmp_path / "run"))
+    abl.run(config, str(tmp_path / "run"))  # done: reused
+    assert trained == [config.train.seed]
+    other = small_config()
+    other.train.seed = config.train.seed + 1
+    abl.run(other, str(tmp_path / "run"))
+    assert trained == [config.train.seed, other.train.seed]
+    assert (tmp_path / f"run.lr{config.optimizer.learning_rate:g}_s{config.train.steps}_seed{config.train.seed}").is_dir()
