@@ -1,4 +1,5 @@
 """Tests for osp_jax.muon: Newton–Schulz quality, dimension numbers, optax composition, sharding."""
+import functools
 import os
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,18 @@ def test_newton_schulz_matches_float64_reference(shape):
     # it must still be the same iteration.
     x = _spectral_matrix(np.random.default_rng(5), *shape)
     _assert_bf16_close(newton_schulz(jnp.asarray(x, jnp.float32)), newton_schulz_reference(x))
+
+
+def test_newton_schulz_steps_write_no_float32_iterate():
+    # Each step's last matmul writes the next bf16 iterate itself: the only float32 tensors of the
+    # iterate's shape are the normalisation's and the final cast's, however many steps run.
+    x = jax.ShapeDtypeStruct((64, 160), jnp.float32)
+
+    def f32_iterates(steps):
+        text = jax.jit(functools.partial(newton_schulz, steps=steps)).lower(x).as_text()
+        return text.count("tensor<64x160xf32>")
+
+    assert f32_iterates(5) == f32_iterates(1)
 
 
 def test_newton_schulz_keeps_dtype_and_zero():
