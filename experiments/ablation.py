@@ -12,7 +12,8 @@ Steps, in order (each skipped when its output is already complete, so a re-run r
 3. the four compared runs, equal tokens, with kurtosis / max |activation| logged every outlier_every;
 4. `osp_jax.evaluate` of each at W16A16KV16, W4A16KV16 (round-to-nearest, and with the per-channel
    MSE clip search), W16A4KV16, W4A4KV4 and W4A4KV4 + FFN Hadamard;
-   then the sweep's shorter runs at 16-16-16 and 4-4-4 (quantisation cost against 16-bit quality);
+   then the sweep's shorter runs at the same settings but the clip search (quantisation cost against
+   16-bit quality);
 5. the report: a section of docs/ablation.md (between `<!-- ablation:PRESET:begin/end -->` markers;
    text outside the markers, such as interpretation, is kept) and two plots of the curves.
 
@@ -272,8 +273,9 @@ def _add_sweep_run(sweep: list, arm: tuple, lr: float, summary: dict | None) -> 
 
 
 def evaluate_sweep(sweep: list, out: str, data_path: str, eval_tokens: int, batch_size: int) -> None:
-    """16-bit, 4-4-4 and 4-4-4 + FFN Hadamard for every finite sweep run (into each record's "eval")."""
-    few = [s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4", "w4a4kv4_had")]
+    """Every setting but the clip search for every finite sweep run (into each record's "eval"): with the
+    arms the sweep stage adds, the issue's whole table at the sweep's length."""
+    few = [s for s in SETTINGS if s[0] != "w4a16kv16_clip"]
     for rec in sweep:
         if rec["val_loss"] is not None and math.isfinite(rec["val_loss"]):
             rec["eval"] = evaluate_all(os.path.join(out, "sweep", f"{rec['arm']}_lr{rec['lr']:g}"),
@@ -445,9 +447,9 @@ def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> st
          "- Evaluation: `osp_jax.evaluate` on the validation split, float32; round-to-nearest W per output "
          "channel (symmetric), A per token and KV in groups of 128 (asymmetric); ratio = perplexity / the "
          "same model's 16-16-16 perplexity.", "",
-         "| arm | lr | val loss | excess kurtosis | max \\|act\\| | ppl 16-16-16 | 4-4-4 | 4-4-4 + FFN Had. | tokens/s |"
-         + (" kurtosis (max \\|x\\|) at q/k/v / down-proj inputs |" if linear else ""),
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if linear else "")]
+         "| arm | lr | val loss | excess kurtosis | max \\|act\\| | ppl 16-16-16 | 4-16-16 (W only) | 16-4-16 (A only) "
+         "| 4-4-4 | 4-4-4 + FFN Had. | tokens/s |" + (" kurtosis (max \\|x\\|) at q/k/v / down-proj inputs |" if linear else ""),
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if linear else "")]
     order = {a[0]: i for i, a in enumerate(ARMS)}
     for rec in sorted(sweep, key=lambda r: (order[r["arm"]], r["lr"])):
         e = rec.get("eval", {})
@@ -460,7 +462,7 @@ def report_sweep(args, info: dict, sweep: list, chosen: dict, plots: list) -> st
         tps = (rec.get("summary") or {}).get("tokens_per_sec")
         L.append(f"| {labels[rec['arm']]} | {rec['lr']:g}{star} | {_fmt(rec['val_loss'], '.4f')} | "
                  + (f"{fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | {fp['quant_ppl']:.2f}" if fp else "– | – | –")
-                 + f" | {q('w4a4kv4')} | {q('w4a4kv4_had')} | {_fmt(tps, ',.0f')} |"
+                 + f" | {q('w4a16kv16')} | {q('w16a4kv16')} | {q('w4a4kv4')} | {q('w4a4kv4_had')} | {_fmt(tps, ',.0f')} |"
                  + (f" {_linear_inputs_cell(fp)} |" if linear else ""))
     edges = [labels[a] for a, _ in info["swept"] if chosen[a] in (min(info["lrs"]), max(info["lrs"]))]
     if edges and len(info["lrs"]) > 1:
