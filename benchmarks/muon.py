@@ -32,6 +32,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 osp_muon = importlib.import_module("osp_jax.muon")  # the module; osp_jax.muon is the function
+from osp_jax.metrics import compiled_cost  # noqa: E402
 
 # Leaves that stay on AdamW in OSP: the embedding, the LM head and the norm scales.
 ADAMW_LEAVES = ("embed", "lm_head", "attn_norm", "mlp_norm", "final_norm")
@@ -168,16 +169,13 @@ def newton_schulz_only(shapes, iters: int, steps: int = 5) -> list[dict]:
     return rows
 
 
-def compiled_cost(opt, shapes) -> dict:
+def update_cost(opt, shapes) -> dict:
     """XLA's cost analysis of one compiled update on abstract shapes (nothing is run or allocated):
     FLOPs and bytes accessed, the memory traffic the update's fusions imply on this backend."""
     state = jax.eval_shape(opt.init, shapes)
     compiled = jax.jit(lambda g, s, p: opt.update(g, s, p)).lower(shapes, state, shapes).compile()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0]
-    return {"gflops": round(float(cost["flops"]) / 1e9, 3),
-            "gbytes_accessed": round(float(cost["bytes accessed"]) / 1e9, 3)}
+    cost = compiled_cost(compiled)
+    return {"gflops": round(cost["flops"] / 1e9, 3), "gbytes_accessed": round(cost["bytes accessed"] / 1e9, 3)}
 
 
 def accuracy(shapes=((256, 256), (256, 704), (704, 256), (512, 1376)), seeds: int = 4) -> list[dict]:
@@ -227,7 +225,7 @@ def main(argv=None) -> None:
     if args.cost:
         print(f"optimizer update, {n_params / 1e6:,.1f}M params, XLA cost analysis on {device} (compiled, not run)")
         for name, opt in optimizers(shapes).items():
-            print(json.dumps({"optimizer": name, **compiled_cost(opt, shapes), "device": device}))
+            print(json.dumps({"optimizer": name, **update_cost(opt, shapes), "device": device}))
         return
     params = random_tree(shapes, seed=0, scale=0.02)
     grads = random_tree(shapes, seed=1)

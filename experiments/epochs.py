@@ -28,7 +28,6 @@ import datetime
 import glob
 import json
 import logging
-import lzma
 import math
 import os
 import shlex
@@ -49,15 +48,16 @@ log = logging.getLogger("epochs")
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _documents(path: str):
-    opener = lzma.open if path.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                rec = json.loads(line)
-                if isinstance(rec.get("text"), str) and rec["text"]:
-                    split = rec.get("split") or ("validation" if i % VAL_EVERY == VAL_EVERY // 2 else "train")
-                    yield {"text": rec["text"], "split": split}
+def _documents(files: list[str]):
+    """{"text", "split"} for every valid document, read by osp_jax.data.sources (so .xz/.gz/.zst, the
+    split field and malformed-record skips work as in `prepare`); without a split field, every 50th
+    document of a file is held out."""
+    from osp_jax.data import sources
+
+    for inp in sources.expand_inputs(files):
+        for i, doc in enumerate(sources.read_documents(inp)):
+            split = doc.split or ("validation" if i % VAL_EVERY == VAL_EVERY // 2 else "train")
+            yield {"text": doc.text, "split": split}
 
 
 def _write_jsonl(path: str, docs: list[dict]) -> None:
@@ -72,7 +72,7 @@ def make_subset(files: list[str], out: str, train_chars: float, probe_docs: int 
     every k-th training document so that each source keeps its share. OUT/train_probe.jsonl: about
     `probe_docs` of those training documents, spread across the subset, for measuring what the model
     memorised. Written atomically; returns counts."""
-    docs = [d for f in files for d in _documents(f)]
+    docs = list(_documents(files))
     train = [d for d in docs if d["split"] == "train"]
     val = [d for d in docs if d["split"] == "validation"]
     if not train or not val:
@@ -264,34 +264,34 @@ def main(argv=None) -> int:
     extra = abl._overrides(args.set)
     extra.setdefault("train.checkpoint_every", 0)
     eval_tokens = args.eval_tokens or preset["eval_tokens"]
-    probe = os.path.join(args.out, TRAIN_PROBE)
+    trained_docs = os.path.join(args.out, TRAIN_PROBE)
 
+    probe_cfg = abl.make_config(preset, data, by_name[arms[0]], lrs[arms[0]], 1, args.seed, extra)
+    per_step = probe_cfg.train.global_batch_size * probe_cfg.train.seq_len  # the same for every arm
     rows = []
     for arm in arms:
         for ep in epochs:
-            cfg = abl.make_config(preset, data, by_name[arm], lrs[arm], 1, args.seed, extra)
-            per_step = cfg.train.global_batch_size * cfg.train.seq_len
             steps = max(1, round(ep * train_tokens / per_step))
             cfg = abl.make_config(preset, data, by_name[arm], lrs[arm], steps, args.seed, extra)
             workdir = os.path.join(args.out, f"{arm}_ep{ep:g}")
             abl.run(cfg, workdir)
             ev = abl.evaluate_all(workdir, data, eval_tokens, preset["eval_batch"], SETTINGS)
-            tr = abl.evaluate_all(workdir, probe, eval_tokens, preset["eval_batch"],
+            tr = abl.evaluate_all(workdir, trained_docs, eval_tokens, preset["eval_batch"],
                                   tuple(s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4")), prefix="train")
             rows.append({"arm": arm, "epochs": steps * per_step / train_tokens, "steps": steps,
                          "tokens": steps * per_step, "lr": lrs[arm],
                          "eval": ev, "train_eval": tr})
 
-    cfg = abl.make_config(preset, data, by_name[arms[0]], lrs[arms[0]], 1, args.seed, extra)
     info = {"date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
             "commit": args.commit or abl._git("rev-parse", "--short", "HEAD"), "device": abl._device(),
             "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-            "model": cfg.model.to_dict(), "train_tokens": train_tokens,
+            "model": probe_cfg.model.to_dict(), "train_tokens": train_tokens,
             "subset": abl._read_json(os.path.join(args.out, "subset.json")),
             "corpus": args.corpus or preset["corpus"] or "the built-in corpus",
             "eval_tokens": rows[0]["eval"]["w16a16kv16"]["tokens"],
             "train_eval_tokens": rows[0]["train_eval"]["w16a16kv16"]["tokens"],
-            "batch": cfg.train.global_batch_size, "seq_len": cfg.train.seq_len, "lrs": lrs, "seed": args.seed}
+            "batch": probe_cfg.train.global_batch_size, "seq_len": probe_cfg.train.seq_len, "lrs": lrs,
+            "seed": args.seed}
     path = plot(rows, {a: by_name[a][1] for a in arms},
                 args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_{args.name}.png"))
     body = report(args, info, rows, path)

@@ -60,6 +60,15 @@ def peak_flops_per_device(override_tflops: float | None = None) -> float | None:
     return None
 
 
+def compiled_cost(compiled) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program ("flops", "bytes accessed", ...) as one dict, on jax
+    versions that return a dict and on older ones that return one dict per program."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return {k: float(v) for k, v in cost.items()}
+
+
 class Throughput:
     """Tokens/s, MFU and ETA from wall-clock time between log points."""
 

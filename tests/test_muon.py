@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, Mesh
 
+from osp_jax.metrics import compiled_cost
 from osp_jax.muon import (MuonDimensionNumbers, infer_dimension_numbers, muon, newton_schulz,
                           newton_schulz_reference, scale_by_muon)
 
@@ -69,11 +70,8 @@ def _assert_bf16_close(actual, desired, scale=1.0):
     assert np.linalg.norm(actual - desired) <= 5e-2 * np.linalg.norm(desired)
 
 
-def _flops(compiled):
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0]
-    return float(cost["flops"])
+def _flops(compiled) -> float:
+    return compiled_cost(compiled)["flops"]
 
 
 # ------------------------------------------------------------------------------------------------

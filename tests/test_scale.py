@@ -13,6 +13,7 @@ import numpy as np
 from flax import linen as nn
 
 from osp_jax import sharding
+from osp_jax.metrics import compiled_cost
 from osp_jax.model import abstract_params
 from osp_jax.muon import muon
 from osp_jax.optim import MUON, param_labels
@@ -35,10 +36,7 @@ def _mesh(sizes):
 
 
 def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0]
-    return float(cost["flops"])
+    return compiled_cost(compiled)["flops"]
 
 
 def _compile_train_step(sizes):
