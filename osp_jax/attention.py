@@ -27,13 +27,17 @@ def pick_backend(name: str = "auto", platform: str | None = None) -> str:
     return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
 
 
-def attention(q, k, v, segment_ids=None, *, backend: str = "auto"):
-    """Causal softmax attention; returns (batch, seq, heads, head_dim) in q's dtype."""
+def attention(q, k, v, segment_ids=None, *, backend: str = "auto", max_segments: int = 0):
+    """Causal softmax attention; returns (batch, seq, heads, head_dim) in q's dtype.
+
+    `max_segments` only matters to cuDNN (see `cudnn_attention`); 0 keeps the dense document mask.
+    The XLA and splash backends ignore it.
+    """
     backend = pick_backend(backend)
     if backend == "xla":
         return xla_attention(q, k, v, segment_ids)
     if backend == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids)
+        return cudnn_attention(q, k, v, segment_ids, max_segments=max_segments)
     return splash_attention(q, k, v, segment_ids)
 
 
@@ -59,17 +63,120 @@ def xla_attention(q, k, v, segment_ids=None):
     return out.reshape(b, s, h, d).astype(q.dtype)
 
 
-def cudnn_attention(q, k, v, segment_ids=None, *, implementation: str = "cudnn"):
-    """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU only).
+def packed_segments(segment_ids, max_segments: int):
+    """Describes each row's documents as cuDNN's packed (ragged) layout wants them.
 
-    Causality stays the kernel's own mask type, so cuDNN skips the blocks above the diagonal; only
-    the document boundaries of a packed window travel as a (batch, 1, seq, seq) mask.
-    `implementation="xla"` runs the same call on any backend (how the mask handling is tested).
+    A segment is a run of equal ids; a new one starts wherever the id differs from the previous
+    position's (padding, id 0, is just one more segment: it attends to itself, causally, and its
+    outputs stay finite). Returns, for `segment_ids` (batch, seq):
+
+      seqlen  (batch, max_segments) int32: the length of each segment, in order; -1 past the last.
+      offsets (batch, max_segments + 1) int32: where each segment starts within its row; -1 past the
+              last (so the final column is always -1: jax's `_fix_seqlen_offsets` fills it with the
+              end of the whole batch when it flattens the rows).
+      count   (batch,) int32: the number of segments in each row. A row with more than
+              `max_segments` is described only up to its first `max_segments` segments, which
+              cuDNN must not be given: the caller checks `count` (see `cudnn_attention`).
+
+    Pure jnp and jittable (`max_segments` static), so it runs and is tested on any backend.
     """
-    mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    ids = jnp.asarray(segment_ids)
+    starts = jnp.concatenate([jnp.ones_like(ids[:, :1], dtype=bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    index = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1      # each position's segment, 0-based
+    count = index[:, -1] + 1
+    slots = jnp.arange(max_segments, dtype=jnp.int32)
+    lengths = jnp.sum(index[:, :, None] == slots, axis=1, dtype=jnp.int32)  # (batch, max_segments)
+    begins = jnp.cumsum(lengths, axis=1, dtype=jnp.int32) - lengths        # exclusive prefix sum
+    present = slots < count[:, None]
+    seqlen = jnp.where(present, lengths, -1)
+    offsets = jnp.where(present, begins, -1)
+    offsets = jnp.concatenate([offsets, jnp.full_like(offsets[:, :1], -1)], axis=1)
+    return seqlen, offsets, count
+
+
+def cudnn_attention(q, k, v, segment_ids=None, *, implementation: str = "cudnn", max_segments: int = 0):
+    """cuDNN flash attention (GPU only).
+
+    Causality stays the kernel's own mask type, so cuDNN skips the blocks above the diagonal. The
+    document boundaries of a packed window reach cuDNN one of two ways:
+
+    - dense (`max_segments=0`, or any `implementation` but "cudnn"): a (batch, 1, seq, seq) mask
+      through `jax.nn.dot_product_attention`, which cuDNN reads as a bias over every unskipped block:
+      slow (a profile on an H100 measured ~200 TFLOP/s, and 9% of a train step against no mask).
+    - packed (`max_segments=M > 0`): each row's documents as cuDNN's ragged layout, per-row segment
+      lengths and offsets (`packed_segments`), so every document is its own causal sequence and no
+      mask is read. M is static: cuDNN's softmax statistics become (batch * M, heads, seq) float32
+      (M times the dense path's) and its grid covers batch * M sequences, so M should be near the
+      most documents a window holds, not far above it. A batch in which some row has more than M
+      segments runs the dense path instead (`jax.lax.cond`: both paths are compiled, one runs).
+      The packed layout needs a Hopper GPU and cuDNN >= 9.6; elsewhere the dense path runs.
+
+    `implementation="xla"` runs the dense call on any backend (how the mask handling is tested).
+    """
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    dense = functools.partial(_cudnn_dense, implementation=implementation)
+    if implementation != "cudnn" or max_segments <= 0 or not _packed_layout_supported():
+        return dense(q, k, v, segment_ids)
+    seqlen, offsets, count = packed_segments(segment_ids, max_segments)
+    seqlen, offsets = _batch_sharded(seqlen), _batch_sharded(offsets)
+    # max_segments=1: one segment per row has no boundary to mask, and plain causal attention is the
+    # packed layout (jax treats a single segment per row as no packing at all).
+    packed = _cudnn_causal if max_segments == 1 else _cudnn_packed
+    too_many = lambda q, k, v, *_: dense(q, k, v, segment_ids)
+    return jax.lax.cond(count.max() > max_segments, too_many, packed, q, k, v, seqlen, offsets)
+
+
+def _cudnn_dense(q, k, v, segment_ids, *, implementation: str):
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+
+
+def _cudnn_causal(q, k, v, *_):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def _cudnn_packed(q, k, v, seqlen, offsets):
+    """cuDNN's packed layout through jax's private cuDNN SDPA API (`jax.nn.dot_product_attention`
+    wraps the same function but exposes no segment offsets)."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    h, kv = q.shape[2], k.shape[2]
+    if kv != h:
+        # jax's `_fix_seqlen_offsets` turns both the query and the key/value offsets into element
+        # strides with the *query's* heads x head_dim, which misplaces key/value segments when
+        # kv_heads < heads; so give cuDNN one key/value head per query head.
+        k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
+    return dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets,
+                                 kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
+                                 mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_layout_supported() -> bool:
+    """jax's packed cuDNN layout needs compute capability >= 9.0 (Hopper) and cuDNN >= 9.6."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        capability = tuple(int(x) for x in jax.devices("gpu")[0].compute_capability.split("."))
+        return capability >= (9, 0) and check_cudnn_version() >= 90600
+    except (RuntimeError, AttributeError, ImportError):  # no GPU, no cuDNN, or jax moved the API
+        return False
+
+
+def _batch_sharded(x):
+    """Splits a (batch, ...) array's batch as the ambient rules split activations' "batch" axis.
+
+    cuDNN's custom partitioning hands each device its local query rows together with the segment
+    lengths/offsets *as they are sharded*, so these must be split over the batch exactly like q.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return x
+    batch_axes = _mesh_spec(("batch",), mesh)[0]
+    if x.shape[0] % _axes_size(mesh, batch_axes):
+        batch_axes = None
+    return jax.lax.with_sharding_constraint(x, P(batch_axes, *(None,) * (x.ndim - 1)))
 
 
 def splash_attention(q, k, v, segment_ids=None, *, interpret: bool = False):

@@ -62,6 +62,7 @@ def defaults() -> ConfigDict:
     c.model.remat = "full"         # activation checkpointing policy for each scanned layer
     c.model.scan_layers = True
     c.model.attention = "auto"     # auto: splash on TPU, cuDNN on GPU, XLA elsewhere
+    c.model.max_segments = 16      # cuDNN: documents per window as a packed layout; 0 = dense mask
     c.model.loss_chunk = 0         # >0: the loss sees logits for this many positions at a time
 
     c.optimizer = ConfigDict()
@@ -176,7 +177,8 @@ def validate(config: ConfigDict) -> ConfigDict:
             _fail(key, given[key], "a positive integer")
     non_negative = ["train.eval_every", "train.checkpoint_every", "train.outlier_every",
                     "optimizer.warmup_steps", "optimizer.clip_norm", "optimizer.weight_decay",
-                    "optimizer.muon_weight_decay", "data.worker_count", "data.prefetch", "train.seed"]
+                    "optimizer.muon_weight_decay", "data.worker_count", "data.prefetch", "train.seed",
+                    "model.max_segments"]
     for key in non_negative:
         if given[key] < 0:
             _fail(key, given[key], "a value >= 0")

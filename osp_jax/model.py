@@ -118,7 +118,7 @@ class Attention(nn.Module):
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         if self.quant is not None:  # quant hook: KV cache, keys after RoPE
             k, v = quant_lib.kv(k, self.quant), quant_lib.kv(v, self.quant)
-        out = attn_lib.attention(q, k, v, segment_ids, backend=c.attention)
+        out = attn_lib.attention(q, k, v, segment_ids, backend=c.attention, max_segments=c.max_segments)
         out = checkpoint_name(out, "attn_out")
         observe(self, "o_in", out)
         if self.quant is not None:  # quant hook: o input, per token over (heads, head_dim)

@@ -4,6 +4,8 @@ cuDNN needs a GPU (skipped elsewhere). Splash is a Pallas TPU kernel: here it ru
 interpreter on CPU (`interpret=True`), which checks the kernel's arguments, masks, GQA/MQA handling
 and the shard_map wrapping, though not TPU speed or TPU lowering.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +145,119 @@ def test_cudnn_call_masks_like_the_reference(segments):
     ids = _segments(2, 64) if segments else None
     out = attn.cudnn_attention(q, k, v, ids, implementation="xla")
     np.testing.assert_allclose(out, attn.xla_attention(q, k, v, ids), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# cuDNN packed (ragged) layout: the segment description on any machine, the kernel on a GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def _numpy_packed_segments(ids, max_segments):
+    """Loop reference: segments are runs of equal ids; lengths and starts, -1 past the last."""
+    ids = np.asarray(ids)
+    b = ids.shape[0]
+    seqlen = np.full((b, max_segments), -1, np.int32)
+    offsets = np.full((b, max_segments + 1), -1, np.int32)
+    count = np.zeros(b, np.int32)
+    for r, row in enumerate(ids):
+        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]]
+        ends = starts[1:] + [len(row)]
+        count[r] = len(starts)
+        for m, (start, end) in enumerate(zip(starts[:max_segments], ends)):
+            seqlen[r, m], offsets[r, m] = end - start, start
+    return seqlen, offsets, count
+
+
+def _padded_documents(batch, seq, docs=5, seed=1):
+    """Packed windows as the data pipeline makes them: ids 1, 2, ... per document, 0 = trailing padding;
+    row 0 is a single document filling the window."""
+    rng = np.random.default_rng(seed)
+    rows = [np.ones(seq, np.int32)]
+    for _ in range(batch - 1):
+        cuts = np.sort(rng.choice(np.arange(1, seq), size=rng.integers(1, docs), replace=False))
+        row = np.zeros(seq, np.int32)
+        for i, (start, end) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, seq])):
+            row[start:end] = i + 1
+        row[seq - rng.integers(0, seq // 4):] = 0  # trailing padding (possibly none)
+        rows.append(row)
+    return jnp.asarray(np.stack(rows))
+
+
+@pytest.mark.parametrize("max_segments", [1, 3, 8])
+def test_packed_segments_matches_numpy(max_segments):
+    ids = jnp.concatenate([_padded_documents(6, 64), _segments(2, 64)])  # _segments: ids from 0, no padding
+    seqlen, offsets, count = jax.jit(attn.packed_segments, static_argnums=1)(ids, max_segments)
+    assert seqlen.shape == (8, max_segments) and offsets.shape == (8, max_segments + 1) and count.shape == (8,)
+    assert seqlen.dtype == offsets.dtype == count.dtype == jnp.int32
+    want = _numpy_packed_segments(ids, max_segments)
+    for got, ref in zip((seqlen, offsets, count), want):
+        np.testing.assert_array_equal(np.asarray(got), ref)
+    assert int(count[0]) == 1 and np.asarray(seqlen)[0, 0] == 64 and np.all(np.asarray(offsets)[:, -1] == -1)
+    # Rows that fit: their segments tile the window exactly.
+    fits = np.asarray(count) <= max_segments
+    np.testing.assert_array_equal(np.where(np.asarray(seqlen) > 0, np.asarray(seqlen), 0).sum(1)[fits], 64)
+
+
+def test_packed_segments_example_from_the_jax_docstring():
+    """The offsets of jax's docstring: rows of 3 and 2 segments start at [0, 1, 2, -1] and [0, 1, -1, -1]."""
+    seqlen, offsets, count = attn.packed_segments(jnp.asarray([[1, 2, 3], [1, 2, 2]], jnp.int32), 3)
+    np.testing.assert_array_equal(np.asarray(seqlen), [[1, 1, 1], [1, 2, -1]])
+    np.testing.assert_array_equal(np.asarray(offsets), [[0, 1, 2, -1], [0, 1, -1, -1]])
+    np.testing.assert_array_equal(np.asarray(count), [3, 2])
+
+
+def test_cudnn_max_segments_keeps_the_xla_implementation_dense():
+    """max_segments only changes the cuDNN kernel call; implementation="xla" stays the dense mask."""
+    q, k, v = _qkv(2, 64, 4, 2, 32)
+    ids = _padded_documents(2, 64)
+    out = attn.cudnn_attention(q, k, v, ids, implementation="xla", max_segments=8)
+    dense = attn.cudnn_attention(q, k, v, ids, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(dense))
+    np.testing.assert_array_equal(np.asarray(attn.attention(q, k, v, ids, backend="xla", max_segments=8)),
+                                  np.asarray(attn.xla_attention(q, k, v, ids)))
+
+
+def _skip_without_packed_layout():
+    if not _has_gpu():
+        pytest.skip("cuDNN attention needs a GPU; none present")
+    if not attn._packed_layout_supported():
+        pytest.skip("cuDNN's packed layout needs a Hopper GPU and cuDNN >= 9.6 (the dense mask runs instead)")
+
+
+def _gpu_packed_case(kv_heads, docs, seed):
+    gpu = jax.devices("gpu")[0]
+    q, k, v = (jax.device_put(x, gpu) for x in _qkv(4, 256, 8, kv_heads, 128, seed=seed, dtype=jnp.bfloat16))
+    return q, k, v, jax.device_put(_padded_documents(4, 256, docs=docs, seed=seed), gpu)
+
+
+# docs=5: at most 4 documents + padding per row, within max_segments=8 (packed layout); docs=20: rows
+# with more than 8 segments, so the batch falls back to the dense mask.
+@pytest.mark.parametrize("kv_heads,docs", [(8, 5), (2, 5), (2, 20)], ids=["mha", "gqa", "gqa-fallback"])
+def test_cudnn_packed_matches_xla(kv_heads, docs):
+    _skip_without_packed_layout()
+    q, k, v, ids = _gpu_packed_case(kv_heads, docs, seed=5)
+    count = int(attn.packed_segments(ids, 8)[2].max())
+    assert (count <= 8) == (docs == 5), count  # the case is the one its name says
+    out = jax.jit(functools.partial(attn.cudnn_attention, max_segments=8))(q, k, v, ids)
+    ref = attn.xla_attention(q, k, v, ids)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("kv_heads,docs", [(8, 5), (2, 5), (2, 20)], ids=["mha", "gqa", "gqa-fallback"])
+def test_cudnn_packed_gradients_match_xla(kv_heads, docs):
+    _skip_without_packed_layout()
+    q, k, v, ids = _gpu_packed_case(kv_heads, docs, seed=6)
+    cot = jax.device_put(jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32), q.device)
+    packed = functools.partial(attn.cudnn_attention, max_segments=8)
+
+    def grads(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, ids).astype(jnp.float32) * cot)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads(packed), grads(attn.xla_attention)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.all(np.isfinite(got))
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
 # ------------------------------------------------------------------------------------------------

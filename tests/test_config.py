@@ -30,6 +30,7 @@ BAD = [
     ("--config.model.norm_scale=layer", "model.norm_scale"),
     ("--config.optimizer.name=sgd", "optimizer.name"),
     ("--config.train.steps=-5", "train.steps"),
+    ("--config.model.max_segments=-1", "model.max_segments"),
     ("--config.model.nonexistent=1", "nonexistent"),         # unknown key (ml_collections refuses it)
     ("--config.mesh.fsdp=3", "fsdp=3"),                      # mesh does not fit 1 device
     ("--config.model.vocab_size=1000", "vocabulary 4096 but the model's vocab_size is 1000"),  # data vs model
@@ -56,6 +57,8 @@ def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
     ("optimizer.grad_accum_steps", 3, "divisor of train.global_batch_size"),
     ("optimizer.b2", 1.0, "[0, 1)"),
     ("model.attention", "flash", "one of auto"),
+    ("model.max_segments", -1, ">= 0"),
+    ("model.max_segments", None, "type int"),  # ConfigDict itself refuses floats and strings
 ])
 def test_validate_messages(key, value, fragment):
     c = load_recipe("tiny")
