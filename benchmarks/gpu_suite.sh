@@ -15,6 +15,10 @@
 #   levers       1.4B batch 8 x 2048, remat dots: AdamW, OSP, and AdamW with data.pack_mask=false
 #   after        what the levers were not re-measured on: both recipes at full remat, and the
 #                0.5 M-token comparison (the 2026-11-22 figures of these predate the levers)
+#   attention    AdamW 1.4B, remat dots, batch 8 x 2048: the cuDNN document mask as a dense mask
+#                (model.max_segments=0), as the packed layout (16), and none (causal only); 20 steps
+#   remat_more   AdamW 1.4B: remat dots_no_batch and save_qkv_out at batch 8, none at batch 4, dots at
+#                batch 16 (out of memory on an H100)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -74,6 +78,21 @@ levers() {
   $BENCH --config=configs/adam_1b4.py --set model.remat=dots --set data.pack_mask=false --output="$OUT/step_time.jsonl"
 }
 
+attention() {
+  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  $b --set model.remat=dots --set model.max_segments=0 --output="$OUT/step_time.jsonl"
+  $b --set model.remat=dots --set model.max_segments=16 --output="$OUT/step_time.jsonl"
+  $b --set model.remat=dots --set data.pack_mask=false --output="$OUT/step_time.jsonl"
+}
+
+remat_more() {
+  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --seq-len=2048 --steps=$STEPS --warmup=2"
+  $b --batch=8 --set model.remat=dots_no_batch --output="$OUT/step_time.jsonl" || echo "dots_no_batch: FAILED"
+  $b --batch=8 --set model.remat=save_qkv_out --output="$OUT/step_time.jsonl" || echo "save_qkv_out: FAILED"
+  $b --batch=4 --set model.remat=none --output="$OUT/step_time.jsonl" || echo "none, batch 4: FAILED"
+  $b --batch=16 --set model.remat=dots --output="$OUT/step_time.jsonl" || echo "dots, batch 16: FAILED"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -122,6 +141,8 @@ for s in "$@"; do
     compare) stage compare compare ;;
     levers) stage levers levers ;;
     after) stage after after ;;
+    attention) stage attention attention ;;
+    remat_more) stage remat_more remat_more ;;
     ablation) stage ablation ablation ;;
     epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;

@@ -220,6 +220,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "layers": m.layers, "dim": m.dim, "heads": m.heads, "kv_heads": m.kv_heads, "ffn_dim": m.ffn_dim,
         "vocab_size": m.vocab_size,
         "dtype": m.dtype, "remat": m.remat, "attention": pick_backend(m.attention),
+        "max_segments": m.max_segments, "pack_mask": config.data.pack_mask,
         "mesh": dict(mesh.shape),
         "batch": batch_size, "seq_len": seq_len, "grad_accum": config.optimizer.grad_accum_steps,
         "tokens_per_step": tokens_per_step,
@@ -340,13 +341,17 @@ def _series(r: dict) -> str:
     else:
         name = f"{r['optimizer']}, {r['norm_scale']} norm{', EmbProj' if r['embed_proj'] else ''}"
     name += f", remat {r['remat']}"
-    if any(o.replace(" ", "").lower() == "data.pack_mask=false" for o in r.get("overrides", [])):
+    if r.get("pack_mask") is False or any(o.replace(" ", "").lower() == "data.pack_mask=false"
+                                          for o in r.get("overrides", [])):
         name += ", causal only"
+    elif r.get("attention") == "cudnn" and r.get("max_segments") == 0:
+        name += ", dense document mask"  # records before model.max_segments existed carry no such field
     return name
 
 
-def plot(results: str, png: str, title: str | None = None) -> None:
-    """Grouped bars of tokens/s: one group per (config, size, batch x seq), one bar per optimizer recipe."""
+def plot(results: str, png: str, title: str | None = None, goal: float | None = None) -> None:
+    """Horizontal bars of tokens/s, one per (shape, recipe and settings), grouped by shape, coloured by
+    recipe; the latest record of each bar wins."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -357,29 +362,32 @@ def plot(results: str, png: str, title: str | None = None) -> None:
     for r in records:
         if r.get("benchmark") != "step_time":
             continue
-        group = (f"{r['layers']} layers, dim {r['dim']}, vocab {r['vocab_size']}\nbatch {r['batch']} x "
-                 f"{r['seq_len']}" + (f" ({r['grad_accum']} micro-batches)" if r.get("grad_accum", 1) > 1 else ""))
+        group = (f"{r['layers']} layers, dim {r['dim']}, batch {r['batch']} x {r['seq_len']}"
+                 + (f" ({r['grad_accum']} micro-batches)" if r.get("grad_accum", 1) > 1 else ""))
         latest[(group, _series(r))] = r
     if not latest:
         raise SystemExit(f"step_time: no step_time records in {results}")
-    groups = list(dict.fromkeys(g for g, _ in latest))
-    series = list(dict.fromkeys(s for _, s in latest))
     devices = sorted({f"{r['device_count']} x {r['device_kind']}" for r in latest.values()})
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(2.5 + 2.6 * len(groups), 3.8))
-    for i, name in enumerate(series):
-        xs, ys = [], []
-        for j, g in enumerate(groups):
-            if (g, name) in latest:
-                xs.append(j + (i - (len(series) - 1) / 2) * width)
-                ys.append(latest[(g, name)]["tokens_per_s"])
-        bars = ax.bar(xs, ys, width, label=name)
-        ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=8)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.set_ylabel("tokens / s (median step)")
+    groups = list(dict.fromkeys(g for g, _ in latest))
+    rows = []  # (label, tokens/s, recipe), grouped by shape, fastest first within a group
+    for g in groups:
+        bars = sorted(((s, r) for (gg, s), r in latest.items() if gg == g), key=lambda x: -x[1]["tokens_per_s"])
+        rows += [(f"{s}  [{g}]", r["tokens_per_s"], s.split(",")[0]) for s, r in bars]
+    recipes = list(dict.fromkeys(rec for *_, rec in rows))
+    colours = {rec: plt.cm.tab10(i) for i, rec in enumerate(recipes)}
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.36 * len(rows)))
+    ys = range(len(rows))[::-1]
+    bars = ax.barh(list(ys), [v for _, v, _ in rows], color=[colours[rec] for *_, rec in rows])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for _, v, _ in rows], fontsize=8, padding=3)
+    ax.set_yticks(list(ys), [label for label, *_ in rows], fontsize=8)
+    ax.set_xlabel("tokens / s (median step)")
     ax.set_title(title or f"Training step throughput on {', '.join(devices)}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.margins(y=0.15)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[rec]) for rec in recipes]
+    if goal:
+        handles.append(ax.axvline(goal, ls="--", color="grey"))
+        recipes = recipes + [f"goal: {goal:,.0f} tokens/s"]
+    ax.legend(handles=handles, labels=recipes, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_xlim(0, 1.12 * max([v for _, v, _ in rows] + [goal or 0]))
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
@@ -411,11 +419,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="only draw tokens/s by config and optimizer from the --results JSON lines")
     p.add_argument("--results", default=None, metavar="JSONL", help="records written by --output, for --plot")
     p.add_argument("--title", default=None, help="plot title (default: names the devices of the records)")
+    p.add_argument("--goal", type=float, default=None, help="tokens/s drawn as a dashed line on the --plot")
     args = p.parse_args(argv)
     if args.plot:
         if not args.results:
             raise SystemExit("step_time: --plot needs --results=FILE (JSON lines written by --output)")
-        plot(args.results, args.plot, args.title)
+        plot(args.results, args.plot, args.title, args.goal)
         return
     if args.smoke:
         args.config = args.config or SMOKE_CONFIG
