@@ -122,7 +122,14 @@ def prepare(args, preset: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- report
 def _ratio(r: dict, key: str) -> float:
+    """Perplexity at `key` over the same model's 16-16-16 perplexity; NaN if either was not run."""
+    if key not in r or "w16a16kv16" not in r:
+        return float("nan")
     return r[key]["quant_ppl"] / r["w16a16kv16"]["quant_ppl"]
+
+
+def _cell(r: dict, key: str) -> str:
+    return f"{r[key]['quant_ppl']:.2f} ({_ratio(r, key):.3f}x)" if key in r else "not run"
 
 
 def plot(rows: list[dict], labels: dict, path: str) -> str:
@@ -141,8 +148,8 @@ def plot(rows: list[dict], labels: dict, path: str) -> str:
                 label=f"{label}: training documents")
         a2.plot(x, [r["eval"]["w16a16kv16"]["quant_ppl"] for r in rs], marker="o", color=line.get_color(),
                 label=f"{label}: held out")
-        a2.plot(x, [r["train_eval"]["w16a16kv16"]["quant_ppl"] for r in rs], marker="s", ls="--",
-                color=line.get_color(), label=f"{label}: training documents")
+        a2.plot(x, [r["train_eval"].get("w16a16kv16", {}).get("quant_ppl", math.nan) for r in rs], marker="s",
+                ls="--", color=line.get_color(), label=f"{label}: training documents")
         # The cost against how good the model is: the comparison at matched quality.
         a3.plot([r["eval"]["w16a16kv16"]["quant_ppl"] for r in rs], [_ratio(r["eval"], "w4a4kv4") for r in rs],
                 marker="o", color=line.get_color(), label=f"{label} (points: epoch counts)")
@@ -192,11 +199,13 @@ def report(args, info: dict, rows: list[dict], plot_path: str) -> str:
     order = {a[0]: i for i, a in enumerate(abl.ARMS)}
     for r in sorted(rows, key=lambda r: (order[r["arm"]], r["epochs"])):
         e, fp, t = r["eval"], r["eval"]["w16a16kv16"], r["train_eval"]
-        L.append(f"| {labels[r['arm']]} | {r['epochs']:.3g} | {r['tokens'] / 1e6:.2f} M | "
-                 f"{t['w16a16kv16']['quant_ppl']:.2f} ({_ratio(t, 'w4a4kv4'):.3f}x) | {fp['quant_ppl']:.2f} | "
-                 f"{fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | {abl._linear_inputs_cell(fp)} | "
-                 + " | ".join(f"{e[k]['quant_ppl']:.2f} ({_ratio(e, k):.3f}x)"
-                              for k in ("w4a16kv16", "w16a4kv16", "w4a4kv4")) + " |")
+        train_cell = "not run" if "w16a16kv16" not in t else (
+            f"{t['w16a16kv16']['quant_ppl']:.2f} (" + (f"{_ratio(t, 'w4a4kv4'):.3f}x" if "w4a4kv4" in t
+                                                     else "4-4-4 not run") + ")")
+        L.append(f"| {labels[r['arm']]} | {r['epochs']:.3g} | {r['tokens'] / 1e6:.2f} M | {train_cell} | "
+                 f"{fp['quant_ppl']:.2f} | {fp['kurtosis']:.3f} | {fp['max_abs']:.1f} | "
+                 f"{abl._linear_inputs_cell(fp)} | " + " | ".join(_cell(e, k) for k in ("w4a16kv16", "w16a4kv16",
+                                                                                          "w4a4kv4")) + " |")
     L += ["", f"![4-bit cost and perplexity against epochs, and the cost against perplexity]({rel})", ""]
     return "\n".join(L)
 
@@ -236,6 +245,10 @@ def main(argv=None) -> int:
                    help="make OUT/data and the training-document probe, then stop (e.g. to carry them to a GPU)")
     p.add_argument("--date", default=None, help="date written in the report (default: today, UTC)")
     p.add_argument("--commit", default=None, help="commit written in the report (default: this checkout's)")
+    p.add_argument("--device", default=None, help="device written in the report (default: this machine's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: report the runs and evaluations found in --out (e.g. "
+                        "results brought back from a GPU without their checkpoints); a missing one is 'not run'")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
     arms = [a for a in args.arms.split(",") if a]
@@ -255,8 +268,9 @@ def main(argv=None) -> int:
     preset = abl.PRESETS[args.preset]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    data = prepare(args, preset)
-    train_tokens = abl.train_tokens_in(data)
+    abl.REPORT_ONLY = args.report_only
+    data = os.path.join(args.out, "data") if args.report_only else prepare(args, preset)
+    train_tokens = abl.train_tokens_in(data, args.out)
     if args.prepare_only:
         log.info("prepared %s: %s training tokens; %s holds what the runs need (subset.jsonl is not needed)",
                  data, f"{train_tokens:,}", args.out)
@@ -274,7 +288,9 @@ def main(argv=None) -> int:
             steps = max(1, round(ep * train_tokens / per_step))
             cfg = abl.make_config(preset, data, by_name[arm], lrs[arm], steps, args.seed, extra)
             workdir = os.path.join(args.out, f"{arm}_ep{ep:g}")
-            abl.run(cfg, workdir)
+            if abl.run(cfg, workdir) is None:  # --report-only and never finished
+                log.warning("%s: no finished run; left out of the report", workdir)
+                continue
             ev = abl.evaluate_all(workdir, data, eval_tokens, preset["eval_batch"], SETTINGS)
             tr = abl.evaluate_all(workdir, trained_docs, eval_tokens, preset["eval_batch"],
                                   tuple(s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4")), prefix="train")
@@ -283,20 +299,22 @@ def main(argv=None) -> int:
                          "eval": ev, "train_eval": tr})
 
     info = {"date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-            "commit": args.commit or abl._git("rev-parse", "--short", "HEAD"), "device": abl._device(),
+            "commit": args.commit or abl._git("rev-parse", "--short", "HEAD"), "device": args.device or abl._device(),
             "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
             "model": probe_cfg.model.to_dict(), "train_tokens": train_tokens,
             "subset": abl._read_json(os.path.join(args.out, "subset.json")),
             "corpus": args.corpus or preset["corpus"] or "the built-in corpus",
             "eval_tokens": rows[0]["eval"]["w16a16kv16"]["tokens"],
-            "train_eval_tokens": rows[0]["train_eval"]["w16a16kv16"]["tokens"],
+            "train_eval_tokens": next(r["train_eval"]["w16a16kv16"]["tokens"] for r in rows
+                                     if "w16a16kv16" in r["train_eval"]),
             "batch": probe_cfg.train.global_batch_size, "seq_len": probe_cfg.train.seq_len, "lrs": lrs,
             "seed": args.seed}
     path = plot(rows, {a: by_name[a][1] for a in arms},
                 args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_{args.name}.png"))
     body = report(args, info, rows, path)
     abl.write_section(args.doc, f"{args.preset}:{args.name}", body)
-    abl._write_json(os.path.join(args.out, "epochs.json"), {"info": info, "rows": rows})
+    if not args.report_only:  # --report-only writes nothing into --out
+        abl._write_json(os.path.join(args.out, "epochs.json"), {"info": info, "rows": rows})
     print(body)
     log.info("wrote %s and %s (%.1f min)", args.doc, path, (time.time() - t0) / 60)
     return 0

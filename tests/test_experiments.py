@@ -109,3 +109,31 @@ def test_a_finished_run_is_reused_only_for_the_same_rate_steps_and_seed(tmp_path
     abl.run(other, str(tmp_path / "run"))
     assert trained == [config.train.seed, other.train.seed]
     assert (tmp_path / f"run.lr{config.optimizer.learning_rate:g}_s{config.train.steps}_seed{config.train.seed}").is_dir()
+
+
+def test_epochs_report_only_reports_what_is_on_disk_and_trains_nothing(tmp_path):
+    """Results brought back without checkpoints: --report-only makes the table from them, marks what was
+    not evaluated "not run", leaves out a run that never finished, and writes nothing into --out."""
+    epochs = _epochs_module()
+    out = tmp_path / "runs"
+    run = out / "adam_ep1"
+    run.mkdir(parents=True)
+    (run / "done.json").write_text(json.dumps({"steps": 10, "val_loss": 5.0, "finite": True}))
+    (run / "data_metadata.json").write_text(json.dumps({"splits": {"train": {"tokens": 40960}}}))
+    (out / "subset.json").write_text(json.dumps({"train_docs": 7, "asked_train_tokens": 4e4}))
+
+    def ev(ppl):
+        return json.dumps({"quant_ppl": ppl, "ppl": 100.0, "kurtosis": 0.5, "max_abs": 9.0, "tokens": 4096})
+
+    for key, ppl in (("w16a16kv16", 100.0), ("w4a16kv16", 101.0), ("w16a4kv16", 102.0), ("w4a4kv4", 104.0)):
+        (run / f"eval_{key}.json").write_text(ev(ppl))
+    (run / "train_w16a16kv16.json").write_text(ev(50.0))  # its 4-4-4 on training documents: not run
+    before = sorted(p.name for p in out.rglob("*"))
+    doc = tmp_path / "doc.md"
+    rc = epochs.main(["--preset=cpu_tiny", f"--out={out}", "--epochs=1,2", "--arms=adam", "--report-only",
+                      f"--doc={doc}", f"--plot={tmp_path / 'plot.png'}", "--device=test device"])
+    assert rc == 0
+    text = doc.read_text()
+    assert "| Adam | 1 |" in text and "| Adam | 2 |" not in text  # the 2-epoch run never finished
+    assert "50.00 (4-4-4 not run)" in text and "104.00 (1.040x)" in text and "test device" in text
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing trained, evaluated or written
