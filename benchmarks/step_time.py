@@ -146,9 +146,26 @@ def _memory(compiled) -> tuple[int | None, str, dict]:
 
 
 # ---------------------------------------------------------------- the benchmark
+def synthetic_segments(batch_size: int, seq_len: int, docs_per_window: int):
+    """Segment ids and positions of windows packed with `docs_per_window` documents of equal length (the
+    last takes the remainder): ids 1, 2, ... and positions restarting at each document, as the data
+    pipeline packs them."""
+    if not 1 <= docs_per_window <= seq_len:
+        raise ValueError(f"docs_per_window={docs_per_window}: between 1 and seq_len={seq_len}")
+    length = seq_len // docs_per_window
+    t = jnp.arange(seq_len, dtype=jnp.int32)
+    doc = jnp.minimum(t // length, docs_per_window - 1)
+    ids = jnp.broadcast_to(doc + 1, (batch_size, seq_len))
+    positions = jnp.broadcast_to(t - doc * length, (batch_size, seq_len))
+    return ids, positions
+
+
 def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None, seed: int = 0,
-            profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+            profile_dir: str | None = None, profile_steps: int = 3, docs_per_window: int = 1) -> dict:
     """Compiles and times the train step of a validated `config`; returns the record.
+
+    The synthetic batch packs `docs_per_window` documents into each row (default 1), which decides how
+    much the attention's document mask has to do.
 
     With `profile_dir`, `profile_steps` more steps run under `jax.profiler.trace` after the timed ones
     (`benchmarks/trace_summary.py` reads the trace)."""
@@ -168,9 +185,9 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         @functools.partial(jax.jit, out_shardings=batch_sharding)
         def synthetic_batch(key):
             tokens = jax.random.randint(key, (batch_size, seq_len + 1), 0, m.vocab_size, jnp.int32)
-            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len))
+            segment_ids, positions = synthetic_segments(batch_size, seq_len, docs_per_window)
             return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
-                    "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
+                    "segment_ids": segment_ids}
 
         batch = jax.block_until_ready(synthetic_batch(jax.random.key(seed + 1)))
         step_fn = jit_train_step(config, model, tx, shardings, mesh)
@@ -220,7 +237,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "layers": m.layers, "dim": m.dim, "heads": m.heads, "kv_heads": m.kv_heads, "ffn_dim": m.ffn_dim,
         "vocab_size": m.vocab_size,
         "dtype": m.dtype, "remat": m.remat, "attention": pick_backend(m.attention),
-        "max_segments": m.max_segments, "pack_mask": config.data.pack_mask,
+        "max_segments": m.max_segments, "pack_mask": config.data.pack_mask, "docs_per_window": docs_per_window,
         "mesh": dict(mesh.shape),
         "batch": batch_size, "seq_len": seq_len, "grad_accum": config.optimizer.grad_accum_steps,
         "tokens_per_step": tokens_per_step,
@@ -303,7 +320,8 @@ def _append(path: str | None, record: dict) -> None:
 def compare(args) -> dict:
     """Runs the baseline and the OSP recipe in two child processes; returns the comparison record."""
     common = [f"--config={args.config}", *(f"--set={s}" for s in args.set), f"--steps={args.steps}",
-              f"--warmup={args.warmup}", f"--seed={args.seed}", *(["--compile-only"] if args.compile_only else [])]
+              f"--warmup={args.warmup}", f"--seed={args.seed}", f"--docs-per-window={args.docs_per_window}",
+              *(["--compile-only"] if args.compile_only else [])]
     for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--grad-accum", args.grad_accum),
                         ("--peak-tflops", args.peak_tflops)):
         if value is not None:
@@ -346,6 +364,8 @@ def _series(r: dict) -> str:
         name += ", causal only"
     elif r.get("attention") == "cudnn" and r.get("max_segments") == 0:
         name += ", dense document mask"  # records before model.max_segments existed carry no such field
+    if r.get("docs_per_window", 1) > 1:
+        name += f", {r['docs_per_window']} documents a row"
     return name
 
 
@@ -409,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per device for MFU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="append the JSON record to this file")
+    p.add_argument("--docs-per-window", type=int, default=1,
+                   help="documents packed into each synthetic row (equal lengths), for the attention's mask")
     p.add_argument("--compare", action="store_true", help="AdamW baseline vs OSP recipe, same config")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, trace 3 more steps into DIR and print benchmarks/trace_summary.py's table")
@@ -466,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
             record = compile_memory(config)
         else:
             record = measure(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
-                             seed=args.seed, profile_dir=args.profile)
+                             seed=args.seed, profile_dir=args.profile, docs_per_window=args.docs_per_window)
             if args.profile:
                 from trace_summary import summarize  # benchmarks/ is on sys.path as the script's folder
 

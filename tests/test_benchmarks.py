@@ -28,7 +28,7 @@ def test_step_time_smoke_compare(tmp_path):
     """--smoke --compare: the AdamW baseline and the OSP recipe, each a plain --smoke run in a child."""
     out = tmp_path / "step_time.jsonl"
     lines = _run("benchmarks/step_time.py", "--smoke", "--compare", f"--output={out}", "--steps=2", "--warmup=0",
-                 "--seq-len=64", "--set=model.layers=2", "--set=model.vocab_size=512")
+                 "--seq-len=64", "--set=model.layers=2", "--set=model.vocab_size=512", "--docs-per-window=3")
     record = json.loads(lines[-1])
     assert record["benchmark"] == "step_time_compare"
     for name, optimizer, norm in (("adamw", "adamw", "channel"), ("osp", "muon", "single")):
@@ -38,7 +38,7 @@ def test_step_time_smoke_compare(tmp_path):
         assert run["optimizer"] == optimizer and run["norm_scale"] == norm
         assert run["embed_proj"] == (name == "osp")
         assert run["steps"] == 2 and run["layers"] == 2 and run["step_time_s"] > 0 and run["tokens_per_s"] > 0
-        assert run["tokens_per_step"] == run["batch"] * run["seq_len"]
+        assert run["tokens_per_step"] == run["batch"] * run["seq_len"] and run["docs_per_window"] == 3
         assert run["peak_memory_bytes"] > 0 and run["mfu"] is None  # CPU: peak FLOP/s unknown
     assert record["step_time_ratio"] > 0 and record["peak_memory_ratio"] > 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -94,3 +94,29 @@ def test_data_smoke():
     record = json.loads(lines[-1])
     assert record["benchmark"] == "data_pipeline"
     assert record["tokens_per_s"] > 0 and record["batches"] > 0
+
+
+def test_synthetic_segments_pack_documents_like_the_pipeline():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_time import synthetic_segments
+
+    ids, positions = synthetic_segments(2, 10, 3)  # lengths 3, 3 and the remaining 4
+    assert ids.tolist() == [[1, 1, 1, 2, 2, 2, 3, 3, 3, 3]] * 2
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3]] * 2
+    ids, positions = synthetic_segments(1, 4, 1)
+    assert ids.tolist() == [[1, 1, 1, 1]] and positions.tolist() == [[0, 1, 2, 3]]
+
+
+def test_epochs_report_regenerates_from_the_committed_gpu_results(tmp_path):
+    """--report-only rebuilds the H100 epochs table from experiments/results/gpu_124m_epochs."""
+    doc = tmp_path / "ablation.md"
+    _run("experiments/epochs.py", "--preset=gpu_124m", "--out=experiments/results/gpu_124m_epochs",
+         "--train-tokens=8e6", "--epochs=1,2,4", "--arms=adam,osp", "--lrs=adam:1e-3,osp:4e-3",
+         "--eval-tokens=524288", "--report-only", f"--doc={doc}", f"--plot={tmp_path / 'epochs.png'}")
+    text = doc.read_text()
+    assert "<!-- ablation:gpu_124m:epochs:begin -->" in text and "9.233 M training tokens" in text
+    osp4 = next(line for line in text.splitlines() if line.startswith("| Muon + SSNorm + EmbProj (OSP) | 4 |"))
+    assert "14.40 (4-4-4 not run)" in osp4 and "30.01 (1.111x)" in osp4
+    adam4 = next(line for line in text.splitlines() if line.startswith("| Adam | 4 |"))
+    assert "74.16 (1.060x)" in adam4
+    assert (tmp_path / "epochs.png").exists()
