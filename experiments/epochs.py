@@ -172,7 +172,8 @@ def plot(rows: list[dict], labels: dict, path: str) -> str:
     return path
 
 
-def report(args, info: dict, rows: list[dict], plot_path: str) -> str:
+def report(args, info: dict, rows: list[dict], plot_path: str, curves: list[str] = (),
+           curve_epochs: dict | None = None) -> str:
     m = info["model"]
     labels = {a[0]: a[1] for a in abl.ARMS}
     rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.doc)))
@@ -207,6 +208,12 @@ def report(args, info: dict, rows: list[dict], plot_path: str) -> str:
                  f"{abl._linear_inputs_cell(fp)} | " + " | ".join(_cell(e, k) for k in ("w4a16kv16", "w16a4kv16",
                                                                                           "w4a4kv4")) + " |")
     L += ["", f"![4-bit cost and perplexity against epochs, and the cost against perplexity]({rel})", ""]
+    if curves:
+        runs = ", ".join(f"{labels[a]} {ep:.3g} epochs" for a, ep in (curve_epochs or {}).items())
+        L += [f"Over training, for each arm's longest run ({runs}; logged every `train.outlier_every` steps on "
+              "one fixed validation batch by `osp_jax.train`):", ""]
+        L += [f"![{os.path.basename(c)}]({os.path.relpath(c, os.path.dirname(os.path.abspath(args.doc)))})"
+              for c in curves] + [""]
     return "\n".join(L)
 
 
@@ -296,7 +303,7 @@ def main(argv=None) -> int:
                                   tuple(s for s in SETTINGS if s[0] in ("w16a16kv16", "w4a4kv4")), prefix="train")
             rows.append({"arm": arm, "epochs": steps * per_step / train_tokens, "steps": steps,
                          "tokens": steps * per_step, "lr": lrs[arm],
-                         "eval": ev, "train_eval": tr})
+                         "eval": ev, "train_eval": tr, "workdir": workdir})
 
     info = {"date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
             "commit": args.commit or abl._git("rev-parse", "--short", "HEAD"), "device": args.device or abl._device(),
@@ -311,7 +318,15 @@ def main(argv=None) -> int:
             "seed": args.seed}
     path = plot(rows, {a: by_name[a][1] for a in arms},
                 args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_{args.name}.png"))
-    body = report(args, info, rows, path)
+    # Kurtosis and max |activation| over training (logged by osp_jax.train), for each arm's longest run.
+    longest = {}
+    for r in rows:
+        if r["epochs"] >= longest.get(r["arm"], {"epochs": -1})["epochs"]:
+            longest[r["arm"]] = r
+    logged = {by_name[a]: abl._metrics(r["workdir"]) for a, r in longest.items()}
+    logged = {arm: m for arm, m in logged.items() if any("kurtosis" in r for r in m)}
+    curves = abl.plot_curves(logged, os.path.splitext(path)[0] + "_curves") if logged else []
+    body = report(args, info, rows, path, curves, {a: r["epochs"] for a, r in longest.items()})
     abl.write_section(args.doc, f"{args.preset}:{args.name}", body)
     if not args.report_only:  # --report-only writes nothing into --out
         abl._write_json(os.path.join(args.out, "epochs.json"), {"info": info, "rows": rows})
