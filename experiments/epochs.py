@@ -318,11 +318,9 @@ def main(argv=None) -> int:
             "seed": args.seed}
     path = plot(rows, {a: by_name[a][1] for a in arms},
                 args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_{args.name}.png"))
-    # Kurtosis and max |activation| over training (logged by osp_jax.train), for each arm's longest run.
-    longest = {}
-    for r in rows:
-        if r["epochs"] >= longest.get(r["arm"], {"epochs": -1})["epochs"]:
-            longest[r["arm"]] = r
+    # Kurtosis and max |activation| over training (logged by osp_jax.train), for each arm's longest run:
+    # its last row, as each arm's rows follow the sorted epoch counts.
+    longest = {r["arm"]: r for r in rows}
     logged = {by_name[a]: abl._metrics(r["workdir"]) for a, r in longest.items()}
     logged = {arm: m for arm, m in logged.items() if any("kurtosis" in r for r in m)}
     curves = abl.plot_curves(logged, os.path.splitext(path)[0] + "_curves") if logged else []
