@@ -19,6 +19,14 @@
 #                (model.max_segments=0), as the packed layout (16), and none (causal only); 20 steps
 #   remat_more   AdamW 1.4B: remat dots_no_batch and save_qkv_out at batch 8, none at batch 4, dots at
 #                batch 16 (out of memory on an H100)
+#   remat_attn   1.4B batch 8 x 2048, both recipes: remat dots against dots_attn (dots, plus the cuDNN
+#                forward's output and softmax statistics, so the backward does not run it again)
+#   big_batch    AdamW 1.4B with XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95} (jax takes 75% of
+#                the device by default): dots_attn at batch 16 (loss_chunk 0 and 1024), none at batch 8
+#   unrolled     AdamW 1.4B batch 8, dots_attn, model.scan_layers=false (24 layers unrolled, no scan)
+#   documents    AdamW 1.4B batch 8, dots, 4 documents packed in every row (--docs-per-window=4): the
+#                packed cuDNN layout (max_segments 16) against the dense mask (0) and causal only
+#   profile_dots AdamW 1.4B batch 8, dots_attn, traced: time per op category after the levers
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -29,7 +37,7 @@
 # ml_collections, portpicker, tensorboardX, zstandard beside jax/flax/optax/orbax).
 # Environment: REMAT (compare's policy), ACCUM (compare's micro-batches, default 32), STEPS (timed
 # steps, default 10), COMPARE_STEPS (default 3), REMATS (remat_* policies, default "full dots none"),
-# DATA and CORPUS (ablation), EPOCHS_OUT, EPOCH_TOKENS and EPOCHS (epochs).
+# MEM_FRACTION (big_batch), DATA and CORPUS (ablation), EPOCHS_OUT, EPOCH_TOKENS and EPOCHS (epochs).
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUT STAGE...}
 shift
@@ -93,6 +101,41 @@ remat_more() {
   $b --batch=16 --set model.remat=dots --output="$OUT/step_time.jsonl" || echo "dots, batch 16: FAILED"
 }
 
+remat_attn() {
+  local b="$PY benchmarks/step_time.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  for recipe in configs/adam_1b4.py configs/osp_1b4.py; do
+    for policy in dots dots_attn; do
+      $b --config=$recipe --set model.remat=$policy --output="$OUT/step_time.jsonl" || echo "$recipe $policy: FAILED"
+    done
+  done
+}
+
+big_batch() {
+  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --seq-len=2048 --steps=$STEPS --warmup=2"
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  $b --batch=16 --set model.remat=dots_attn --output="$OUT/step_time.jsonl" || echo "dots_attn, batch 16: FAILED"
+  $b --batch=16 --set model.remat=dots_attn --set model.loss_chunk=1024 --output="$OUT/step_time.jsonl" \
+    || echo "dots_attn, batch 16, loss_chunk 1024: FAILED"
+  $b --batch=8 --set model.remat=none --output="$OUT/step_time.jsonl" || echo "none, batch 8: FAILED"
+}
+
+unrolled() {
+  $BENCH --config=configs/adam_1b4.py --set model.remat=dots_attn --set model.scan_layers=false \
+    --output="$OUT/step_time.jsonl" || echo "scan_layers=false: FAILED"
+}
+
+documents() {
+  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  $b --docs-per-window=4 --set model.remat=dots --set model.max_segments=16 --output="$OUT/step_time.jsonl"
+  $b --docs-per-window=4 --set model.remat=dots --set model.max_segments=0 --output="$OUT/step_time.jsonl"
+  $b --docs-per-window=4 --set model.remat=dots --set data.pack_mask=false --output="$OUT/step_time.jsonl"
+}
+
+profile_dots() {
+  $BENCH --config=configs/adam_1b4.py --set model.remat=dots_attn --profile="$OUT/trace_adamw_dots_attn" \
+    --output="$OUT/step_time.jsonl"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -143,6 +186,11 @@ for s in "$@"; do
     after) stage after after ;;
     attention) stage attention attention ;;
     remat_more) stage remat_more remat_more ;;
+    remat_attn) stage remat_attn remat_attn ;;
+    big_batch) stage big_batch big_batch ;;
+    unrolled) stage unrolled unrolled ;;
+    documents) stage documents documents ;;
+    profile_dots) stage profile_dots profile_dots ;;
     ablation) stage ablation ablation ;;
     epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;

@@ -236,7 +236,8 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "matmul_params": matmul_params(m),
         "layers": m.layers, "dim": m.dim, "heads": m.heads, "kv_heads": m.kv_heads, "ffn_dim": m.ffn_dim,
         "vocab_size": m.vocab_size,
-        "dtype": m.dtype, "remat": m.remat, "attention": pick_backend(m.attention),
+        "dtype": m.dtype, "remat": m.remat, "scan_layers": m.scan_layers, "loss_chunk": m.loss_chunk,
+        "attention": pick_backend(m.attention),
         "max_segments": m.max_segments, "pack_mask": config.data.pack_mask, "docs_per_window": docs_per_window,
         "mesh": dict(mesh.shape),
         "batch": batch_size, "seq_len": seq_len, "grad_accum": config.optimizer.grad_accum_steps,
@@ -259,9 +260,20 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "device_kind": device.device_kind, "platform": device.platform, "device_count": devices,
         "process_count": jax.process_count(),
         "jax_version": jax.__version__,
+        "env": runtime_env(),
         "git_commit": commit, "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# The environment variables that change what a step costs: XLA's flags and the allocator's share of
+# device memory (jax preallocates 75% by default; a batch that needs more must ask for it).
+RUNTIME_ENV = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+               "XLA_PYTHON_CLIENT_ALLOCATOR", "LIBTPU_INIT_ARGS")
+
+
+def runtime_env() -> dict:
+    return {k: os.environ[k] for k in RUNTIME_ENV if k in os.environ}
 
 
 def compile_memory(config) -> dict:

@@ -304,3 +304,88 @@ def test_splash_rejects_sequence_not_a_multiple_of_the_block():
     q, k, v = _qkv(1, 192, 2, 2, 64)
     with pytest.raises(ValueError, match="multiple of 128"):
         attn.splash_attention(q, k, v, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Remat policy `dots_attn`: the fused kernel's forward runs once, not again in the backward pass
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cudnn_traceable(monkeypatch):
+    """Lets jax trace (not run) its cuDNN attention on a machine without cuDNN: the checks that ask
+    the GPU for its cuDNN version and compute capability answer as a Hopper with cuDNN 9.10 would."""
+    fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    for name in ("check_cudnn_version", "check_is_flash_attention", "check_compute_capability"):
+        if not hasattr(fa, name):
+            pytest.skip(f"jax moved {name}; update this fixture")
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fa, "check_is_flash_attention", lambda *a, **k: None)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(attn, "_packed_layout_supported", lambda: True)
+
+
+def _gradient_jaxpr(remat: str, backend: str, max_segments: int = 0) -> str:
+    from osp_jax import model as model_lib
+    from tests.helpers import small_config
+
+    cfg = small_config(remat=remat, attention=backend, max_segments=max_segments, dtype="bfloat16",
+                       dim=128, heads=2, kv_heads=2)
+    mdl = model_lib.Transformer(cfg.model)
+    tokens = jnp.zeros((2, 128), jnp.int32)
+    ids = _segments(2, 128)
+    params = jax.eval_shape(lambda: nn.unbox(mdl.init(jax.random.key(0), tokens)["params"]))
+    loss = lambda p: mdl.apply({"params": p}, tokens, segment_ids=ids).mean()
+    return str(jax.make_jaxpr(jax.grad(loss))(params))
+
+
+# (backend, max_segments, the forward kernel's primitive, its calls in the traced gradient
+# without remat: the scanned layer's body appears once; the packed cuDNN path's `lax.cond` holds two
+# forward calls, one in each branch; splash has three kernels, forward, dq and dkv)
+KERNELS = [("cudnn", 0, "dot_product_attention_fwd_wrapper", 1),
+           ("cudnn", 4, "dot_product_attention_fwd_wrapper", 2),
+           ("splash", 0, "pallas_call", 3)]
+
+
+@pytest.mark.parametrize("backend,max_segments,primitive,calls", KERNELS)
+def test_dots_attn_keeps_the_attention_kernels_outputs(cudnn_traceable, backend, max_segments, primitive,
+                                                       calls):
+    """Under `dots` the backward pass calls the forward kernel again (it is not a matmul, so its
+    output and softmax statistics are not kept); under `dots_attn` it does not, as with no remat."""
+    count = lambda remat: _gradient_jaxpr(remat, backend, max_segments).count(primitive)
+    assert count("none") == calls
+    assert count("dots_attn") == calls
+    recomputed = 2 if max_segments else 1  # the forward kernel of each branch, called again
+    assert count("dots") == calls + recomputed
+
+
+def test_dots_attn_gradients_match_xla_with_splash_interpret():
+    """The kept outputs feed the kernel's backward correctly (splash in Pallas' interpreter)."""
+    from osp_jax.model import save_dots_and_attention
+
+    q, k, v = _qkv(1, 256, 2, 2, 128)
+    ids = _segments(1, 256)
+    splash = jax.checkpoint(lambda q, k, v: attn.splash_attention(q, k, v, ids, interpret=True),
+                            policy=save_dots_and_attention)
+    loss = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(loss(splash), loss(lambda q, k, v: attn.xla_attention(q, k, v, ids))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("max_segments", [0, 16])
+def test_cudnn_dots_attn_gradients_match_no_remat(max_segments):
+    """On a GPU: the kept cuDNN outputs give the gradients the unremat'd kernel gives (the name of
+    the test's -k filter, cudnn, puts it in gpu_suite.sh's check stage)."""
+    if not _has_gpu():
+        pytest.skip("cuDNN attention needs a GPU; none present")
+    gpu = jax.devices("gpu")[0]
+    q, k, v = (jax.device_put(x, gpu) for x in _qkv(2, 256, 8, 8, 128, seed=5, dtype=jnp.bfloat16))
+    ids = jax.device_put(_segments(2, 256), gpu)
+    from osp_jax.model import save_dots_and_attention
+
+    fn = lambda q, k, v: attn.cudnn_attention(q, k, v, ids, max_segments=max_segments)
+    grads = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2),
+                                       argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads(jax.checkpoint(fn, policy=save_dots_and_attention)), grads(fn)):
+        # not bitwise: cuDNN's backward may accumulate in another order from one call to the next
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)

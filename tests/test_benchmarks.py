@@ -21,7 +21,7 @@ def _run(*args, devices: int = 1, timeout: int = 300) -> list[str]:
 
 STEP_KEYS = ("step_time_s", "tokens_per_s", "compile_s", "mfu", "peak_memory_bytes", "memory_source",
              "flops_per_token", "device_kind", "jax_version", "git_commit", "date", "batch", "seq_len",
-             "grad_accum", "tokens_per_step")
+             "grad_accum", "tokens_per_step", "remat", "scan_layers", "loss_chunk", "env")
 
 
 def test_step_time_smoke_compare(tmp_path):
@@ -40,6 +40,7 @@ def test_step_time_smoke_compare(tmp_path):
         assert run["steps"] == 2 and run["layers"] == 2 and run["step_time_s"] > 0 and run["tokens_per_s"] > 0
         assert run["tokens_per_step"] == run["batch"] * run["seq_len"] and run["docs_per_window"] == 3
         assert run["peak_memory_bytes"] > 0 and run["mfu"] is None  # CPU: peak FLOP/s unknown
+        assert FAST_COMPILE in run["env"]["XLA_FLAGS"]  # the flags the step compiled under are recorded
     assert record["step_time_ratio"] > 0 and record["peak_memory_ratio"] > 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["benchmark"] for r in written] == ["step_time", "step_time", "step_time_compare"]
@@ -120,3 +121,17 @@ def test_epochs_report_regenerates_from_the_committed_gpu_results(tmp_path):
     adam4 = next(line for line in text.splitlines() if line.startswith("| Adam | 4 |"))
     assert "74.16 (1.060x)" in adam4
     assert (tmp_path / "epochs.png").exists()
+
+
+def test_gpu_suite_lists_every_stage_it_runs():
+    """The header of benchmarks/gpu_suite.sh documents exactly the stages its dispatcher knows, and
+    an unknown stage is refused before anything runs."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
+    documented = set(re.findall(r"^#   (?!bash )(\w+) ", text, flags=re.M))  # not the usage line
+    dispatched = set(re.findall(r"^    (\w+)\) ", text, flags=re.M))
+    assert documented == dispatched, (documented ^ dispatched)
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "/tmp/osp_gpu_suite_test", "no_such_stage"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown stage no_such_stage" in proc.stderr
