@@ -167,8 +167,9 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
     The synthetic batch packs `docs_per_window` documents into each row (default 1), which decides how
     much the attention's document mask has to do.
 
-    With `profile_dir`, `profile_steps` more steps run under `jax.profiler.trace` after the timed ones
-    (`benchmarks/trace_summary.py` reads the trace)."""
+    With `profile_dir`, `profile_steps` more steps run under `jax.profiler.trace` after the timed ones,
+    and the compiled step's HLO text goes beside the trace as `step.hlo.txt`
+    (`benchmarks/trace_summary.py` reads both)."""
     config_lib.validate(config)
     t, m = config.train, config.model
     batch_size, seq_len = t.global_batch_size, t.seq_len
@@ -214,6 +215,9 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
                 for _ in range(profile_steps):
                     state, out = compiled(state, batch)
                     out["loss"].block_until_ready()
+            # The compiled step's HLO: its op_name metadata lets trace_summary.py say which part of
+            # the model each traced op belongs to.
+            pathlib.Path(profile_dir, "step.hlo.txt").write_text(compiled.as_text())
         loss = float(out["loss"])
 
     n_params = count_params(state.params)

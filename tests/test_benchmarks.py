@@ -70,9 +70,38 @@ def test_muon_cost_and_accuracy_modes():
 
 def test_step_time_profile_writes_a_trace(tmp_path):
     lines = _run("benchmarks/step_time.py", "--smoke", "--steps=1", "--warmup=0", "--seq-len=64",
-                 "--set=model.layers=2", "--set=model.vocab_size=512", f"--profile={tmp_path / 'trace'}")
+                 "--set=model.layers=2", "--set=model.vocab_size=512", "--set=model.remat=dots",
+                 f"--profile={tmp_path / 'trace'}")
     assert json.loads(lines[-1])["benchmark"] == "step_time"
     assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # what benchmarks/trace_summary.py reads
+    assert "op_name=" in (tmp_path / "trace" / "step.hlo.txt").read_text()
+    # The summary printed after the trace attributes the ops to parts of the model and passes:
+    # under remat=dots the SwiGLU is computed again in the backward pass, the matmuls are not.
+    rows = {}
+    for line in lines:
+        cells = line.strip().rsplit(None, 7)
+        if len(cells) == 8 and cells[-1].endswith("%"):
+            rows[cells[0]] = [float(c) for c in cells[1:7]]
+    forward, recompute, backward, outside, unknown, total = rows["MLP element-wise (SwiGLU)"]
+    assert forward > 0 and recompute > 0 and backward > 0 and outside == 0
+    assert rows["MLP matmuls gate/up/down"][1] == 0  # dots keeps the matmul outputs
+    assert rows["optimizer, gradient norms, step metrics"][3] > 0
+
+
+def test_trace_summary_model_parts():
+    from benchmarks.trace_summary import hlo_op_names, model_part
+
+    scope = "jit(train_step)/transpose(jvp(Transformer))/while/body/closed_call/checkpoint/"
+    assert model_part(scope + "layers/attn/q/bsd,dhk->bshk/dot_general") == ("backward", "attention projections q/k/v/o")
+    assert model_part(scope + "rematted_computation/layers/mlp/jit(silu)/logistic") == ("recompute", "MLP element-wise (SwiGLU)")
+    assert model_part("jit(train_step)/jvp(Transformer)/while/body/closed_call/layers/attn_norm/mul") == ("forward", "norms")
+    assert model_part("jit(train_step)/jvp(Transformer)/bsd,dv->bsv/dot_general") == ("forward", "LM head and loss")
+    assert model_part("jit(train_step)/jit(_where)/select_n")[0] == "optimizer / step"
+    assert model_part(None) == ("unattributed", "no op_name metadata")
+    hlo = ('  %fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(f)/mul" stack_frame_id=1}\n'
+           '  ROOT %dot.1 = f32[8,8]{1,0} dot(%a, %b), metadata={op_name="jit(f)/dot_general"}\n'
+           '  %param = f32[8]{0} parameter(0)\n')
+    assert hlo_op_names(hlo) == {"fusion.3": "jit(f)/mul", "dot.1": "jit(f)/dot_general"}
 
 
 def test_ablation_report_regenerates_from_the_committed_gpu_results(tmp_path):
