@@ -24,6 +24,8 @@
 #   big_batch    AdamW 1.4B with XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95} (jax takes 75% of
 #                the device by default): dots_attn at batch 16 (loss_chunk 0 and 1024), none at batch 8
 #   unrolled     AdamW 1.4B batch 8, dots_attn, model.scan_layers=false (24 layers unrolled, no scan)
+#   loss_chunk   AdamW 1.4B batch 8, dots_attn: the loss over 512 positions at a time (model.loss_chunk,
+#                the logits recomputed in the backward) against all 2048 at once (the default, 0)
 #   documents    AdamW 1.4B batch 8, dots, 4 documents packed in every row (--docs-per-window=4): the
 #                packed cuDNN layout (max_segments 16) against the dense mask (0) and causal only
 #   profile_dots AdamW 1.4B batch 8, dots_attn, traced: time per op category after the levers
@@ -124,6 +126,12 @@ unrolled() {
     --output="$OUT/step_time.jsonl" || echo "scan_layers=false: FAILED"
 }
 
+loss_chunk() {
+  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  $b --set model.remat=dots_attn --set model.loss_chunk=0 --output="$OUT/step_time.jsonl"
+  $b --set model.remat=dots_attn --set model.loss_chunk=512 --output="$OUT/step_time.jsonl"
+}
+
 documents() {
   local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
   $b --docs-per-window=4 --set model.remat=dots --set model.max_segments=16 --output="$OUT/step_time.jsonl"
@@ -189,6 +197,7 @@ for s in "$@"; do
     remat_attn) stage remat_attn remat_attn ;;
     big_batch) stage big_batch big_batch ;;
     unrolled) stage unrolled unrolled ;;
+    loss_chunk) stage loss_chunk loss_chunk ;;
     documents) stage documents documents ;;
     profile_dots) stage profile_dots profile_dots ;;
     ablation) stage ablation ablation ;;
