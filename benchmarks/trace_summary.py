@@ -134,13 +134,17 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40, hlo: str | None = N
     for title, events, plane in planes:
         totals: collections.Counter = collections.Counter()  # by event name (the kind comes from it)
         counts: collections.Counter = collections.Counter()
-        instruction = {}                                       # event name -> HLO instruction
+        # Event name -> time by (pass, part). Per event, not per name: one cuBLAS kernel name serves
+        # the GEMMs of many instructions, in many parts of the model.
+        parts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for e in events:
-            instruction[e.name] = _hlo_instruction(e)
-            if CONTAINERS.match(instruction[e.name]):
+            instruction = _hlo_instruction(e)
+            if CONTAINERS.match(instruction):
                 continue
             totals[e.name] += e.duration_ns
             counts[e.name] += 1
+            if op_names is not None:
+                parts[e.name][model_part(op_names.get(instruction))] += e.duration_ns
         busy = sum(totals.values())
         modules = [l for l in plane.lines if l.name == "XLA Modules"]
         span = sum(e.duration_ns for l in modules for e in l.events)
@@ -153,26 +157,26 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40, hlo: str | None = N
         for cat, ns in by_cat.most_common():
             out.append(f"  {cat:<32} {ns / steps / 1e6:9.2f} ms  {100 * ns / max(busy, 1):5.1f}%")
         if op_names is not None:
-            part_of = {name: model_part(op_names.get(instruction[name])) for name in totals}
-            out.extend(_by_part(totals, part_of, len(op_names), steps, busy))
+            out.extend(_by_part(parts, len(op_names), steps, busy))
         out.append(f"  top {top} ops (ms per step, calls per step, category):")
         for name, ns in totals.most_common(top):
             where = ""
             if op_names is not None:
-                where = " | " + "; ".join(part_of[name])
+                (main, _), *others = parts[name].most_common()
+                where = " | " + "; ".join(main) + (f" (and {len(others)} more parts)" if others else "")
             out.append(f"    {ns / steps / 1e6:9.3f}  {counts[name] / steps:6.1f}  {category(name):<20} "
                        f"{name[:60]}{where}")
     return "\n".join(out)
 
 
-def _by_part(totals, part_of, instructions: int, steps: int, busy: int) -> list[str]:
+def _by_part(parts, instructions: int, steps: int, busy: int) -> list[str]:
     """The "by model part" table: one row a part, one column a pass."""
     phases = ("forward", "recompute", "backward", "optimizer / step", "unattributed")
     heads = ("forward", "recompute", "backward", "opt./step", "unknown")
     grid: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for name, ns in totals.items():
-        phase, part = part_of[name]
-        grid[part][phase] += ns
+    for by_part in parts.values():
+        for (phase, part), ns in by_part.items():
+            grid[part][phase] += ns
     ms = lambda ns: f"{ns / steps / 1e6:9.2f}"
     rows = [f"  by model part (ms per step; from the HLO op_name metadata of {instructions} instructions):",
             f"    {'part':<40}" + "".join(f"{h:>11}" for h in heads) + f"{'total':>11}{'share':>8}"]
