@@ -28,7 +28,7 @@
 #                the logits recomputed in the backward) against all 2048 at once (the default, 0)
 #   documents    AdamW 1.4B batch 8, dots, 4 documents packed in every row (--docs-per-window=4): the
 #                packed cuDNN layout (max_segments 16) against the dense mask (0) and causal only
-#   profile_dots AdamW 1.4B batch 8, dots_attn, traced: time per op category after the levers
+#   profile_dots AdamW 1.4B batch 8, dots_attn, traced: time per op kind and per model part and pass
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
