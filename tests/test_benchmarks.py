@@ -152,7 +152,7 @@ def test_epochs_report_regenerates_from_the_committed_gpu_results(tmp_path):
     assert (tmp_path / "epochs.png").exists()
 
 
-def test_gpu_suite_lists_every_stage_it_runs():
+def test_gpu_suite_lists_every_stage_it_runs(tmp_path):
     """The header of benchmarks/gpu_suite.sh documents exactly the stages its dispatcher knows, and
     an unknown stage is refused before anything runs."""
     import re
@@ -161,6 +161,6 @@ def test_gpu_suite_lists_every_stage_it_runs():
     documented = set(re.findall(r"^#   (?!bash )(\w+) ", text, flags=re.M))  # not the usage line
     dispatched = set(re.findall(r"^    (\w+)\) ", text, flags=re.M))
     assert documented == dispatched, (documented ^ dispatched)
-    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "/tmp/osp_gpu_suite_test", "no_such_stage"],
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path), "no_such_stage"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown stage no_such_stage" in proc.stderr
