@@ -48,6 +48,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-10}
 BENCH="$PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=8 --seq-len=2048 --steps=$STEPS --warmup=2"
+STEP20="$PY benchmarks/step_time.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"  # 20 timed steps, batch 8
+ADAM20="$STEP20 --config=configs/adam_1b4.py"
+ADAM_BATCH="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --seq-len=2048 --steps=$STEPS --warmup=2"  # + --batch
 export PYTHONUNBUFFERED=1
 
 stage() {
@@ -89,14 +92,14 @@ levers() {
 }
 
 attention() {
-  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  local b=$ADAM20
   $b --set model.remat=dots --set model.max_segments=0 --output="$OUT/step_time.jsonl"
   $b --set model.remat=dots --set model.max_segments=16 --output="$OUT/step_time.jsonl"
   $b --set model.remat=dots --set data.pack_mask=false --output="$OUT/step_time.jsonl"
 }
 
 remat_more() {
-  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --seq-len=2048 --steps=$STEPS --warmup=2"
+  local b=$ADAM_BATCH
   $b --batch=8 --set model.remat=dots_no_batch --output="$OUT/step_time.jsonl" || echo "dots_no_batch: FAILED"
   $b --batch=8 --set model.remat=save_qkv_out --output="$OUT/step_time.jsonl" || echo "save_qkv_out: FAILED"
   $b --batch=4 --set model.remat=none --output="$OUT/step_time.jsonl" || echo "none, batch 4: FAILED"
@@ -104,7 +107,7 @@ remat_more() {
 }
 
 remat_attn() {
-  local b="$PY benchmarks/step_time.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  local b=$STEP20
   for recipe in configs/adam_1b4.py configs/osp_1b4.py; do
     for policy in dots dots_attn; do
       $b --config=$recipe --set model.remat=$policy --output="$OUT/step_time.jsonl" || echo "$recipe $policy: FAILED"
@@ -113,7 +116,7 @@ remat_attn() {
 }
 
 big_batch() {
-  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --seq-len=2048 --steps=$STEPS --warmup=2"
+  local b=$ADAM_BATCH
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
   $b --batch=16 --set model.remat=dots_attn --output="$OUT/step_time.jsonl" || echo "dots_attn, batch 16: FAILED"
   $b --batch=16 --set model.remat=dots_attn --set model.loss_chunk=1024 --output="$OUT/step_time.jsonl" \
@@ -127,13 +130,13 @@ unrolled() {
 }
 
 loss_chunk() {
-  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  local b=$ADAM20
   $b --set model.remat=dots_attn --set model.loss_chunk=0 --output="$OUT/step_time.jsonl"
   $b --set model.remat=dots_attn --set model.loss_chunk=512 --output="$OUT/step_time.jsonl"
 }
 
 documents() {
-  local b="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --batch=8 --seq-len=2048 --steps=20 --warmup=3"
+  local b=$ADAM20
   $b --docs-per-window=4 --set model.remat=dots --set model.max_segments=16 --output="$OUT/step_time.jsonl"
   $b --docs-per-window=4 --set model.remat=dots --set model.max_segments=0 --output="$OUT/step_time.jsonl"
   $b --docs-per-window=4 --set model.remat=dots --set data.pack_mask=false --output="$OUT/step_time.jsonl"

@@ -114,7 +114,7 @@ def cudnn_attention(q, k, v, segment_ids=None, *, implementation: str = "cudnn",
     `implementation="xla"` runs the dense call on any backend (how the mask handling is tested).
     """
     if segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        return _cudnn_causal(q, k, v, implementation=implementation)
     dense = functools.partial(_cudnn_dense, implementation=implementation)
     if implementation != "cudnn" or max_segments <= 0 or not _packed_layout_supported():
         return dense(q, k, v, segment_ids)
@@ -132,8 +132,8 @@ def _cudnn_dense(q, k, v, segment_ids, *, implementation: str):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
-def _cudnn_causal(q, k, v, *_):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+def _cudnn_causal(q, k, v, *_, implementation: str = "cudnn"):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
 def _cudnn_packed(q, k, v, seqlen, offsets):
@@ -170,12 +170,10 @@ def _batch_sharded(x):
     cuDNN's custom partitioning hands each device its local query rows together with the segment
     lengths/offsets *as they are sharded*, so these must be split over the batch exactly like q.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    mesh = _partitioned_mesh()
+    if mesh is None:
         return x
-    batch_axes = _mesh_spec(("batch",), mesh)[0]
-    if x.shape[0] % _axes_size(mesh, batch_axes):
-        batch_axes = None
+    batch_axes = _dividing(mesh, _mesh_spec(("batch",), mesh)[0], x.shape[0])
     return jax.lax.with_sharding_constraint(x, P(batch_axes, *(None,) * (x.ndim - 1)))
 
 
@@ -186,16 +184,14 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool = False):
     runs inside `jax.shard_map`: batch and heads split as the ambient logical-axis rules split the
     "batch" and "heads" activation axes, each device attending over its own examples and heads.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.manual_axes:  # one device, or already inside shard_map
+    mesh = _partitioned_mesh()
+    if mesh is None:
         return _splash_local(q, k, v, segment_ids, interpret=interpret)
     b, _, h, _ = q.shape
     kv = k.shape[2]
     batch_axes, _, head_axes, _ = _mesh_spec(("batch", "length", "heads", "head_dim"), mesh)
-    if b % _axes_size(mesh, batch_axes):
-        batch_axes = None
-    if h % _axes_size(mesh, head_axes) or kv % _axes_size(mesh, head_axes):
-        head_axes = None
+    batch_axes = _dividing(mesh, batch_axes, b)
+    head_axes = _dividing(mesh, head_axes, h, kv)
     qkv_spec = P(batch_axes, None, head_axes, None)
     seg_spec = P(batch_axes, None)
     local = functools.partial(_splash_local, interpret=interpret)
@@ -221,8 +217,19 @@ def _mesh_spec(logical_axes, mesh):
     return tuple(keep(e) for e in spec)
 
 
-def _axes_size(mesh, axes) -> int:
-    return math.prod(dict(mesh.shape)[a] for a in axes or ())
+def _partitioned_mesh():
+    """The ambient mesh when arrays may be split over it: None for no mesh, one device, or inside
+    shard_map (where arrays are already per device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return None
+    return mesh
+
+
+def _dividing(mesh, axes, *sizes):
+    """`axes` if their combined size divides every one of `sizes`, else None (replicated)."""
+    n = math.prod(dict(mesh.shape)[a] for a in axes or ())
+    return None if any(size % n for size in sizes) else axes
 
 
 def _splash_local(q, k, v, segment_ids, *, interpret: bool):
