@@ -29,6 +29,9 @@
 #   documents    AdamW 1.4B batch 8, dots, 4 documents packed in every row (--docs-per-window=4): the
 #                packed cuDNN layout (max_segments 16) against the dense mask (0) and causal only
 #   profile_dots AdamW 1.4B batch 8, dots_attn, traced: time per op kind and per model part and pass
+#   skip_guard   1.4B batch 8, dots, both recipes: the non-finite guard as a lax.cond (this code) against
+#                a where() on every state leaf (commit GUARD_BEFORE, default 1e7aa64, run from a git
+#                worktree in /tmp), which made the CPU compiler copy the whole state every step
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -39,7 +42,8 @@
 # ml_collections, portpicker, tensorboardX, zstandard beside jax/flax/optax/orbax).
 # Environment: REMAT (compare's policy), ACCUM (compare's micro-batches, default 32), STEPS (timed
 # steps, default 10), COMPARE_STEPS (default 3), REMATS (remat_* policies, default "full dots none"),
-# MEM_FRACTION (big_batch), DATA and CORPUS (ablation), EPOCHS_OUT, EPOCH_TOKENS and EPOCHS (epochs).
+# MEM_FRACTION (big_batch), GUARD_BEFORE (skip_guard), DATA and CORPUS (ablation), EPOCHS_OUT,
+# EPOCH_TOKENS and EPOCHS (epochs).
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUT STAGE...}
 shift
@@ -147,6 +151,17 @@ profile_dots() {
     --output="$OUT/step_time.jsonl"
 }
 
+skip_guard() {
+  local before=/tmp/osp_jax_${GUARD_BEFORE:-1e7aa64}
+  [ -d "$before" ] || git worktree add --detach "$before" "${GUARD_BEFORE:-1e7aa64}" \
+    || { echo "skip_guard: FAILED (needs the repository's git history for ${GUARD_BEFORE:-1e7aa64})"; return 1; }
+  for recipe in configs/adam_1b4.py configs/osp_1b4.py; do
+    (cd "$before" && $STEP20 --config=$recipe --set model.remat=dots --output="$OUT/step_time.jsonl") \
+      || echo "$recipe before: FAILED"
+    $STEP20 --config=$recipe --set model.remat=dots --output="$OUT/step_time.jsonl" || echo "$recipe: FAILED"
+  done
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -203,6 +218,7 @@ for s in "$@"; do
     loss_chunk) stage loss_chunk loss_chunk ;;
     documents) stage documents documents ;;
     profile_dots) stage profile_dots profile_dots ;;
+    skip_guard) stage skip_guard skip_guard ;;
     ablation) stage ablation ablation ;;
     epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;

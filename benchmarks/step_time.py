@@ -28,8 +28,10 @@ import datetime
 import functools
 import importlib.util
 import json
+import math
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -143,6 +145,26 @@ def _memory(compiled) -> tuple[int | None, str, dict]:
                     + analysis["temp_size_in_bytes"] - analysis.get("alias_size_in_bytes", 0))
         return estimate, "compiled.memory_analysis: argument+output+temp-alias (per device, estimate)", analysis
     return None, "unavailable", analysis
+
+
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+              "f64": 8, "s64": 8, "u64": 8}
+
+
+def input_copies(hlo_text: str) -> dict:
+    """Which of the compiled step's inputs (train state and batch) the executable copies before using
+    them, from its optimised HLO: {"count", "bytes" (per device), "names"}. A donated state should be
+    updated where it lies; a copy there costs a read and a write of it every step."""
+    entry = hlo_text[hlo_text.index("\nENTRY "):]
+    entry = entry[:entry.index("\n}")]
+    params = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(\d+\)", entry))
+    count, total, names = 0, 0, []
+    for dtype, dims, operand in re.findall(r"= (\w+)\[([\d,]*)\]\S* copy\(%([\w.\-]+)\)", entry):
+        if operand in params:
+            count += 1
+            total += _HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            names.append(operand)
+    return {"count": count, "bytes": total, "names": names}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -260,6 +282,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "peak_memory_bytes": peak_bytes,
         "memory_source": memory_source,
         "compiled_memory": analysis,
+        "input_copies": input_copies(compiled.as_text()),
         "final_loss": loss,
         "device_kind": device.device_kind, "platform": device.platform, "device_count": devices,
         "process_count": jax.process_count(),
@@ -288,7 +311,8 @@ def compile_memory(config) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     start = time.perf_counter()
     lowered, state = lower_train_step(config, mesh)
-    m = lowered.compile().memory_analysis()
+    compiled = lowered.compile()
+    m = compiled.memory_analysis()
     compile_s = time.perf_counter() - start
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
     analysis = {k: int(getattr(m, k)) for k in fields}
@@ -301,6 +325,7 @@ def compile_memory(config) -> dict:
         "mesh": dict(mesh.shape), "batch": t.global_batch_size, "seq_len": t.seq_len,
         "grad_accum": config.optimizer.grad_accum_steps, "remat": config.model.remat,
         "compile_s": round(compile_s, 3), "compiled_memory": analysis,
+        "input_copies": input_copies(compiled.as_text()),
         # Donated outputs reuse the argument buffers (alias), so they are counted once.
         "peak_memory_bytes": analysis["argument_size_in_bytes"] + analysis["output_size_in_bytes"]
         + analysis["temp_size_in_bytes"] - analysis["alias_size_in_bytes"],
@@ -317,7 +342,8 @@ def summary(r: dict) -> str:
         return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params | mesh {r['mesh']} | batch {r['batch']} x seq "
                 f"{r['seq_len']} (accum {r['grad_accum']}) | compiled in {r['compile_s']:.1f} s\n"
                 f"  per device: state {r['state_bytes'] / 2**30:.2f} GiB, temporaries "
-                f"{m['temp_size_in_bytes'] / 2**30:.2f} GiB, peak estimate {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+                f"{m['temp_size_in_bytes'] / 2**30:.2f} GiB, peak estimate {r['peak_memory_bytes'] / 2**30:.2f} GiB; "
+                f"inputs copied {r['input_copies']['count']} ({r['input_copies']['bytes'] / 2**30:.2f} GiB)")
     mfu = "n/a (peak unknown)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
     return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params | {r['device_count']} x {r['device_kind']} | "

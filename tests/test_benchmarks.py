@@ -41,6 +41,7 @@ def test_step_time_smoke_compare(tmp_path):
         assert run["tokens_per_step"] == run["batch"] * run["seq_len"] and run["docs_per_window"] == 3
         assert run["peak_memory_bytes"] > 0 and run["mfu"] is None  # CPU: peak FLOP/s unknown
         assert FAST_COMPILE in run["env"]["XLA_FLAGS"]  # the flags the step compiled under are recorded
+        assert run["input_copies"] == {"count": 0, "bytes": 0, "names": []}  # the state is updated in place
     assert record["step_time_ratio"] > 0 and record["peak_memory_ratio"] > 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["benchmark"] for r in written] == ["step_time", "step_time", "step_time_compare"]
