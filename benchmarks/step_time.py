@@ -167,6 +167,23 @@ def input_copies(hlo_text: str) -> dict:
     return {"count": count, "bytes": total, "names": names}
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collectives(hlo_text: str) -> dict:
+    """The collectives of a compiled (partitioned) step, from its optimised HLO: {kind: {"ops", "bytes"}},
+    bytes per device of each op's result, and their sum under "total". A static count: an op inside a
+    loop (the layer scan, the micro-batches) counts once, however many times it runs."""
+    out = {kind: {"ops": 0, "bytes": 0} for kind in COLLECTIVES}
+    pattern = r"^\s*(?:ROOT )?%\S+ = (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\("
+    for shapes, kind in re.findall(pattern, hlo_text, flags=re.MULTILINE):
+        out[kind]["ops"] += 1
+        out[kind]["bytes"] += sum(_HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                                  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shapes))
+    out["total"] = {"ops": sum(v["ops"] for v in out.values()), "bytes": sum(v["bytes"] for v in out.values())}
+    return out
+
+
 # ---------------------------------------------------------------- the benchmark
 def synthetic_segments(batch_size: int, seq_len: int, docs_per_window: int):
     """Segment ids and positions of windows packed with `docs_per_window` documents of equal length (the
@@ -325,7 +342,7 @@ def compile_memory(config) -> dict:
         "mesh": dict(mesh.shape), "batch": t.global_batch_size, "seq_len": t.seq_len,
         "grad_accum": config.optimizer.grad_accum_steps, "remat": config.model.remat,
         "compile_s": round(compile_s, 3), "compiled_memory": analysis,
-        "input_copies": input_copies(compiled.as_text()),
+        "input_copies": input_copies(compiled.as_text()), "collectives": collectives(compiled.as_text()),
         # Donated outputs reuse the argument buffers (alias), so they are counted once.
         "peak_memory_bytes": analysis["argument_size_in_bytes"] + analysis["output_size_in_bytes"]
         + analysis["temp_size_in_bytes"] - analysis["alias_size_in_bytes"],
@@ -343,7 +360,9 @@ def summary(r: dict) -> str:
                 f"{r['seq_len']} (accum {r['grad_accum']}) | compiled in {r['compile_s']:.1f} s\n"
                 f"  per device: state {r['state_bytes'] / 2**30:.2f} GiB, temporaries "
                 f"{m['temp_size_in_bytes'] / 2**30:.2f} GiB, peak estimate {r['peak_memory_bytes'] / 2**30:.2f} GiB; "
-                f"inputs copied {r['input_copies']['count']} ({r['input_copies']['bytes'] / 2**30:.2f} GiB)")
+                f"inputs copied {r['input_copies']['count']} ({r['input_copies']['bytes'] / 2**30:.2f} GiB); "
+                f"collectives {r['collectives']['total']['ops']} ops, "
+                f"{r['collectives']['total']['bytes'] / 2**20:,.1f} MiB (static count)")
     mfu = "n/a (peak unknown)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
     return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params | {r['device_count']} x {r['device_kind']} | "

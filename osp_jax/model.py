@@ -227,6 +227,12 @@ class Transformer(nn.Module):
 
         table = Embed(c.vocab_size, c.dim, init, pdtype, name="embed")()
         x = jnp.take(table.astype(dtype), tokens, axis=0)
+        # The rows come out of the fsdp-split table split over `embed`; they go to the batch split
+        # in two explicit steps (take the batch over the other batch axes, then trade embed for batch
+        # over fsdp), and so does their gradient on the way back. Left to infer it, XLA replicated
+        # the whole batch's rows on every device whenever op, dp or tp were > 1 (docs/benchmarks.md).
+        x = nn.with_logical_constraint(x, ("lookup_batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if c.embed_proj:  # EmbProj, orthogonal at init so the model starts as if it were absent
             x = Dense("bsd,de->bse", (c.dim, c.dim), ("embed", "embed_proj"), nn.initializers.orthogonal(),
                       dtype, pdtype, name="embed_proj")(x)

@@ -37,6 +37,7 @@ LOGICAL_AXIS_RULES = (
     ("layers", None),
     # activations
     ("batch", BATCH_AXES),
+    ("lookup_batch", ("dp", "op")),  # rows out of the embedding table, whose embed dim is fsdp's
     ("length", None),
     ("act_embed", None),
     ("act_mlp", "tp"),

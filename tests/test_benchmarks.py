@@ -165,3 +165,20 @@ def test_gpu_suite_lists_every_stage_it_runs(tmp_path):
     proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path), "no_such_stage"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown stage no_such_stage" in proc.stderr
+
+
+def test_step_time_compile_only_reports_memory_copies_and_collectives():
+    """--compile-only: the compiler's per-device figures for a mesh, nothing run. On 4 devices split
+    by fsdp the step gathers parameters and reduces gradients; on one it has no collective at all."""
+    lines = _run("benchmarks/step_time.py", "--smoke", "--compile-only", "--seq-len=64", "--set=model.layers=2",
+                 "--set=model.vocab_size=512", "--set=mesh.fsdp=4", devices=4)
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == "step_memory" and record["mesh"]["fsdp"] == 4
+    assert record["peak_memory_bytes"] > record["state_bytes"] > 0
+    assert record["input_copies"]["count"] == 0
+    kinds = record["collectives"]
+    assert kinds["all-gather"]["ops"] > 0 and kinds["all-gather"]["bytes"] > 0
+    assert kinds["total"]["bytes"] == sum(v["bytes"] for k, v in kinds.items() if k != "total")
+    single = json.loads(_run("benchmarks/step_time.py", "--smoke", "--compile-only", "--seq-len=64",
+                             "--set=model.layers=2", "--set=model.vocab_size=512", "--set=mesh.fsdp=1")[-1])
+    assert single["collectives"]["total"] == {"ops": 0, "bytes": 0}

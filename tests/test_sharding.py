@@ -82,3 +82,34 @@ def test_tensor_parallel_step_equals_single_device():
     losses_tp, params_tp, _ = _run(cfg, {"dp": 2, "op": 1, "fsdp": 2, "tp": 2})
     np.testing.assert_allclose(losses1, losses_tp, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5), params1, params_tp)
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"fsdp": 4, "op": 2}, {"dp": 2, "fsdp": 2, "tp": 2}])
+def test_sharded_step_compiles_without_replicating_activations(mesh_sizes):
+    """XLA says "Involuntary full rematerialization" when it cannot reshard a tensor and replicates it
+    on every device instead. The token embedding's rows did that (they leave the fsdp-split table
+    split over embed, not batch) whenever op, dp or tp were > 1. Compiled in a child, whose C++ log
+    is its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    sizes = {"dp": 1, "op": 1, "fsdp": 1, "tp": 1, **mesh_sizes}
+    code = ("from tests.helpers import small_config\n"
+            "from osp_jax import sharding\n"
+            "from osp_jax.train import lower_train_step\n"
+            "for embed_proj in (False, True):\n"
+            "    c = small_config(embed_proj=embed_proj)\n"
+            f"    c.mesh.update({sizes!r})\n"
+            "    c.train.global_batch_size = 8\n"
+            "    lower_train_step(c, sharding.make_mesh(c.mesh))[0].compile()\n"
+            "print('compiled')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    replicated = [line for line in proc.stderr.splitlines() if "Involuntary full rematerialization" in line]
+    assert not replicated, replicated[0][:1500]
