@@ -343,6 +343,9 @@ def compile_memory(config) -> dict:
         "grad_accum": config.optimizer.grad_accum_steps, "remat": config.model.remat,
         "compile_s": round(compile_s, 3), "compiled_memory": analysis,
         "input_copies": input_copies(compiled.as_text()), "collectives": collectives(compiled.as_text()),
+        # XLA's own count, per device; a loop body counts once, and not every backend counts every op
+        # (the GPU one leaves out its cuBLAS calls), so compare it only within one backend.
+        "compiled_flops": metrics_lib.compiled_cost(compiled).get("flops"),
         # Donated outputs reuse the argument buffers (alias), so they are counted once.
         "peak_memory_bytes": analysis["argument_size_in_bytes"] + analysis["output_size_in_bytes"]
         + analysis["temp_size_in_bytes"] - analysis["alias_size_in_bytes"],
@@ -362,7 +365,8 @@ def summary(r: dict) -> str:
                 f"{m['temp_size_in_bytes'] / 2**30:.2f} GiB, peak estimate {r['peak_memory_bytes'] / 2**30:.2f} GiB; "
                 f"inputs copied {r['input_copies']['count']} ({r['input_copies']['bytes'] / 2**30:.2f} GiB); "
                 f"collectives {r['collectives']['total']['ops']} ops, "
-                f"{r['collectives']['total']['bytes'] / 2**20:,.1f} MiB (static count)")
+                f"{r['collectives']['total']['bytes'] / 2**20:,.1f} MiB (static count); "
+                f"compiled FLOPs {(r['compiled_flops'] or 0) / 1e9:,.1f} G")
     mfu = "n/a (peak unknown)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
     return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params | {r['device_count']} x {r['device_kind']} | "

@@ -65,6 +65,14 @@ def schedule(peak: float, config: ml_collections.ConfigDict, steps: int) -> opta
         [warm, warm + stable])
 
 
+# The mesh axes the Newton–Schulz work is split over: op, the paper's optimizer parallelism, and the
+# axes that already split the momentum (fsdp, tp). Left to the partitioner, an fsdp- or tp-split stack
+# ran Newton–Schulz split along its matrix dimensions, with collectives in every iteration (4.8 GB a
+# step per device for the 124M on fsdp=8, against 0.6 GB split by matrix; docs/benchmarks.md). Not dp:
+# replicas, often across slices on the slower network.
+NS_SHARD_AXES = ("op", "fsdp", "tp")
+
+
 def make_optimizer(config: ml_collections.ConfigDict, mesh=None
                    ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
     """The full update for `config` and the learning-rate schedules to log (name -> step -> lr)."""
@@ -80,7 +88,7 @@ def make_optimizer(config: ml_collections.ConfigDict, mesh=None
         schedules["muon_learning_rate"] = muon_lr
         muon = muon_transform(muon_lr, beta=o.muon_beta, nesterov=o.muon_nesterov, ns_steps=o.ns_steps,
                              weight_decay=o.muon_weight_decay, rms_scale=o.rms_scale,
-                             scale_mode=o.muon_scale_mode, shard_axis="op", mesh=mesh)
+                             scale_mode=o.muon_scale_mode, shard_axis=NS_SHARD_AXES, mesh=mesh)
         inner = optax.multi_transform({MUON: muon, ADAMW: adamw},
                                       lambda params: param_labels(params, o.name))
     chain = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []

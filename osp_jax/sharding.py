@@ -3,7 +3,8 @@
 Mesh axes ("dp", "op", "fsdp", "tp"):
   dp    pure data parallelism (replicas of parameters and optimizer state)
   op    the OSP paper's optimizer parallelism: Newton–Schulz for same-shaped matrices is split
-        over it (see muon.py); the batch is split over it too
+        over it, a whole matrix per device (see muon.py; optim.NS_SHARD_AXES adds fsdp and tp, which
+        split the momentum already); the batch is split over it too
   fsdp  parameters and optimizer state are sharded over it; the batch is split over it
   tp    tensor parallelism over heads / MLP width / vocabulary, for models that outgrow fsdp
 """

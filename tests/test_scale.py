@@ -10,6 +10,7 @@ and compiled (batch 8 x 128, so compiling is quick). Two figures, both per devic
 
 import jax
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from osp_jax import sharding
@@ -87,3 +88,26 @@ def test_op_splits_newton_schulz_flops():
     print(f"\nosp_124m Muon partition ({matrices / 1e6:.1f}M parameters), one optimizer update, per device: "
           f"1 device {_flops(single) / 1e9:,.1f} GFLOP, op=8 {_flops(split) / 1e9:,.1f} GFLOP, ratio {ratio:.4f}")
     assert ratio < 0.25, ratio
+
+
+def _step_collective_bytes(optimizer, mesh_sizes) -> int:
+    from benchmarks.step_time import collectives
+
+    cfg = load_recipe("tiny")
+    cfg.optimizer.name = optimizer
+    cfg.train.global_batch_size, cfg.train.seq_len = BATCH, SEQ
+    cfg.mesh.update({**ONE, **mesh_sizes})
+    lowered, _ = lower_train_step(cfg, _mesh({**ONE, **mesh_sizes}))
+    return collectives(lowered.compile().as_text())["total"]["bytes"]
+
+
+@pytest.mark.parametrize("mesh_sizes,limit", [({"fsdp": 8}, 2.0), ({"dp": 2, "fsdp": 2, "tp": 2}, 3.0)])
+def test_newton_schulz_is_split_by_matrix_on_fsdp_and_tp(mesh_sizes, limit):
+    """With op=1, an fsdp- or tp-split momentum stack must still be orthogonalised a whole matrix per
+    device (split over fsdp and tp like op), not split along its matrix dimensions: that needs
+    collectives in every Newton–Schulz iteration, and the Muon step moved 5-6x what the AdamW step
+    moves (tiny config). Split by matrix it moves a little more than AdamW's step."""
+    muon_bytes, adamw_bytes = (_step_collective_bytes(o, mesh_sizes) for o in ("muon", "adamw"))
+    print(f"\n{mesh_sizes}: collectives per device (static), Muon step {muon_bytes / 2**20:.2f} MiB, "
+          f"AdamW step {adamw_bytes / 2**20:.2f} MiB")
+    assert muon_bytes < limit * adamw_bytes, (muon_bytes, adamw_bytes)

@@ -87,9 +87,9 @@ def test_tensor_parallel_step_equals_single_device():
 @pytest.mark.parametrize("mesh_sizes", [{"fsdp": 4, "op": 2}, {"dp": 2, "fsdp": 2, "tp": 2}])
 def test_sharded_step_compiles_without_replicating_activations(mesh_sizes):
     """XLA says "Involuntary full rematerialization" when it cannot reshard a tensor and replicates it
-    on every device instead. The token embedding's rows did that (they leave the fsdp-split table
-    split over embed, not batch) whenever op, dp or tp were > 1. Compiled in a child, whose C++ log
-    is its stderr."""
+    on every device instead. No activation may need that. The token embedding's rows did (they leave
+    the fsdp-split table split over embed, not batch) whenever op, dp or tp were > 1. Compiled in a
+    child, whose C++ log is its stderr."""
     import os
     import subprocess
     import sys
@@ -111,5 +111,8 @@ def test_sharded_step_compiles_without_replicating_activations(mesh_sizes):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
-    replicated = [line for line in proc.stderr.splitlines() if "Involuntary full rematerialization" in line]
+    # The model's ops only: the Muon update's own concatenations are not activations (ops under the
+    # step's `cond`; docs/benchmarks.md says when they replicate).
+    replicated = [line for line in proc.stderr.splitlines()
+                  if "Involuntary full rematerialization" in line and "jit(train_step)/cond/" not in line]
     assert not replicated, replicated[0][:1500]
