@@ -151,6 +151,11 @@ _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16":
               "f64": 8, "s64": 8, "u64": 8}
 
 
+def _array_bytes(dtype: str, dims: str) -> int:
+    """Bytes of an HLO array type, e.g. ("bf16", "8,2048") for bf16[8,2048]."""
+    return _HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+
+
 def input_copies(hlo_text: str) -> dict:
     """Which of the compiled step's inputs (train state and batch) the executable copies before using
     them, from its optimised HLO: {"count", "bytes" (per device), "names"}. A donated state should be
@@ -162,7 +167,7 @@ def input_copies(hlo_text: str) -> dict:
     for dtype, dims, operand in re.findall(r"= (\w+)\[([\d,]*)\]\S* copy\(%([\w.\-]+)\)", entry):
         if operand in params:
             count += 1
-            total += _HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            total += _array_bytes(dtype, dims)
             names.append(operand)
     return {"count": count, "bytes": total, "names": names}
 
@@ -178,8 +183,7 @@ def collectives(hlo_text: str) -> dict:
     pattern = r"^\s*(?:ROOT )?%\S+ = (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\("
     for shapes, kind in re.findall(pattern, hlo_text, flags=re.MULTILINE):
         out[kind]["ops"] += 1
-        out[kind]["bytes"] += sum(_HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                                  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shapes))
+        out[kind]["bytes"] += sum(_array_bytes(*t) for t in re.findall(r"(\w+)\[([\d,]*)\]", shapes))
     out["total"] = {"ops": sum(v["ops"] for v in out.values()), "bytes": sum(v["bytes"] for v in out.values())}
     return out
 
@@ -236,6 +240,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         compiled_at = time.perf_counter()
+        hlo = compiled.as_text()
 
         for _ in range(warmup):
             state, out = compiled(state, batch)
@@ -256,7 +261,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
                     out["loss"].block_until_ready()
             # The compiled step's HLO: its op_name metadata lets trace_summary.py say which part of
             # the model each traced op belongs to.
-            pathlib.Path(profile_dir, "step.hlo.txt").write_text(compiled.as_text())
+            pathlib.Path(profile_dir, "step.hlo.txt").write_text(hlo)
         loss = float(out["loss"])
 
     n_params = count_params(state.params)
@@ -299,7 +304,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "peak_memory_bytes": peak_bytes,
         "memory_source": memory_source,
         "compiled_memory": analysis,
-        "input_copies": input_copies(compiled.as_text()),
+        "input_copies": input_copies(hlo),
         "final_loss": loss,
         "device_kind": device.device_kind, "platform": device.platform, "device_count": devices,
         "process_count": jax.process_count(),
@@ -331,6 +336,7 @@ def compile_memory(config) -> dict:
     compiled = lowered.compile()
     m = compiled.memory_analysis()
     compile_s = time.perf_counter() - start
+    hlo = compiled.as_text()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
     analysis = {k: int(getattr(m, k)) for k in fields}
     commit, dirty = git_commit()
@@ -342,7 +348,7 @@ def compile_memory(config) -> dict:
         "mesh": dict(mesh.shape), "batch": t.global_batch_size, "seq_len": t.seq_len,
         "grad_accum": config.optimizer.grad_accum_steps, "remat": config.model.remat,
         "compile_s": round(compile_s, 3), "compiled_memory": analysis,
-        "input_copies": input_copies(compiled.as_text()), "collectives": collectives(compiled.as_text()),
+        "input_copies": input_copies(hlo), "collectives": collectives(hlo),
         # XLA's own count, per device; a loop body counts once, and not every backend counts every op
         # (the GPU one leaves out its cuBLAS calls), so compare it only within one backend.
         "compiled_flops": metrics_lib.compiled_cost(compiled).get("flops"),

@@ -83,8 +83,8 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
 
     # A branch, not `where(finite, new, old)` on every leaf: the select kept the old optimizer state
     # alive next to the new one, and XLA then copied the whole donated state (parameters and moments)
-    # at the start of each step (19 GB for the 1.4B with AdamW; docs/benchmarks.md). The branch
-    # updates it in place.
+    # at the start of each step (15.82 GiB for the 1.4B with AdamW, CPU compiler; docs/benchmarks.md).
+    # The branch updates it in place.
     new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o, g: (p, o),
                                              state.params, state.opt_state, grads)
     new_state = TrainState(

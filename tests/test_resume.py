@@ -197,7 +197,7 @@ def test_a_bad_step_is_skipped_and_training_goes_on():
 @pytest.mark.parametrize("optimizer,accum", [("adamw", 1), ("muon", 1), ("adamw", 2)])
 def test_the_skip_guard_updates_the_donated_state_in_place(optimizer, accum):
     """The non-finite guard must not make XLA copy the state: written as `where(finite, new, old)`
-    on every leaf it did, the whole of it (parameters and moments, 19 GB for the 1.4B) at the start
+    on every leaf it did, the whole of it (parameters and moments, 15.82 GiB for the 1.4B) at the start
     of every step. No parameter of the compiled step (state or batch) may be copied."""
     from benchmarks.step_time import input_copies
     from osp_jax import sharding

@@ -25,8 +25,8 @@ BATCH, SEQ = 8, 128
 ONE = {"dp": 1, "op": 1, "fsdp": 1, "tp": 1}
 
 
-def _config(mesh_sizes):
-    cfg = load_recipe("osp_124m")
+def _config(mesh_sizes, recipe="osp_124m"):
+    cfg = load_recipe(recipe)
     cfg.train.global_batch_size, cfg.train.seq_len = BATCH, SEQ
     cfg.mesh.update(mesh_sizes)
     return cfg
@@ -93,11 +93,10 @@ def test_op_splits_newton_schulz_flops():
 def _step_collective_bytes(optimizer, mesh_sizes) -> int:
     from benchmarks.step_time import collectives
 
-    cfg = load_recipe("tiny")
+    sizes = {**ONE, **mesh_sizes}
+    cfg = _config(sizes, "tiny")
     cfg.optimizer.name = optimizer
-    cfg.train.global_batch_size, cfg.train.seq_len = BATCH, SEQ
-    cfg.mesh.update({**ONE, **mesh_sizes})
-    lowered, _ = lower_train_step(cfg, _mesh({**ONE, **mesh_sizes}))
+    lowered, _ = lower_train_step(cfg, _mesh(sizes))
     return collectives(lowered.compile().as_text())["total"]["bytes"]
 
 
