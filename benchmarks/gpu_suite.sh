@@ -32,6 +32,13 @@
 #   skip_guard   1.4B batch 8, dots, both recipes: the non-finite guard as a lax.cond (this code) against
 #                a where() on every state leaf (commit GUARD_BEFORE, default 1e7aa64, run from a git
 #                worktree in /tmp), which made the CPU compiler copy the whole state every step
+#   unrolled_more  the unrolled layers (model.scan_layers=false) further, at XLA_PYTHON_CLIENT_MEM_FRACTION
+#                0.95: AdamW batch 16 with dots_attn and dots; AdamW batch 8 dots_attn with
+#                XLA_FLAGS=--xla_gpu_enable_triton_gemm=false; OSP batch 8 dots_attn (third lease, call 2)
+#   compare_best OSP vs AdamW at 0.5 M tokens per step with the fastest single-step settings found: 16
+#                micro-batches of 16 x 2048, layers unrolled, dots_attn, memory fraction 0.95; then AdamW
+#                batch 16 the same with cuBLAS for every matmul (third lease, call 3)
+#   profile_unrolled  AdamW 1.4B batch 8, dots_attn, layers unrolled, traced (third lease, call 4)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -162,6 +169,31 @@ skip_guard() {
   done
 }
 
+UNROLLED="$PY benchmarks/step_time.py --seq-len=2048 --warmup=2 --output=$OUT/step_time.jsonl --set model.scan_layers=false"
+
+unrolled_more() {
+  local b="$UNROLLED --steps=10"
+  (export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+   $b --config=configs/adam_1b4.py --batch=16 --set model.remat=dots_attn || echo "batch 16 dots_attn: FAILED"
+   $b --config=configs/adam_1b4.py --batch=16 --set model.remat=dots || echo "batch 16 dots: FAILED")
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+    $b --config=configs/adam_1b4.py --batch=8 --set model.remat=dots_attn || echo "cuBLAS only: FAILED"
+  $b --config=configs/osp_1b4.py --batch=8 --set model.remat=dots_attn || echo "OSP: FAILED"
+}
+
+compare_best() {
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  $UNROLLED --set model.remat=dots_attn --config=configs/osp_1b4.py --batch=256 --grad-accum=16 --steps=3 \
+    --warmup=1 --compare || echo "compare: FAILED"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" $UNROLLED --set model.remat=dots_attn \
+    --config=configs/adam_1b4.py --batch=16 --steps=10 || echo "cuBLAS only, batch 16: FAILED"
+}
+
+profile_unrolled() {
+  $UNROLLED --config=configs/adam_1b4.py --batch=8 --steps=10 --set model.remat=dots_attn \
+    --profile="$OUT/trace_adamw_unrolled"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -219,6 +251,9 @@ for s in "$@"; do
     documents) stage documents documents ;;
     profile_dots) stage profile_dots profile_dots ;;
     skip_guard) stage skip_guard skip_guard ;;
+    unrolled_more) stage unrolled_more unrolled_more ;;
+    compare_best) stage compare_best compare_best ;;
+    profile_unrolled) stage profile_unrolled profile_unrolled ;;
     ablation) stage ablation ablation ;;
     epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;

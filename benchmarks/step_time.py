@@ -437,6 +437,12 @@ def _series(r: dict) -> str:
         name += ", dense document mask"  # records before model.max_segments existed carry no such field
     if r.get("docs_per_window", 1) > 1:
         name += f", {r['docs_per_window']} documents a row"
+    if r.get("scan_layers") is False:
+        name += ", layers unrolled"
+    if r.get("loss_chunk"):
+        name += f", loss chunk {r['loss_chunk']}"
+    if r.get("env", {}).get("XLA_FLAGS"):
+        name += f", XLA_FLAGS={r['env']['XLA_FLAGS'].strip()}"
     return name
 
 
@@ -460,17 +466,23 @@ def plot(results: str, png: str, title: str | None = None, goal: float | None = 
         raise SystemExit(f"step_time: no step_time records in {results}")
     devices = sorted({f"{r['device_count']} x {r['device_kind']}" for r in latest.values()})
     groups = list(dict.fromkeys(g for g, _ in latest))
-    rows = []  # (label, tokens/s, recipe), grouped by shape, fastest first within a group
+    rows = []  # (label, tokens/s, recipe); None rows are the groups' headings
     for g in groups:
         bars = sorted(((s, r) for (gg, s), r in latest.items() if gg == g), key=lambda x: -x[1]["tokens_per_s"])
-        rows += [(f"{s}  [{g}]", r["tokens_per_s"], s.split(",")[0]) for s, r in bars]
-    recipes = list(dict.fromkeys(rec for *_, rec in rows))
+        rows += [(g, None, None)] + [(s, r["tokens_per_s"], s.split(",")[0]) for s, r in bars]
+    recipes = list(dict.fromkeys(rec for *_, rec in rows if rec))
     colours = {rec: plt.cm.tab10(i) for i, rec in enumerate(recipes)}
-    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.36 * len(rows)))
-    ys = range(len(rows))[::-1]
-    bars = ax.barh(list(ys), [v for _, v, _ in rows], color=[colours[rec] for *_, rec in rows])
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for _, v, _ in rows], fontsize=8, padding=3)
-    ax.set_yticks(list(ys), [label for label, *_ in rows], fontsize=8)
+    fig, ax = plt.subplots(figsize=(13, 1.0 + 0.3 * len(rows)))
+    ys = list(range(len(rows)))[::-1]
+    top = max([v for _, v, _ in rows if v] + [goal or 0])
+    for y, (label, v, rec) in zip(ys, rows):
+        if v is None:  # a heading: the shape of the step
+            ax.text(0, y, label, fontsize=9, fontweight="bold", va="center")
+            continue
+        ax.barh(y, v, color=colours[rec], height=0.75)
+        ax.text(v + 0.01 * top, y, f"{v:,.0f}", fontsize=8, va="center")
+    ax.set_yticks([y for y, (_, v, _) in zip(ys, rows) if v is not None],
+                  [label for label, v, _ in rows if v is not None], fontsize=8)
     ax.set_xlabel("tokens / s (median step)")
     ax.set_title(title or f"Training step throughput on {', '.join(devices)}", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[rec]) for rec in recipes]
@@ -478,7 +490,7 @@ def plot(results: str, png: str, title: str | None = None, goal: float | None = 
         handles.append(ax.axvline(goal, ls="--", color="grey"))
         recipes = recipes + [f"goal: {goal:,.0f} tokens/s"]
     ax.legend(handles=handles, labels=recipes, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_xlim(0, 1.12 * max([v for _, v, _ in rows] + [goal or 0]))
+    ax.set_xlim(0, 1.12 * top)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")

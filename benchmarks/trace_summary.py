@@ -89,11 +89,32 @@ def model_part(op_name: str | None) -> tuple[str, str]:
 CONTAINERS = re.compile(r"^(while|conditional|call)(\.\d+)?$")
 
 
-def _hlo_instruction(event) -> str:
-    """The HLO instruction an event ran: its `hlo_op` stat (GPU kernels, CPU thunks), else the first
-    word of its name (an "XLA Ops" event may be named by the whole instruction, `%fusion.3 = ...`)."""
-    name = str(dict(event.stats).get("hlo_op") or event.name)
-    return name.lstrip("%").split(" ")[0]
+_HLO_OP_STAT = re.compile(r"hlo_op=([\w.\-]+)")
+
+
+def _hlo_instruction(event, sanitized: dict[str, str] | None = None) -> str:
+    """The HLO instruction an event ran: its `hlo_op` stat (CPU thunks), or an `hlo_op=` field inside
+    any string stat (an XLA kernel annotation, `fusion.3:#hlo_op=fusion.3,hlo_module=...#`), else the
+    first word of its name (an "XLA Ops" event may be named by the whole instruction, `%fusion.3 = ...`).
+    A GPU kernel is named after its instruction with `.` and `-` made `_` (`loop_add_fusion_27` for
+    `loop_add_fusion.27`); `sanitized` (from `sanitized_names`) maps such a name back."""
+    stats = dict(event.stats)
+    name = stats.get("hlo_op")
+    if not name:
+        found = (_HLO_OP_STAT.search(v) for v in stats.values() if isinstance(v, str))
+        name = next((m.group(1) for m in found if m), None) or event.name
+    name = str(name).lstrip("%").split(" ")[0]
+    return sanitized.get(name, name) if sanitized else name
+
+
+def sanitized_names(op_names: dict[str, str]) -> dict[str, str]:
+    """Kernel name (`.` and `-` made `_`) -> HLO instruction name, for names that differ."""
+    out = {}
+    for name in op_names:
+        kernel = re.sub(r"[.\-]", "_", name)
+        if kernel != name and kernel not in op_names:
+            out[kernel] = name
+    return out
 
 
 def _op_lines(plane):
@@ -125,6 +146,7 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40, hlo: str | None = N
         raise SystemExit(f"trace_summary: no *.xplane.pb under {trace_dir}")
     data = ProfileData.from_file(files[-1])
     op_names = _load_hlo(trace_dir, hlo)
+    sanitized = sanitized_names(op_names) if op_names else None
     planes = [(p.name, [e for l in _op_lines(p) for e in l.events], p) for p in data.planes
               if p.name.startswith("/device:")]
     if not planes:  # CPU: the ops run on host threads
@@ -138,7 +160,7 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40, hlo: str | None = N
         # the GEMMs of many instructions, in many parts of the model.
         parts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for e in events:
-            instruction = _hlo_instruction(e)
+            instruction = _hlo_instruction(e, sanitized)
             if CONTAINERS.match(instruction):
                 continue
             totals[e.name] += e.duration_ns
@@ -148,7 +170,8 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40, hlo: str | None = N
         busy = sum(totals.values())
         modules = [l for l in plane.lines if l.name == "XLA Modules"]
         span = sum(e.duration_ns for l in modules for e in l.events)
-        out.append(f"{title}: lines {[l.name for l in plane.lines]}")
+        names = [l.name for l in plane.lines]
+        out.append(f"{title}: {len(names)} lines ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
         out.append(f"  op time per step {busy / steps / 1e6:.2f} ms"
                    + (f"; module time per step {span / steps / 1e6:.2f} ms" if span else ""))
         by_cat: collections.Counter = collections.Counter()

@@ -47,6 +47,26 @@ def test_step_time_smoke_compare(tmp_path):
     assert [r["benchmark"] for r in written] == ["step_time", "step_time", "step_time_compare"]
 
 
+def test_step_time_plot_redraws_the_committed_gpu_results(tmp_path):
+    """--plot draws the H100 records in benchmarks/results; settings that change the compiled step
+    (unrolled layers, the loss in chunks, XLA flags) get bars of their own, not the latest record's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_time import _series
+
+    results = ROOT / "benchmarks" / "results" / "h100_2026-11-23_session7.jsonl"
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    batch16 = {_series(r): round(r["tokens_per_s"]) for r in records if r.get("batch") == 16}
+    assert batch16 == {"AdamW baseline, remat dots_attn": 54661,
+                       "AdamW baseline, remat dots_attn, loss chunk 1024": 53201,
+                       "AdamW baseline, remat dots_attn, layers unrolled": 57349,
+                       "AdamW baseline, remat dots, layers unrolled": 55730,
+                       "AdamW baseline, remat dots_attn, layers unrolled, "
+                       "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false": 57540}
+    png = tmp_path / "step_time.png"
+    lines = _run("benchmarks/step_time.py", f"--plot={png}", f"--results={results}", "--goal=60000")
+    assert lines[-1] == f"wrote {png}" and png.stat().st_size > 10_000
+
+
 def test_muon_smoke():
     lines = _run("benchmarks/muon.py", "--smoke")
     records = [json.loads(line) for line in lines if line.startswith("{")]
@@ -103,6 +123,30 @@ def test_trace_summary_model_parts():
            '  ROOT %dot.1 = f32[8,8]{1,0} dot(%a, %b), metadata={op_name="jit(f)/dot_general"}\n'
            '  %param = f32[8]{0} parameter(0)\n')
     assert hlo_op_names(hlo) == {"fusion.3": "jit(f)/mul", "dot.1": "jit(f)/dot_general"}
+
+
+def test_trace_summary_finds_the_instruction_of_a_gpu_kernel():
+    """A traced op is tied to its HLO instruction by an `hlo_op` stat, by an `hlo_op=` field of a
+    kernel annotation, or by the kernel's name, which XLA:GPU derives from the instruction's with `.`
+    and `-` made `_` (an H100 trace of the third lease named its fusions so, and the by-part table
+    then found none of them)."""
+    from types import SimpleNamespace
+
+    from benchmarks.trace_summary import _hlo_instruction, sanitized_names
+
+    op_names = {"loop_add_fusion.27": "jit(f)/add", "gemm_fusion_dot.557": "jit(f)/dot_general",
+                "custom-call.4": "jit(f)/cudnn", "while.2": "jit(f)/while", "copy_1": "jit(f)/copy"}
+    sanitized = sanitized_names(op_names)
+    assert sanitized == {"loop_add_fusion_27": "loop_add_fusion.27", "gemm_fusion_dot_557": "gemm_fusion_dot.557",
+                         "custom_call_4": "custom-call.4", "while_2": "while.2"}
+    event = lambda name, **stats: SimpleNamespace(name=name, stats=list(stats.items()))
+    assert _hlo_instruction(event("loop_add_fusion_27"), sanitized) == "loop_add_fusion.27"
+    assert _hlo_instruction(event("gemm_fusion_dot_557"), sanitized) == "gemm_fusion_dot.557"
+    assert _hlo_instruction(event("nvjet_sm90_tst_256x128", hlo_op="custom-call.4"), sanitized) == "custom-call.4"
+    annotation = "custom-call.4:#hlo_op=custom-call.4,hlo_module=jit_train_step,program_id=7#"
+    assert _hlo_instruction(event("nvjet_sm90_tst_256x128", kernel_annotation=annotation), sanitized) == "custom-call.4"
+    assert _hlo_instruction(event("%fusion.3 = f32[8] fusion(%p)")) == "fusion.3"
+    assert _hlo_instruction(event("nvjet_sm90_tst_256x128"), sanitized) == "nvjet_sm90_tst_256x128"  # no tie
 
 
 def test_ablation_report_regenerates_from_the_committed_gpu_results(tmp_path):
