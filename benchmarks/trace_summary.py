@@ -92,19 +92,27 @@ CONTAINERS = re.compile(r"^(while|conditional|call)(\.\d+)?$")
 _HLO_OP_STAT = re.compile(r"hlo_op=([\w.\-]+)")
 
 
-def _hlo_instruction(event, sanitized: dict[str, str] | None = None) -> str:
-    """The HLO instruction an event ran: its `hlo_op` stat (CPU thunks), or an `hlo_op=` field inside
-    any string stat (an XLA kernel annotation, `fusion.3:#hlo_op=fusion.3,hlo_module=...#`), else the
-    first word of its name (an "XLA Ops" event may be named by the whole instruction, `%fusion.3 = ...`).
-    A GPU kernel is named after its instruction with `.` and `-` made `_` (`loop_add_fusion_27` for
-    `loop_add_fusion.27`); `sanitized` (from `sanitized_names`) maps such a name back."""
+def _hlo_instruction(event, op_names: dict[str, str] | None = None, sanitized: dict[str, str] | None = None) -> str:
+    """The HLO instruction an event ran. Candidates, in order: its `hlo_op` stat (CPU thunks, GPU
+    kernels), an `hlo_op=` field inside any string stat (an XLA kernel annotation,
+    `fusion.3:#hlo_op=fusion.3,hlo_module=...#`), and the first word of its name (an "XLA Ops" event may
+    be named by the whole instruction, `%fusion.3 = ...`). The first candidate that `op_names` knows
+    wins, else the first. A GPU kernel is named after its instruction with `.` and `-` made `_`
+    (`loop_add_fusion_27` for `loop_add_fusion.27`; `sanitized`, from `sanitized_names`, maps such a
+    name back), and a kernel replayed from a CUDA graph has `hlo_op` = the graph's instruction
+    (`command_buffer_1`), which carries no metadata: then its name is what ties it."""
     stats = dict(event.stats)
-    name = stats.get("hlo_op")
-    if not name:
-        found = (_HLO_OP_STAT.search(v) for v in stats.values() if isinstance(v, str))
-        name = next((m.group(1) for m in found if m), None) or event.name
-    name = str(name).lstrip("%").split(" ")[0]
-    return sanitized.get(name, name) if sanitized else name
+    candidates = [stats.get("hlo_op")]
+    candidates += [m.group(1) for v in stats.values() if isinstance(v, str) for m in [_HLO_OP_STAT.search(v)] if m]
+    candidates.append(event.name)
+    names = [str(c).lstrip("%").split(" ")[0] for c in candidates if c]
+    if sanitized:
+        names = [sanitized.get(n, n) for n in names]
+    if op_names:
+        for n in names:
+            if n in op_names:
+                return n
+    return names[0]
 
 
 def sanitized_names(op_names: dict[str, str]) -> dict[str, str]:
@@ -160,13 +168,16 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40, hlo: str | None = N
         # the GEMMs of many instructions, in many parts of the model.
         parts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for e in events:
-            instruction = _hlo_instruction(e, sanitized)
+            instruction = _hlo_instruction(e, op_names, sanitized)
             if CONTAINERS.match(instruction):
                 continue
             totals[e.name] += e.duration_ns
             counts[e.name] += 1
             if op_names is not None:
-                parts[e.name][model_part(op_names.get(instruction))] += e.duration_ns
+                part = model_part(op_names.get(instruction))
+                if instruction not in op_names and instruction.startswith("command_buffer"):
+                    part = ("unattributed", "CUDA-graph kernels not tied to an op")
+                parts[e.name][part] += e.duration_ns
         busy = sum(totals.values())
         modules = [l for l in plane.lines if l.name == "XLA Modules"]
         span = sum(e.duration_ns for l in modules for e in l.events)

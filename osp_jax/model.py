@@ -335,6 +335,35 @@ def abstract_params(model_config: ml_collections.ConfigDict, seq_len: int = 8):
     return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
 
 
+def relayout_layers(tree, scan_layers: bool, layers: int):
+    """Every layer stack in `tree` (parameters, or any optimizer state shaped like them) moved to the
+    layout `scan_layers` asks for: one `layers` subtree stacked on axis 0 (True), or one `layers_<i>`
+    subtree per layer (False, the unrolled model). Subtrees already in that layout, and
+    `optax.MaskedNode` placeholders, are left as they are; a stack must hold `layers` layers."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    holder = lambda x: isinstance(x, dict) and ("layers" in x or "layers_0" in x)
+
+    def move(d):
+        if not holder(d):
+            return d
+        d = dict(d)
+        if scan_layers and "layers_0" in d:
+            parts = [d.pop(f"layers_{i}") for i in range(layers)]
+            if any(k.startswith("layers_") for k in d):
+                raise ValueError(f"relayout_layers: more unrolled layers than layers={layers}")
+            d["layers"] = jax.tree.map(lambda *xs: xs[0] if masked(xs[0]) else jnp.stack(xs), *parts, is_leaf=masked)
+        elif not scan_layers and "layers" in d:
+            stack = d.pop("layers")
+            for x in jax.tree.leaves(stack):
+                if x.shape[:1] != (layers,):
+                    raise ValueError(f"relayout_layers: a layer stack of shape {x.shape}, expected {layers} layers")
+            for i in range(layers):
+                d[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stack)
+        return d
+
+    return jax.tree.map(move, tree, is_leaf=holder)
+
+
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 

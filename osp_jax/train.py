@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
 from osp_jax import sharding
-from osp_jax.model import Transformer, abstract_params, count_params, flops_per_token
+from osp_jax.model import Transformer, abstract_params, count_params, flops_per_token, relayout_layers
 from osp_jax.optim import make_optimizer
 from osp_jax.step import TrainState, eval_step, hidden_states, init_state, train_step
 
@@ -68,6 +68,29 @@ def abstract_batch(config, mesh) -> dict:
 def abstract_state(config, model, tx, shardings: TrainState) -> TrainState:
     shapes = jax.eval_shape(functools.partial(init_state, config, model, tx), jax.random.key(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def restore_state(checkpointer, config, tx, target_shardings: TrainState, mesh, *, data_iterator=None):
+    """(step, state) from the latest readable checkpoint, onto `target_shardings`. A checkpoint written with
+    the other layer layout (`model.scan_layers`: stacked and scanned, or unrolled) is read in its own
+    layout and its layer stacks moved to this run's (`relayout_layers`), so a run can switch between
+    the two; that holds the state twice on the devices for a moment."""
+    saved = (checkpointer.read_config() or {}).get("model", {}).get("scan_layers", config.model.scan_layers)
+    read, shardings = config, target_shardings
+    if saved != config.model.scan_layers:
+        read = ml_collections.ConfigDict(config.to_dict())
+        read.model.scan_layers = saved
+        shardings = state_shardings(read, Transformer(read.model), tx, mesh)  # outside the mesh context
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        step, state = checkpointer.restore(abstract_state(read, Transformer(read.model), tx, shardings),
+                                           data_iterator=data_iterator)
+    if read is config:
+        return step, state
+    log.info("checkpoint step %d has its layers %s; moved to %s for this run (model.scan_layers=%s)", step,
+             "stacked" if saved else "unrolled", "a stack" if config.model.scan_layers else "one module each",
+             config.model.scan_layers)
+    state = relayout_layers(state, config.model.scan_layers, config.model.layers)
+    return step, jax.device_put(state, target_shardings)
 
 
 def lower_train_step(config, mesh):
@@ -161,12 +184,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every or t.steps,
                                 keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    if checkpointer.latest_step() is not None:
+        start, state = restore_state(checkpointer, config, tx, shardings, mesh, data_iterator=ckpt_iter)
+        log.info("resumed from step %d in %s", start, workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        if checkpointer.latest_step() is not None:
-            start, state = checkpointer.restore(abstract_state(config, model, tx, shardings),
-                                                data_iterator=ckpt_iter)
-            log.info("resumed from step %d in %s", start, workdir)
-        else:
+        if checkpointer.latest_step() is None:
             init = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)
             state = init(jax.random.key(t.seed))
             start = 0

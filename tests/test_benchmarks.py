@@ -128,8 +128,8 @@ def test_trace_summary_model_parts():
 def test_trace_summary_finds_the_instruction_of_a_gpu_kernel():
     """A traced op is tied to its HLO instruction by an `hlo_op` stat, by an `hlo_op=` field of a
     kernel annotation, or by the kernel's name, which XLA:GPU derives from the instruction's with `.`
-    and `-` made `_` (an H100 trace of the third lease named its fusions so, and the by-part table
-    then found none of them)."""
+    and `-` made `_` (an H100 trace of the third lease named its fusions so, and ran them from CUDA
+    graphs, whose kernels all had `hlo_op` = the graph; the by-part table then found none of them)."""
     from types import SimpleNamespace
 
     from benchmarks.trace_summary import _hlo_instruction, sanitized_names
@@ -140,13 +140,40 @@ def test_trace_summary_finds_the_instruction_of_a_gpu_kernel():
     assert sanitized == {"loop_add_fusion_27": "loop_add_fusion.27", "gemm_fusion_dot_557": "gemm_fusion_dot.557",
                          "custom_call_4": "custom-call.4", "while_2": "while.2"}
     event = lambda name, **stats: SimpleNamespace(name=name, stats=list(stats.items()))
-    assert _hlo_instruction(event("loop_add_fusion_27"), sanitized) == "loop_add_fusion.27"
-    assert _hlo_instruction(event("gemm_fusion_dot_557"), sanitized) == "gemm_fusion_dot.557"
-    assert _hlo_instruction(event("nvjet_sm90_tst_256x128", hlo_op="custom-call.4"), sanitized) == "custom-call.4"
+    assert _hlo_instruction(event("loop_add_fusion_27"), op_names, sanitized) == "loop_add_fusion.27"
+    assert _hlo_instruction(event("gemm_fusion_dot_557"), op_names, sanitized) == "gemm_fusion_dot.557"
+    assert _hlo_instruction(event("nvjet_sm90_tst_256x128", hlo_op="custom-call.4"), op_names, sanitized) == "custom-call.4"
     annotation = "custom-call.4:#hlo_op=custom-call.4,hlo_module=jit_train_step,program_id=7#"
-    assert _hlo_instruction(event("nvjet_sm90_tst_256x128", kernel_annotation=annotation), sanitized) == "custom-call.4"
+    assert _hlo_instruction(event("nvjet_sm90_tst_256x128", kernel_annotation=annotation), op_names, sanitized) == "custom-call.4"
     assert _hlo_instruction(event("%fusion.3 = f32[8] fusion(%p)")) == "fusion.3"
-    assert _hlo_instruction(event("nvjet_sm90_tst_256x128"), sanitized) == "nvjet_sm90_tst_256x128"  # no tie
+    assert _hlo_instruction(event("nvjet_sm90_tst_256x128"), op_names, sanitized) == "nvjet_sm90_tst_256x128"  # no tie
+    # A kernel replayed from a CUDA graph: `hlo_op` names the graph's instruction, which has no
+    # metadata; the kernel's own name still ties a fusion, and nothing else ties a cuBLAS call.
+    graph = {"hlo_op": "command_buffer_1", "hlo_module": "jit_train_step"}
+    assert _hlo_instruction(event("loop_add_fusion_27", **graph), op_names, sanitized) == "loop_add_fusion.27"
+    assert _hlo_instruction(event("nvjet_sm90_tst_256x128", **graph), op_names, sanitized) == "command_buffer_1"
+
+
+def test_trace_summary_splits_a_committed_h100_trace_by_model_part(tmp_path):
+    """The third lease's H100 trace (AdamW 1.4B, batch 8, dots_attn, its kernels replayed from CUDA
+    graphs) with its compiled HLO: the fusions are tied to model parts, the cuBLAS and cuDNN calls
+    inside the graphs are a row of their own."""
+    import tarfile
+
+    from benchmarks.trace_summary import summarize
+
+    with tarfile.open(ROOT / "benchmarks" / "results" / "traces" / "h100_2026-11-23_adamw_dots_attn_batch8.tgz") as t:
+        t.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    rows = {}
+    for line in summarize(str(tmp_path), steps=3, top=0).splitlines():
+        cells = line.strip().rsplit(None, 7)
+        if len(cells) == 8 and cells[-1].endswith("%"):
+            rows[cells[0]] = [float(c) for c in cells[1:7]]
+    forward, recompute, backward, outside, unknown, total = rows["MLP element-wise (SwiGLU)"]
+    assert (forward, recompute, backward) == (4.24, 0.0, 8.59)  # dots_attn recomputes no SwiGLU
+    assert rows["norms"][1] > 0 and rows["optimizer, gradient norms, step metrics"][3] > 15
+    assert rows["CUDA-graph kernels not tied to an op"][4] > 150
+    assert "no op_name metadata" not in rows
 
 
 def test_ablation_report_regenerates_from_the_committed_gpu_results(tmp_path):

@@ -85,6 +85,48 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert max(_losses(workdir)) == 8
 
 
+def test_resume_switches_between_scanned_and_unrolled_layers(tmp_path):
+    """A run checkpointed with its layers stacked (the default) goes on unrolled (the faster layout on
+    one H100), then stacked again: each resume moves the layer stacks, optimizer state included."""
+    workdir = tmp_path / "run"
+    _finish(start_cli(workdir, *SMALL, "--config.train.steps=6"))
+    out = _finish(start_cli(workdir, *SMALL, "--config.train.steps=8", "--config.model.scan_layers=False"))
+    assert "resumed from step 6" in out and "has its layers stacked; moved to one module each" in out
+    unrolled = _params(workdir, 8)
+    assert "layers" not in unrolled and set(unrolled["layers_1"]) == {"attn", "attn_norm", "mlp", "mlp_norm"}
+    out = _finish(start_cli(workdir, *SMALL, "--config.train.steps=10"))
+    assert "resumed from step 8" in out and "has its layers unrolled; moved to a stack" in out
+    assert max(_losses(workdir)) == 10 and all(np.isfinite(list(_losses(workdir).values())))
+    stacked = _params(workdir, 10)
+    assert stacked["layers"]["attn"]["q"]["kernel"].shape[0] == 2
+
+
+def test_relayout_moves_the_whole_train_state_exactly():
+    """relayout_layers turns an initialised stacked train state into exactly the unrolled model's tree
+    (parameters and Muon / AdamW state, masked leaves included), leaf for leaf, and back."""
+    from osp_jax.model import Transformer, relayout_layers
+    from osp_jax.optim import make_optimizer
+    from osp_jax.step import init_state
+
+    cfg = _small_train_config()
+    tx, _ = make_optimizer(cfg)
+    state = init_state(cfg, Transformer(cfg.model), tx, jax.random.key(0))
+    state = state._replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))  # moments not all zero
+    cfg.model.scan_layers = False
+    target = jax.eval_shape(lambda: init_state(cfg, Transformer(cfg.model), tx, jax.random.key(0)))
+    unrolled = relayout_layers(state, False, cfg.model.layers)
+    assert jax.tree.structure(unrolled) == jax.tree.structure(target)
+    assert [x.shape for x in jax.tree.leaves(unrolled)] == [x.shape for x in jax.tree.leaves(target)]
+    for i in range(cfg.model.layers):
+        np.testing.assert_array_equal(unrolled.params[f"layers_{i}"]["mlp"]["up"]["kernel"],
+                                      state.params["layers"]["mlp"]["up"]["kernel"][i])
+    back = relayout_layers(unrolled, True, cfg.model.layers)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, back, state)
+    with pytest.raises(ValueError, match="expected 3 layers"):
+        relayout_layers(state, False, 3)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
