@@ -39,6 +39,11 @@
 #                micro-batches of 16 x 2048, layers unrolled, dots_attn, memory fraction 0.95; then AdamW
 #                batch 16 the same with cuBLAS for every matmul (third lease, call 3)
 #   profile_unrolled  AdamW 1.4B batch 8, dots_attn, layers unrolled, traced (third lease, call 4)
+#   compare_docs compare_best's 0.5 M-token comparison on batches of four documents a row (--docs-per-window=4),
+#                where the packed cuDNN layout skips the blocks between documents (prepared, not yet run)
+#   no_graphs    AdamW 1.4B batch 8, dots_attn, unrolled, with XLA_FLAGS=--xla_gpu_enable_command_buffer=
+#                (no CUDA graphs): its time against profile_unrolled's, and a trace whose every kernel has its
+#                own hlo_op, so trace_summary ties the cuBLAS and cuDNN calls too (prepared, not yet run)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -194,6 +199,17 @@ profile_unrolled() {
     --profile="$OUT/trace_adamw_unrolled"
 }
 
+compare_docs() {
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  $UNROLLED --set model.remat=dots_attn --config=configs/osp_1b4.py --batch=256 --grad-accum=16 --steps=3 \
+    --warmup=1 --docs-per-window=4 --compare || echo "compare, 4 documents a row: FAILED"
+}
+
+no_graphs() {
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" $UNROLLED --config=configs/adam_1b4.py --batch=8 \
+    --steps=10 --set model.remat=dots_attn --profile="$OUT/trace_adamw_unrolled_no_graphs"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -254,6 +270,8 @@ for s in "$@"; do
     unrolled_more) stage unrolled_more unrolled_more ;;
     compare_best) stage compare_best compare_best ;;
     profile_unrolled) stage profile_unrolled profile_unrolled ;;
+    compare_docs) stage compare_docs compare_docs ;;
+    no_graphs) stage no_graphs no_graphs ;;
     ablation) stage ablation ablation ;;
     epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;
