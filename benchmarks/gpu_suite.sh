@@ -44,6 +44,9 @@
 #   no_graphs    AdamW 1.4B batch 8, dots_attn, unrolled, with XLA_FLAGS=--xla_gpu_enable_command_buffer=
 #                (no CUDA graphs): its time against profile_unrolled's, and a trace whose every kernel has its
 #                own hlo_op, so trace_summary ties the cuBLAS and cuDNN calls too (prepared, not yet run)
+#   fused_loss   AdamW 1.4B batch 16, dots_attn, unrolled, memory fraction 0.95: model.loss_fused (the head's
+#                gradients formed in the forward pass) whole and 512 positions at a time, against
+#                unrolled_more's first row (prepared, not yet run)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -210,6 +213,13 @@ no_graphs() {
     --steps=10 --set model.remat=dots_attn --profile="$OUT/trace_adamw_unrolled_no_graphs"
 }
 
+fused_loss() {
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  local b="$UNROLLED --config=configs/adam_1b4.py --batch=16 --steps=10 --set model.remat=dots_attn --set model.loss_fused=true"
+  $b || echo "fused loss: FAILED"
+  $b --set model.loss_chunk=512 || echo "fused loss, chunks of 512: FAILED"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -272,6 +282,7 @@ for s in "$@"; do
     profile_unrolled) stage profile_unrolled profile_unrolled ;;
     compare_docs) stage compare_docs compare_docs ;;
     no_graphs) stage no_graphs no_graphs ;;
+    fused_loss) stage fused_loss fused_loss ;;
     ablation) stage ablation ablation ;;
     epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;

@@ -209,16 +209,20 @@ class Transformer(nn.Module):
     """Decoder-only LM. `__call__` returns logits (float32), and the residual stream when asked.
 
     `targets` (batch, seq) returns per-token losses instead of logits, computed `model.loss_chunk`
-    positions at a time (see chunked_cross_entropy). `return_hidden=True` also returns the hidden states after the embedding (EmbProj included) and
-    after every layer, shape (layers + 1, batch, seq, dim), for the outlier metrics. It is a static
-    flag: the ordinary forward pass compiles without it and pays nothing.
+    positions at a time (see chunked_cross_entropy); with `loss_weights` (batch, seq) as well, it
+    returns `(sum(loss_weights * losses), losses)`, the training loss, which `model.loss_fused`
+    computes with `fused_cross_entropy`. `return_hidden=True` also returns the hidden states after
+    the embedding (EmbProj included) and after every layer, shape (layers + 1, batch, seq, dim), for
+    the outlier metrics. It is a static flag: the ordinary forward pass compiles without it and pays
+    nothing.
     """
 
     config: ml_collections.ConfigDict  # the `model` section of an osp_jax config
     quant: quant_lib.QuantSpec | None = None  # fake-quantised activations/KV for evaluation; None = off
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False, targets=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False, targets=None,
+                 loss_weights=None):
         c = self.config
         dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
         if positions is None:
@@ -265,13 +269,23 @@ class Transformer(nn.Module):
         else:
             head = Embed(c.vocab_size, c.dim, init, pdtype, transpose=True, name="lm_head")()
             spec = "bsd,dv->bsv"
+        if targets is not None and loss_weights is not None and c.loss_fused:
+            return fused_cross_entropy(x, head, spec, targets, loss_weights, c.loss_chunk)
         if targets is not None:
-            return chunked_cross_entropy(x, head, spec, targets, c.loss_chunk)
+            losses = chunked_cross_entropy(x, head, spec, targets, c.loss_chunk)
+            return losses if loss_weights is None else ((losses * loss_weights).sum(), losses)
         logits = head_logits(x, head, spec)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         if return_hidden:
             return logits, jnp.concatenate([embedded[None], hidden], axis=0)
         return logits
+
+
+def _einsum_parts(spec: str) -> tuple[str, str, str]:
+    """`"a,b->out"` -> (a, b, out)."""
+    lhs, out = spec.split("->")
+    a, b = lhs.split(",")
+    return a, b, out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -292,8 +306,7 @@ def _head_logits_fwd(x, head, spec):
 
 def _head_logits_bwd(spec, residuals, g):
     x, head = residuals
-    lhs, out = spec.split("->")
-    a, b = lhs.split(",")
+    a, b, out = _einsum_parts(spec)
     g = g.astype(x.dtype)
     dx = jnp.einsum(f"{out},{b}->{a}", g, head.astype(x.dtype), preferred_element_type=jnp.float32)
     dhead = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32)
@@ -326,6 +339,60 @@ def chunked_cross_entropy(x, head, spec: str, targets, chunk: int):
     ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
     out = jax.lax.map(lambda a: jax.checkpoint(losses)(*a), (xs, ts))  # (n, batch, chunk)
     return out.swapaxes(0, 1).reshape(b, s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 5))
+def fused_cross_entropy(x, head, spec: str, targets, weights, chunk: int):
+    """`(sum(weights * token_losses), token_losses)` with the head's gradients formed in the forward pass.
+
+    For each `chunk` positions (all at once when 0) the forward pass computes the float32 logits, the
+    per-token losses, and, while the logits are at hand, their weighted gradient `weights x (softmax -
+    onehot)`, cast to `x`'s dtype, and from it the gradients of `x` and of `head`, as
+    `head_logits`' backward would. No logits outlive their chunk and none is computed twice: the
+    matmul work is the same as an ordinary forward and backward pass through the head, and with a
+    chunk the float32 (batch, seq, vocab) logits and their gradient are never held whole. The backward pass only scales
+    the stored gradients by the cotangent of the weighted sum: this is exact because the weights
+    are known before the forward pass (the loss mask over its count). `token_losses` are for metrics:
+    no gradient flows through them.
+    """
+    return _fused_ce_fwd(x, head, spec, targets, weights, chunk)[0]
+
+
+def _fused_ce_fwd(x, head, spec, targets, weights, chunk):
+    a, b_, out = _einsum_parts(spec)
+    w_c = head.astype(x.dtype)
+    bsz, s, d = x.shape
+    if chunk and chunk < s and s % chunk:
+        raise ValueError(f"model.loss_chunk={chunk} must divide the sequence length {s}")
+    n = s // chunk if chunk and chunk < s else 1
+
+    def one(dhead, xs):
+        xc, tc, wc = xs
+        logits = jnp.einsum(spec, xc, w_c, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, tc)
+        g = (jax.nn.softmax(logits) - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)) * wc[..., None]
+        g = g.astype(x.dtype)
+        dx = jnp.einsum(f"{out},{b_}->{a}", g, w_c, preferred_element_type=jnp.float32).astype(x.dtype)
+        dhead = dhead + jnp.einsum(f"{a},{out}->{b_}", xc, g, preferred_element_type=jnp.float32)
+        return dhead, (losses, dx)
+
+    split = lambda t: t.reshape(bsz, n, s // n, *t.shape[2:]).swapaxes(0, 1)
+    dhead, (losses, dx) = jax.lax.scan(one, jnp.zeros(head.shape, jnp.float32),
+                                       (split(x), split(targets), split(weights.astype(jnp.float32))))
+    merge = lambda t: t.swapaxes(0, 1).reshape(bsz, s, *t.shape[3:])
+    losses, dx = merge(losses), merge(dx)
+    total = (losses * weights).sum()
+    return (total, losses), (dx, dhead.astype(head.dtype), weights)
+
+
+def _fused_ce_bwd(spec, chunk, residuals, cotangents):
+    dx, dhead, weights = residuals
+    g = cotangents[0]  # the token losses' cotangent is dropped: they are for metrics
+    return (dx * g.astype(dx.dtype), (dhead * g).astype(dhead.dtype), None, jnp.zeros_like(weights))
+
+
+fused_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def abstract_params(model_config: ml_collections.ConfigDict, seq_len: int = 8):

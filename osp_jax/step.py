@@ -47,8 +47,13 @@ def token_losses(model: Transformer, params, batch: dict, pack_mask: bool):
 
 
 def _forward_loss(model: Transformer, params, batch, pack_mask: bool):
-    losses, mask = token_losses(model, params, batch, pack_mask)
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    """The mean loss over the tokens the mask keeps, as the model's weighted sum (weights = mask / count:
+    known before the forward pass, which `model.loss_fused` relies on)."""
+    mask = (batch["segment_ids"] > 0).astype(jnp.float32)
+    total, _ = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"] if pack_mask else None, targets=batch["targets"],
+                           loss_weights=mask / jnp.maximum(mask.sum(), 1.0))
+    return total
 
 
 def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.GradientTransformation,

@@ -191,3 +191,30 @@ def test_chunked_loss_equals_full_loss_and_gradient():
     np.testing.assert_allclose(full(params), by_chunks(params), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  jax.grad(full)(params), jax.grad(by_chunks)(params))
+
+
+@pytest.mark.parametrize("tie,chunk,dtype", [(False, 0, "float32"), (False, 4, "float32"), (True, 4, "float32"),
+                                             (False, 8, "bfloat16")])
+def test_fused_loss_equals_the_weighted_loss_and_its_gradient(tie, chunk, dtype):
+    """model.loss_fused forms the head's gradients in the forward pass, chunk by chunk; value, token
+    losses and every parameter's gradient equal autodiff's through the ordinary loss (padding
+    weighted 0, so the weights are not uniform)."""
+    plain = small_config(tie_embeddings=tie, loss_chunk=chunk, dtype=dtype)
+    mdl, params, tokens = _init(plain, seq=16)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = jnp.ones(tokens.shape).at[0, 11:].set(0.0)
+    weights = mask / mask.sum()
+    fused = model_lib.Transformer(small_config(tie_embeddings=tie, loss_chunk=chunk, dtype=dtype, loss_fused=True).model)
+
+    def loss(m):
+        return lambda p: m.apply({"params": p}, tokens, targets=targets, loss_weights=weights)
+
+    (want, want_tokens), want_grads = jax.value_and_grad(loss(mdl), has_aux=True)(params)
+    (got, got_tokens), got_grads = jax.value_and_grad(loss(fused), has_aux=True)(params)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == "float32" else dict(rtol=2e-2, atol=1e-4)
+    np.testing.assert_allclose(got, want, **tol)
+    np.testing.assert_allclose(got_tokens, want_tokens, **tol)
+    np.testing.assert_allclose(got, (want_tokens * weights).sum(), **tol)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), got_grads, want_grads)
+    head = "embed" if tie else "lm_head"
+    assert np.abs(np.asarray(got_grads[head][list(got_grads[head])[0]])).max() > 0
