@@ -47,6 +47,9 @@
 #   fused_loss   AdamW 1.4B batch 16, dots_attn, unrolled, memory fraction 0.95: model.loss_fused (the head's
 #                gradients formed in the forward pass) whole and 512 positions at a time, against
 #                unrolled_more's first row (prepared, not yet run)
+#   remat_norms  AdamW 1.4B, unrolled: remat dots_attn_norms (dots_attn, plus the norm outputs and the rotated
+#                q and k) at batch 8, and at batch 16 with memory fraction 0.95 with and without
+#                model.loss_fused (prepared, not yet run)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -220,6 +223,14 @@ fused_loss() {
   $b --set model.loss_chunk=512 || echo "fused loss, chunks of 512: FAILED"
 }
 
+remat_norms() {
+  local b="$UNROLLED --config=configs/adam_1b4.py --steps=10 --set model.remat=dots_attn_norms"
+  $b --batch=8 || echo "batch 8: FAILED"
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  $b --batch=16 || echo "batch 16: FAILED"
+  $b --batch=16 --set model.loss_fused=true || echo "batch 16, fused loss: FAILED"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -283,6 +294,7 @@ for s in "$@"; do
     compare_docs) stage compare_docs compare_docs ;;
     no_graphs) stage no_graphs no_graphs ;;
     fused_loss) stage fused_loss fused_loss ;;
+    remat_norms) stage remat_norms remat_norms ;;
     ablation) stage ablation ablation ;;
     epochs) stage epochs epochs ;;
     m124) stage m124 m124 ;;

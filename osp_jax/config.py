@@ -26,7 +26,7 @@ CHOICES = {
     "model.norm_scale": ("single", "channel"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "dots_attn", "dots_no_batch", "save_qkv_out"),
+    "model.remat": ("none", "full", "dots", "dots_attn", "dots_attn_norms", "dots_no_batch", "save_qkv_out"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "optimizer.name": ("muon", "muon_all", "adamw"),
     "optimizer.schedule": ("cosine", "wsd", "constant"),

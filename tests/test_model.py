@@ -218,3 +218,23 @@ def test_fused_loss_equals_the_weighted_loss_and_its_gradient(tie, chunk, dtype)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), got_grads, want_grads)
     head = "embed" if tie else "lm_head"
     assert np.abs(np.asarray(got_grads[head][list(got_grads[head])[0]])).max() > 0
+
+
+def test_dots_attn_norms_keeps_the_norms_and_the_rotated_queries_and_keys():
+    """`dots_attn_norms` keeps each layer's two norm outputs and inverse RMS and its rotated q and k
+    (which `dots_attn` computes again in the backward pass), and the gradients do not change."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    def named(remat):
+        cfg = small_config(remat=remat, layers=1, scan_layers=False)
+        mdl, params, tokens = _init(cfg)
+        loss = lambda p: mdl.apply({"params": p}, tokens).mean()
+        names = sorted(why.split("'")[1] for _, why in saved_residuals(loss, params) if why.startswith("named '"))
+        return names, jax.grad(loss)(params)
+
+    kept, grads = named("dots_attn_norms")
+    # norm_rms three times: the layer's two norms and the final norm, which is outside the remat'd layer
+    assert kept == ["norm_out", "norm_out", "norm_rms", "norm_rms", "norm_rms", "qk_rope", "qk_rope"]
+    assert named("dots_attn")[0] == ["norm_rms"]
+    _, plain = named("none")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), grads, plain)
