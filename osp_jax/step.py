@@ -39,20 +39,25 @@ def cross_entropy(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+def _loss_mask(batch: dict):
+    return (batch["segment_ids"] > 0).astype(jnp.float32)  # segment id 0 = padding
+
+
+def _apply_with_targets(model: Transformer, params, batch: dict, pack_mask: bool, **kwargs):
+    return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"] if pack_mask else None, targets=batch["targets"], **kwargs)
+
+
 def token_losses(model: Transformer, params, batch: dict, pack_mask: bool):
     """Per-token next-token cross-entropy (float32) and the loss mask (segment id 0 = padding)."""
-    losses = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"] if pack_mask else None, targets=batch["targets"])
-    return losses, (batch["segment_ids"] > 0).astype(jnp.float32)
+    return _apply_with_targets(model, params, batch, pack_mask), _loss_mask(batch)
 
 
 def _forward_loss(model: Transformer, params, batch, pack_mask: bool):
     """The mean loss over the tokens the mask keeps, as the model's weighted sum (weights = mask / count:
     known before the forward pass, which `model.loss_fused` relies on)."""
-    mask = (batch["segment_ids"] > 0).astype(jnp.float32)
-    total, _ = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                           segment_ids=batch["segment_ids"] if pack_mask else None, targets=batch["targets"],
-                           loss_weights=mask / jnp.maximum(mask.sum(), 1.0))
+    mask = _loss_mask(batch)
+    total, _ = _apply_with_targets(model, params, batch, pack_mask, loss_weights=mask / jnp.maximum(mask.sum(), 1.0))
     return total
 
 

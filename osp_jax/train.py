@@ -184,11 +184,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every or t.steps,
                                 keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-    if checkpointer.latest_step() is not None:
+    resuming = checkpointer.latest_step() is not None
+    if resuming:
         start, state = restore_state(checkpointer, config, tx, shardings, mesh, data_iterator=ckpt_iter)
         log.info("resumed from step %d in %s", start, workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        if checkpointer.latest_step() is None:
+        if not resuming:
             init = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)
             state = init(jax.random.key(t.seed))
             start = 0
