@@ -75,6 +75,10 @@ ADAM20="$STEP20 --config=configs/adam_1b4.py"
 ADAM_BATCH="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --seq-len=2048 --steps=$STEPS --warmup=2"  # + --batch
 export PYTHONUNBUFFERED=1
 
+more_memory() {  # jax takes 75% of the GPU by default; the batch-16 stages give it MEM_FRACTION (0.95)
+  more_memory
+}
+
 stage() {
   local name=$1
   shift
@@ -139,7 +143,7 @@ remat_attn() {
 
 big_batch() {
   local b=$ADAM_BATCH
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  more_memory
   $b --batch=16 --set model.remat=dots_attn --output="$OUT/step_time.jsonl" || echo "dots_attn, batch 16: FAILED"
   $b --batch=16 --set model.remat=dots_attn --set model.loss_chunk=1024 --output="$OUT/step_time.jsonl" \
     || echo "dots_attn, batch 16, loss_chunk 1024: FAILED"
@@ -184,7 +188,7 @@ UNROLLED="$PY benchmarks/step_time.py --seq-len=2048 --warmup=2 --output=$OUT/st
 
 unrolled_more() {
   local b="$UNROLLED --steps=10"
-  (export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  (more_memory
    $b --config=configs/adam_1b4.py --batch=16 --set model.remat=dots_attn || echo "batch 16 dots_attn: FAILED"
    $b --config=configs/adam_1b4.py --batch=16 --set model.remat=dots || echo "batch 16 dots: FAILED")
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
@@ -192,10 +196,15 @@ unrolled_more() {
   $b --config=configs/osp_1b4.py --batch=8 --set model.remat=dots_attn || echo "OSP: FAILED"
 }
 
-compare_best() {
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+# OSP vs AdamW at 0.5 M tokens a step with the fastest single-step settings (+ extra step_time flags)
+compare_fastest() {
+  more_memory
   $UNROLLED --set model.remat=dots_attn --config=configs/osp_1b4.py --batch=256 --grad-accum=16 --steps=3 \
-    --warmup=1 --compare || echo "compare: FAILED"
+    --warmup=1 "$@" --compare
+}
+
+compare_best() {
+  compare_fastest || echo "compare: FAILED"
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" $UNROLLED --set model.remat=dots_attn \
     --config=configs/adam_1b4.py --batch=16 --steps=10 || echo "cuBLAS only, batch 16: FAILED"
 }
@@ -206,9 +215,7 @@ profile_unrolled() {
 }
 
 compare_docs() {
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
-  $UNROLLED --set model.remat=dots_attn --config=configs/osp_1b4.py --batch=256 --grad-accum=16 --steps=3 \
-    --warmup=1 --docs-per-window=4 --compare || echo "compare, 4 documents a row: FAILED"
+  compare_fastest --docs-per-window=4 || echo "compare, 4 documents a row: FAILED"
 }
 
 no_graphs() {
@@ -217,7 +224,7 @@ no_graphs() {
 }
 
 fused_loss() {
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  more_memory
   local b="$UNROLLED --config=configs/adam_1b4.py --batch=16 --steps=10 --set model.remat=dots_attn --set model.loss_fused=true"
   $b || echo "fused loss: FAILED"
   $b --set model.loss_chunk=512 || echo "fused loss, chunks of 512: FAILED"
@@ -226,7 +233,7 @@ fused_loss() {
 remat_norms() {
   local b="$UNROLLED --config=configs/adam_1b4.py --steps=10 --set model.remat=dots_attn_norms"
   $b --batch=8 || echo "batch 8: FAILED"
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
+  more_memory
   $b --batch=16 || echo "batch 16: FAILED"
   $b --batch=16 --set model.loss_fused=true || echo "batch 16, fused loss: FAILED"
 }

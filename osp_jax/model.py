@@ -45,11 +45,10 @@ def save_dots_and_attention(prim, *args, **params) -> bool:
 def save_dots_attention_norms_rope(prim, *args, **params) -> bool:
     """Remat policy `dots_attn_norms`: what `dots_attn` keeps, plus the two RMSNorm outputs (and their
     inverse RMS) and the rotated queries and keys of each layer (named `norm_out`, `norm_rms` and
-    `qk_rope`), which `dots_attn` still
-    computes again in the backward pass (element-wise work: on one H100 at 8 x 2048 tokens the
-    scanned 1.4B step spent 2.8 ms a step recomputing norms and as much recomputing RoPE). It keeps
-    4 x batch x seq x dim values more a layer: 0.5 GiB a layer at 16 x 2048 in bfloat16, 12 GiB for
-    the 24 layers of the 1.4B model."""
+    `qk_rope`), which `dots_attn` still computes again in the backward pass (element-wise work: on
+    one H100 at 8 x 2048 tokens the scanned 1.4B step spent 2.8 ms a step recomputing norms and as
+    much recomputing RoPE). It keeps 4 x batch x seq x dim values more a layer: 0.5 GiB a layer at
+    16 x 2048 in bfloat16, 12 GiB for the 24 layers of the 1.4B model."""
     return save_dots_and_attention(prim, *args, **params) or _SAVE_NORMS_ROPE(prim, *args, **params)
 
 
@@ -332,6 +331,29 @@ def _head_logits_bwd(spec, residuals, g):
 head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
+def _chunk_count(seq_len: int, chunk: int) -> int:
+    """How many chunks of `chunk` positions make the sequence: 1 when `chunk` is 0 or covers it."""
+    if not chunk or chunk >= seq_len:
+        return 1
+    if seq_len % chunk:
+        raise ValueError(f"model.loss_chunk={chunk} must divide the sequence length {seq_len}")
+    return seq_len // chunk
+
+
+def _to_chunks(t, n: int):
+    """(batch, seq, ...) -> (n, batch, seq / n, ...)."""
+    return t.reshape(t.shape[0], n, t.shape[1] // n, *t.shape[2:]).swapaxes(0, 1)
+
+
+def _from_chunks(t):
+    """(n, batch, seq / n, ...) -> (batch, seq, ...)."""
+    return t.swapaxes(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], *t.shape[3:])
+
+
+def _logits(x, head, spec: str):
+    return nn.with_logical_constraint(head_logits(x, head, spec), ("batch", "length", "act_vocab"))
+
+
 def chunked_cross_entropy(x, head, spec: str, targets, chunk: int):
     """Per-token next-token loss (float32) from the final hidden state `x` (batch, seq, dim).
 
@@ -341,20 +363,13 @@ def chunked_cross_entropy(x, head, spec: str, targets, chunk: int):
     """
 
     def losses(xc, tc):
-        logits = head_logits(xc, head, spec)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tc)
+        return optax.softmax_cross_entropy_with_integer_labels(_logits(xc, head, spec), tc)
 
-    b, s, d = x.shape
-    if not chunk or chunk >= s:
+    n = _chunk_count(x.shape[1], chunk)
+    if n == 1:
         return losses(x, targets)
-    if s % chunk:
-        raise ValueError(f"model.loss_chunk={chunk} must divide the sequence length {s}")
-    n = s // chunk
-    xs = x.reshape(b, n, chunk, d).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    out = jax.lax.map(lambda a: jax.checkpoint(losses)(*a), (xs, ts))  # (n, batch, chunk)
-    return out.swapaxes(0, 1).reshape(b, s)
+    out = jax.lax.map(lambda a: jax.checkpoint(losses)(*a), (_to_chunks(x, n), _to_chunks(targets, n)))
+    return _from_chunks(out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 5))
@@ -366,40 +381,33 @@ def fused_cross_entropy(x, head, spec: str, targets, weights, chunk: int):
     onehot)`, cast to `x`'s dtype, and from it the gradients of `x` and of `head`, as
     `head_logits`' backward would. No logits outlive their chunk and none is computed twice: the
     matmul work is the same as an ordinary forward and backward pass through the head, and with a
-    chunk the float32 (batch, seq, vocab) logits and their gradient are never held whole. The backward pass only scales
-    the stored gradients by the cotangent of the weighted sum: this is exact because the weights
-    are known before the forward pass (the loss mask over its count). `token_losses` are for metrics:
-    no gradient flows through them.
+    chunk the float32 (batch, seq, vocab) logits and their gradient are never held whole. The
+    backward pass only scales the stored gradients by the cotangent of the weighted sum: this is
+    exact because the weights are known before the forward pass (the loss mask over its count).
+    `token_losses` are for metrics: no gradient flows through them.
     """
     return _fused_ce_fwd(x, head, spec, targets, weights, chunk)[0]
 
 
 def _fused_ce_fwd(x, head, spec, targets, weights, chunk):
-    a, b_, out = _einsum_parts(spec)
-    w_c = head.astype(x.dtype)
-    bsz, s, d = x.shape
-    if chunk and chunk < s and s % chunk:
-        raise ValueError(f"model.loss_chunk={chunk} must divide the sequence length {s}")
-    n = s // chunk if chunk and chunk < s else 1
+    a, b, out = _einsum_parts(spec)
+    head_c = head.astype(x.dtype)  # once, not in every chunk
+    n = _chunk_count(x.shape[1], chunk)
 
     def one(dhead, xs):
         xc, tc, wc = xs
-        logits = jnp.einsum(spec, xc, w_c, preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        logits = _logits(xc, head_c, spec)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, tc)
         g = (jax.nn.softmax(logits) - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)) * wc[..., None]
         g = g.astype(x.dtype)
-        dx = jnp.einsum(f"{out},{b_}->{a}", g, w_c, preferred_element_type=jnp.float32).astype(x.dtype)
-        dhead = dhead + jnp.einsum(f"{a},{out}->{b_}", xc, g, preferred_element_type=jnp.float32)
+        dx = jnp.einsum(f"{out},{b}->{a}", g, head_c, preferred_element_type=jnp.float32).astype(x.dtype)
+        dhead = dhead + jnp.einsum(f"{a},{out}->{b}", xc, g, preferred_element_type=jnp.float32)
         return dhead, (losses, dx)
 
-    split = lambda t: t.reshape(bsz, n, s // n, *t.shape[2:]).swapaxes(0, 1)
-    dhead, (losses, dx) = jax.lax.scan(one, jnp.zeros(head.shape, jnp.float32),
-                                       (split(x), split(targets), split(weights.astype(jnp.float32))))
-    merge = lambda t: t.swapaxes(0, 1).reshape(bsz, s, *t.shape[3:])
-    losses, dx = merge(losses), merge(dx)
-    total = (losses * weights).sum()
-    return (total, losses), (dx, dhead.astype(head.dtype), weights)
+    chunks = tuple(_to_chunks(t, n) for t in (x, targets, weights.astype(jnp.float32)))
+    dhead, (losses, dx) = jax.lax.scan(one, jnp.zeros(head.shape, jnp.float32), chunks)
+    losses, dx = _from_chunks(losses), _from_chunks(dx)
+    return ((losses * weights).sum(), losses), (dx, dhead.astype(head.dtype), weights)
 
 
 def _fused_ce_bwd(spec, chunk, residuals, cotangents):
