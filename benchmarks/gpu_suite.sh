@@ -76,7 +76,7 @@ ADAM_BATCH="$PY benchmarks/step_time.py --config=configs/adam_1b4.py --seq-len=2
 export PYTHONUNBUFFERED=1
 
 more_memory() {  # jax takes 75% of the GPU by default; the batch-16 stages give it MEM_FRACTION (0.95)
-  more_memory
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.95}
 }
 
 stage() {

@@ -238,6 +238,37 @@ def test_gpu_suite_lists_every_stage_it_runs(tmp_path):
     assert proc.returncode == 2 and "unknown stage no_such_stage" in proc.stderr
 
 
+PREPARED_STAGES = ("compare_docs", "no_graphs", "fused_loss", "remat_norms")
+
+
+def test_gpu_suite_prepared_stages_run_their_commands(tmp_path):
+    """The stages prepared for the next lease, run with a stand-in python that records each command
+    line and the memory fraction it got: every stage runs to its end, every command is a step_time.py
+    run with valid settings, and the batch-16 runs ask for 95% of the device (a helper that called
+    itself instead once crashed every such stage)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "RUN ${XLA_PYTHON_CLIENT_MEM_FRACTION:-default} $*" >> "$LOG"\n')
+    fake.chmod(0o755)
+    log = tmp_path / "commands.txt"
+    env = {**os.environ, "PYTHON": str(fake), "LOG": str(log)}
+    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "out"), *PREPARED_STAGES],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAILED" not in proc.stdout, proc.stdout
+    runs = [line.split() for line in log.read_text().splitlines()]
+    assert len(runs) == 7, runs
+    from benchmarks.step_time import load_config, apply_overrides
+    from osp_jax.config import validate
+    for _, fraction, script, *args in runs:
+        assert script == "benchmarks/step_time.py"
+        batch = next(int(a.split("=")[1]) for a in args if a.startswith("--batch="))
+        assert fraction == ("0.95" if batch >= 16 else "default"), args
+        config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), "configs/osp_1b4.py")
+        cfg = load_config(config)
+        apply_overrides(cfg, [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+        validate(cfg)
+
 def test_step_time_compile_only_reports_memory_copies_and_collectives():
     """--compile-only: the compiler's per-device figures for a mesh, nothing run. On 4 devices split
     by fsdp the step gathers parameters and reduces gradients; on one it has no collective at all."""
