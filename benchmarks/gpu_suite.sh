@@ -50,6 +50,9 @@
 #   remat_norms  AdamW 1.4B, unrolled: remat dots_attn_norms (dots_attn, plus the norm outputs and the rotated
 #                q and k) at batch 8, and at batch 16 with memory fraction 0.95 with and without
 #                model.loss_fused (prepared, not yet run)
+#   precast      AdamW 1.4B, dots_attn, unrolled: model.precast_weights (the matmul weights cast to bf16 once
+#                a step, not again in the remat's recompute nor in every micro-batch) at batch 8, at batch 16
+#                with memory fraction 0.95, then compare_fastest with it (prepared, not yet run)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -238,6 +241,14 @@ remat_norms() {
   $b --batch=16 --set model.loss_fused=true || echo "batch 16, fused loss: FAILED"
 }
 
+precast() {
+  local b="$UNROLLED --config=configs/adam_1b4.py --steps=10 --set model.remat=dots_attn --set model.precast_weights=true"
+  $b --batch=8 || echo "batch 8: FAILED"
+  more_memory
+  $b --batch=16 || echo "batch 16: FAILED"
+  compare_fastest --set model.precast_weights=true || echo "compare, precast weights: FAILED"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -298,6 +309,7 @@ for s in "$@"; do
     unrolled_more) stage unrolled_more unrolled_more ;;
     compare_best) stage compare_best compare_best ;;
     profile_unrolled) stage profile_unrolled profile_unrolled ;;
+    precast) stage precast precast ;;
     compare_docs) stage compare_docs compare_docs ;;
     no_graphs) stage no_graphs no_graphs ;;
     fused_loss) stage fused_loss fused_loss ;;

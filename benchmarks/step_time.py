@@ -285,7 +285,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "layers": m.layers, "dim": m.dim, "heads": m.heads, "kv_heads": m.kv_heads, "ffn_dim": m.ffn_dim,
         "vocab_size": m.vocab_size,
         "dtype": m.dtype, "remat": m.remat, "scan_layers": m.scan_layers, "loss_chunk": m.loss_chunk,
-        "loss_fused": m.loss_fused,
+        "loss_fused": m.loss_fused, "precast_weights": m.precast_weights,
         "attention": pick_backend(m.attention),
         "max_segments": m.max_segments, "pack_mask": config.data.pack_mask, "docs_per_window": docs_per_window,
         "mesh": dict(mesh.shape),
@@ -444,6 +444,8 @@ def _series(r: dict) -> str:
         name += f", fused loss{' chunk ' + str(r['loss_chunk']) if r.get('loss_chunk') else ''}"
     elif r.get("loss_chunk"):
         name += f", loss chunk {r['loss_chunk']}"
+    if r.get("precast_weights"):
+        name += ", weights precast"
     if r.get("env", {}).get("XLA_FLAGS"):
         name += f", XLA_FLAGS={r['env']['XLA_FLAGS'].strip()}"
     return name

@@ -65,6 +65,7 @@ def defaults() -> ConfigDict:
     c.model.max_segments = 16      # cuDNN: documents per window as a packed layout; 0 = dense mask
     c.model.loss_chunk = 0         # >0: the loss sees logits for this many positions at a time
     c.model.loss_fused = False     # training loss: the head's gradients formed chunk by chunk in the forward pass
+    c.model.precast_weights = False  # train step: matmul weights cast to `dtype` once, not in every layer call
 
     c.optimizer = ConfigDict()
     c.optimizer.name = "muon"      # muon | muon_all | adamw

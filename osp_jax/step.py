@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from osp_jax.model import Transformer
+from osp_jax.model import Transformer, precast_weights
 
 
 class TrainState(NamedTuple):
@@ -69,14 +69,19 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     counters: parameters and optimizer state are kept, so a NaN never reaches a checkpoint.
     """
     grad_fn = jax.value_and_grad(lambda p, b: _forward_loss(model, p, b, pack_mask))
+    # model.precast_weights: the matmul weights in the compute dtype once a step, before the
+    # accumulation loop and outside the layers' remat; their gradients come back in that dtype, as the
+    # model's own casts would have made them, and are cast up with the rest below.
+    params = precast_weights(state.params, model.config) if model.config.precast_weights else state.params
     if grad_accum_steps == 1:
-        loss, grads = grad_fn(state.params, batch)
+        loss, grads = grad_fn(params, batch)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     else:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
         def accumulate(carry, mb):
             loss_sum, grad_sum = carry
-            loss, grads = grad_fn(state.params, mb)
+            loss, grads = grad_fn(params, mb)
             return (loss_sum + loss, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)

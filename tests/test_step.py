@@ -1,0 +1,112 @@
+"""The pure train step: gradient accumulation, and `model.precast_weights` (same step, casts hoisted)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from osp_jax.model import Transformer, abstract_params, precast_weights
+from osp_jax.optim import make_optimizer
+from osp_jax.step import init_state, train_step
+from tests.helpers import small_config
+
+
+def _config(*, optimizer="adamw", accum=1, **model):
+    cfg = small_config(**model)
+    cfg.optimizer.name = optimizer
+    cfg.optimizer.grad_accum_steps = accum
+    cfg.optimizer.warmup_steps = 0
+    cfg.train.global_batch_size = 4
+    return cfg
+
+
+def _batch(cfg, n=4, seed=0):
+    seq = cfg.train.seq_len
+    toks = jax.random.randint(jax.random.key(seed), (n, seq + 1), 0, cfg.model.vocab_size)
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": jnp.ones((n, seq), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(seq), (n, seq))}
+
+
+def _step(cfg, steps=2):
+    model = Transformer(cfg.model)
+    tx, _ = make_optimizer(cfg)
+    state = init_state(cfg, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum_steps=cfg.optimizer.grad_accum_steps))
+    seen = []
+    for i in range(steps):
+        state, metrics = step(state, _batch(cfg, seed=i))
+        seen.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    return seen, state
+
+
+def test_accumulated_micro_batches_equal_one_batch():
+    """Two micro-batches of 2 give the step one batch of 4 gives (every token counts, float32): the
+    same loss and gradient norm over two steps (Adam's first update does not see the gradient's
+    scale, the norm does), and parameters equal to well within an update (lr 3e-3)."""
+    want_seen, want = _step(_config())
+    got_seen, got = _step(_config(accum=2))
+    np.testing.assert_allclose(got_seen, want_seen, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), got.params, want.params)
+
+
+def test_precast_weights_casts_the_matmul_weights_only():
+    cfg = small_config(dtype="bfloat16")
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(abstract_params(cfg.model)))
+    cast = precast_weights(params, cfg.model)
+    dtypes = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+    bf16 = {k for k, d in dtypes.items() if d == jnp.bfloat16}
+    assert bf16 == {k for k in dtypes if k.endswith("['kernel']") and "lm_head" not in k} | {"['embed']['embedding']"}
+    tied = precast_weights(params, small_config(dtype="bfloat16", tie_embeddings=True).model)
+    assert tied["embed"]["embedding"].dtype == jnp.float32  # it is the LM head too
+
+
+@pytest.mark.parametrize("accum,scan,remat", [(1, False, "dots"), (2, True, "full")])
+def test_precast_weights_takes_the_same_step(accum, scan, remat):
+    """Cast once or in every layer call, the bf16 step computes the same values."""
+    model = dict(dtype="bfloat16", scan_layers=scan, remat=remat)
+    want_seen, want = _step(_config(accum=accum, **model))
+    got_seen, got = _step(_config(accum=accum, precast_weights=True, **model))
+    np.testing.assert_allclose(got_seen, want_seen, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got.params, want.params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((got.params, got.opt_state)) if x.ndim)
+
+
+def _weight_casts(jaxpr, shapes, inside=()):
+    """(enclosing primitives, shape) of every float32 -> bfloat16 cast of a weight-shaped value."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == jnp.bfloat16:
+            aval = eqn.invars[0].aval
+            if aval.dtype == jnp.float32 and tuple(aval.shape) in shapes:
+                found.append((inside, tuple(aval.shape)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _weight_casts(sub, shapes, inside + (eqn.primitive.name,))
+    return found
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_precast_weights_leaves_no_weight_cast_in_the_loops_or_the_remat(scan):
+    """With the flag, the weights are cast once, at the top of the step: none inside the
+    accumulation scan, a layer scan or a rematerialised layer (without it, casts sit in all of them)."""
+    def casts(precast):
+        cfg = _config(accum=2, dtype="bfloat16", scan_layers=scan, remat="dots", precast_weights=precast)
+        model = Transformer(cfg.model)
+        tx, _ = make_optimizer(cfg)
+        state = jax.eval_shape(functools.partial(init_state, cfg, model, tx), jax.random.key(0))
+        # the weights precast_weights casts (the LM head keeps its own cast, in every micro-batch)
+        cast = [s for s in jax.tree.leaves(jax.eval_shape(functools.partial(precast_weights, model_config=cfg.model),
+                                                          state.params)) if s.dtype == jnp.bfloat16]
+        shapes = {s.shape for s in cast} | {s.shape[1:] for s in cast if scan and s.ndim > 2}
+        step = functools.partial(train_step, model=model, tx=tx, grad_accum_steps=2)
+        return _weight_casts(jax.make_jaxpr(step)(state, _batch(cfg)).jaxpr, shapes)
+
+    remat = lambda inside: any(p == "checkpoint" or p.startswith("remat") for p in inside)  # jax's names for it
+    before = casts(False)
+    assert any("scan" in inside for inside, _ in before) and any(remat(inside) for inside, _ in before)
+    after = casts(True)
+    assert after and all(inside == () for inside, _ in after), after
