@@ -182,8 +182,8 @@ def validate(config: ConfigDict) -> ConfigDict:
                     "optimizer.muon_weight_decay", "data.worker_count", "data.prefetch", "train.seed",
                     "model.max_segments"]
     for key in non_negative:
-        if given[key] < 0:
-            _fail(key, given[key], "a value >= 0")
+        if not (given[key] >= 0 and math.isfinite(given[key])):  # NaN fails every comparison
+            _fail(key, given[key], "a finite value >= 0")
     for key in ["optimizer.learning_rate", "optimizer.muon_learning_rate", "model.rope_theta",
                 "model.norm_eps", "model.init_std", "optimizer.eps", "optimizer.rms_scale"]:
         if not (given[key] > 0 and math.isfinite(given[key])):

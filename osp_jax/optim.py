@@ -57,7 +57,8 @@ def schedule(peak: float, config: ml_collections.ConfigDict, steps: int) -> opta
         return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(total, warm + 1), end_value=floor)
     if o.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm])
-    decay = max(1, int(round(total * o.wsd_decay_fraction)))
+    # The decay ends at `total` even when the warmup leaves it less than its fraction of the run.
+    decay = max(1, min(int(round(total * o.wsd_decay_fraction)), total - warm))
     stable = max(0, total - warm - decay)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak),

@@ -59,6 +59,8 @@ def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
     ("model.attention", "flash", "one of auto"),
     ("model.max_segments", -1, ">= 0"),
     ("model.max_segments", None, "type int"),  # ConfigDict itself refuses floats and strings
+    ("optimizer.clip_norm", float("nan"), "finite value >= 0"),  # NaN would turn clipping off unseen
+    ("optimizer.weight_decay", float("inf"), "finite value >= 0"),
 ])
 def test_validate_messages(key, value, fragment):
     c = load_recipe("tiny")
