@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -178,17 +179,29 @@ def infer_dimension_numbers(params) -> Any:
     or more axes is `(..., fan_in, fan_out)`, its leading axes (the scanned `layers` axis) a batch of
     independent matrices. Leaves with fewer than two axes get None: they are not matrices.
     Takes arrays or `jax.ShapeDtypeStruct`s; `optax.MaskedNode` subtrees are kept as they are.
+
+    A leaf of three or more axes outside osp_jax's layout (not under `layers`, not an `attn` kernel)
+    is read the same way, with a warning: someone else's multi-head kernel `(dim, heads, head_dim)`
+    or convolution `(h, w, in, out)` spans more than its last two axes and needs explicit
+    `MuonDimensionNumbers`.
     """
 
     def rule(path, leaf):
         ndim = len(leaf.shape)
         if ndim < 2:
             return None
-        owner = _path_names(path)[-3:-1]  # e.g. ("attn", "q") for .../attn/q/kernel
+        names = _path_names(path)
+        owner = names[-3:-1]  # e.g. ("attn", "q") for .../attn/q/kernel
         if ndim >= 3 and owner in _QKV:
             return MuonDimensionNumbers(reduction_axis=ndim - 3, output_axis=(ndim - 2, ndim - 1))
         if ndim >= 3 and owner == ("attn", "o"):
             return MuonDimensionNumbers(reduction_axis=(ndim - 3, ndim - 2), output_axis=ndim - 1)
+        if ndim >= 3 and "layers" not in names:
+            warnings.warn(
+                f"Muon reads leaf '{_path_str(path)}' of shape {tuple(leaf.shape)} as "
+                f"{math.prod(leaf.shape[:-2])} independent {leaf.shape[-2]} x {leaf.shape[-1]} matrices "
+                "(its last two axes). If its matrix spans other axes (a multi-head attention kernel, a "
+                "convolution), pass dimension_numbers= with a MuonDimensionNumbers for it.", stacklevel=2)
         return MuonDimensionNumbers(reduction_axis=ndim - 2, output_axis=ndim - 1)
 
     return jax.tree_util.tree_map_with_path(rule, params)

@@ -158,6 +158,23 @@ def test_infer_dimension_numbers_for_model_tree():
     assert dims["layers"]["attn_norm"]["scale"] is None and dims["final_norm"]["scale"] is None
 
 
+def test_infer_dimension_numbers_warns_about_a_foreign_stack():
+    """A rank-3 leaf outside osp_jax's layout (here flax's multi-head query kernel (dim, heads,
+    head_dim)) is read as matrices over its last two axes, which is wrong for it: say so. osp_jax's
+    own tree, scanned or unrolled, infers silently."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"'query/kernel' of shape \(64, 4, 16\) as 64 independent 4 x 16"):
+        dims = infer_dimension_numbers({"query": {"kernel": jax.ShapeDtypeStruct((64, 4, 16), jnp.float32)}})
+    assert dims["query"]["kernel"] == MuonDimensionNumbers(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        infer_dimension_numbers(_model_tree())
+        infer_dimension_numbers({f"layers_{i}": {"attn": {"q": {"kernel": jax.ShapeDtypeStruct((64, 4, 16), jnp.float32)}},
+                                                 "mlp": {"up": {"kernel": jax.ShapeDtypeStruct((64, 96), jnp.float32)}}}
+                                 for i in range(2)})
+
+
 def _orthogonalized(params):
     """Pure orthogonalisation of `params` (beta=0, no Nesterov: the momentum is the gradient)."""
     opt = scale_by_muon(beta=0.0, nesterov=False)
