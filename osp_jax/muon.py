@@ -332,18 +332,25 @@ def orthogonalize_stacks(stacks: Sequence[jax.Array], orthogonalize: Callable[[j
         groups.setdefault((s.shape[1:], jnp.dtype(s.dtype)), []).append(i)
 
     out: list[jax.Array] = [None] * len(stacks)
+    # Explicit mesh axes put shardings in the types: operands of one concatenation must agree, a slice
+    # must divide its axis's split, and each result must come back as its input was sharded.
+    explicit = mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types)
 
     def run(members):
         sizes = [wide[i].shape[0] for i in members]
-        group = jnp.concatenate([wide[i] for i in members], axis=0) if len(members) > 1 else wide[members[0]]
+        inputs = [_reshard(wide[i], mesh, P()) if explicit else wide[i] for i in members]
+        group = jnp.concatenate(inputs, axis=0) if len(members) > 1 else inputs[0]
         padding = -group.shape[0] % shards
         if shards > 1:
             group = jnp.pad(group, ((0, padding), (0, 0), (0, 0)))  # zeros stay zero under NS
             group = _reshard(group, mesh, P(shard_axis, None, None))
         group = orthogonalize(group)
+        if explicit:
+            group = _reshard(group, mesh, P())
         parts = jnp.split(group[:sum(sizes)], np.cumsum(sizes)[:-1].tolist(), axis=0)
         for i, part in zip(members, parts):
-            out[i] = jnp.swapaxes(part, 1, 2) if tall[i] else part
+            part = jnp.swapaxes(part, 1, 2) if tall[i] else part
+            out[i] = _reshard(part, mesh, jax.typeof(stacks[i]).sharding.spec) if explicit else part
 
     for members in groups.values():
         # A stack that splits evenly over the shards (scanned layers, usually) goes alone: moving it

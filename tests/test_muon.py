@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from osp_jax.metrics import compiled_cost
 from osp_jax.muon import (MuonDimensionNumbers, infer_dimension_numbers, muon, newton_schulz,
@@ -379,6 +380,26 @@ def test_explicit_mesh_argument_and_uneven_groups():
         opt = scale_by_muon(beta=0.0, nesterov=False, mesh=mesh)
         updates, _ = jax.jit(opt.update)(grads, opt.init(grads))
         jax.tree.map(_assert_bf16_close, updates, reference)
+
+
+def test_explicit_mesh_axes_give_the_same_update_in_each_leaf_s_own_sharding():
+    """With Explicit mesh axes (shardings in the types), same-shaped leaves sharded differently are
+    stacked, an uneven stack padded and sliced, and every update comes back sharded as its leaf."""
+    rng = np.random.default_rng(0)
+    grads = {"a": jnp.asarray(rng.standard_normal((3, 16, 32)), jnp.float32),
+             "b": jnp.asarray(rng.standard_normal((32, 16)), jnp.float32),
+             "c": jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)}
+    opt = scale_by_muon(beta=0.0, nesterov=False, dimension_numbers=MuonDimensionNumbers(-2, -1))
+    reference, _ = jax.jit(opt.update)(grads, opt.init(grads))
+    mesh = jax.make_mesh((1, 2, 4, 1), ("dp", "op", "fsdp", "tp"), axis_types=(AxisType.Explicit,) * 4)
+    specs = {"a": P(None, "fsdp", None), "b": P("fsdp", None), "c": P(None, "fsdp")}
+    grads = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in grads.items()}
+    opt = scale_by_muon(beta=0.0, nesterov=False, dimension_numbers=MuonDimensionNumbers(-2, -1),
+                        shard_axis=("op", "fsdp", "tp"))
+    with jax.set_mesh(mesh):
+        updates, _ = jax.jit(opt.update)(grads, opt.init(grads))
+    jax.tree.map(_assert_bf16_close, updates, reference)
+    assert {k: u.sharding.spec for k, u in updates.items()} == specs
 
 
 # ------------------------------------------------------------------------------------------------
