@@ -1,6 +1,8 @@
 """The Grain pipeline: exact packing, process splits, iterator state, vocab checks, the builtin corpus."""
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -161,6 +163,56 @@ def test_state_restores_mid_epoch_and_across_epochs(data_dir, prefetch):
         fresh.set_state(state)
         assert_batches_equal(take(fresh, len(expect)), expect)
         fresh.close()
+
+
+def test_worker_count_change_is_a_clear_error(data_dir):
+    kw = dict(seq_len=16, global_batch_size=4, seed=7, process_index=0, process_count=1)
+    it = pipeline.make_iterator(data_dir, "train", **kw)
+    take(it, 2)
+    state = it.get_state()
+    expect = take(it, 2)
+    it.close()
+    assert state["worker_count"] == 0
+    old = {k: v for k, v in state.items() if k != "worker_count"}  # saved before the field existed
+    for saved in (state, old):
+        other = pipeline.make_iterator(data_dir, "train", worker_count=1, **kw)
+        with pytest.raises(pipeline.PipelineError, match=r"worker_count=0.*worker_count=1"):
+            other.set_state(saved)
+        other.close()
+        same = pipeline.make_iterator(data_dir, "train", **kw)
+        same.set_state(saved)
+        assert_batches_equal(take(same, 2), expect)
+        same.close()
+
+
+def test_damaged_shard_names_the_directory(data_dir, tmp_path):
+    d = str(shutil.copytree(data_dir, tmp_path / "d"))
+    meta = pipeline.load_metadata(d)
+    kw = dict(seq_len=16, global_batch_size=2, seed=0, process_index=0, process_count=1)
+
+    def fails(what):
+        with pytest.raises(pipeline.PipelineError, match=re.escape(d) + f": {what}.*--force"):
+            pipeline.make_iterator(d, "train", **kw)
+
+    def write_meta(meta):
+        with open(os.path.join(d, "metadata.json"), "w") as f:
+            json.dump(meta, f)
+
+    write_meta(dict(meta, splits={"train": dict(meta["splits"]["train"], documents=1000)}))
+    fails("the train shards hold .* records, metadata.json says 1000")
+    write_meta(meta)
+    shard = os.path.join(d, meta["splits"]["train"]["shards"][1]["file"])
+    intact = open(shard, "rb").read()
+    with open(shard, "wb") as f:
+        f.write(intact[: len(intact) // 2])
+    fails(r"shard .* has \d+ bytes, metadata.json says \d+")
+    # Metadata from before shard sizes were recorded: the unreadable shard is reported all the same.
+    for s in meta["splits"]["train"]["shards"]:
+        del s["file_bytes"]
+    write_meta(meta)
+    fails("cannot read the train shards")
+    os.remove(shard)
+    fails("shard .* is missing")
 
 
 def test_validation_split(data_dir):

@@ -132,8 +132,13 @@ def test_hf_dataset_dict_layout(tmp_path):
         (root / split / "state.json").write_text(json.dumps(
             {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": split}))
     (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
-    meta = prep.prepare(str(root), str(tmp_path / "out"), TOKENIZER, val_fraction=0.0, quiet=True)
-    assert meta["splits"]["train"]["documents"] == len(DOCS) and len(meta["inputs"]) == 2
+    out = tmp_path / "out"
+    # The splits decide, not the hash: none of the 30 train documents is held out, even at 0.5.
+    meta = prep.prepare(str(root), str(out), TOKENIZER, val_fraction=0.5, quiet=True)
+    assert meta["splits"]["train"]["documents"] == 30 and meta["splits"]["validation"]["documents"] == 10
+    _, val_docs = read_records(out, "validation")
+    assert [list(d) for d in val_docs] == [list(d) for d in expected_tokens(DOCS[30:])]
+    assert [f.get("split") for f in meta["inputs"]] == ["train", "test"]
 
 
 def test_glob_of_several_kinds_and_validation_holdout(tmp_path):
@@ -328,6 +333,93 @@ def test_truncated_compressed_file_is_named(tmp_path):
     (tmp_path / "a.jsonl.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(sources.DataError, match="a.jsonl.gz"):
         prep.prepare(str(tmp_path / "a.jsonl.gz"), str(tmp_path / "out"), TOKENIZER, quiet=True)
+
+
+@pytest.mark.parametrize("case", ["truncated", "not_zstd", "trailing_partial_frame"])
+def test_bad_zstd_file_is_named(tmp_path, capsys, case):
+    zstandard = pytest.importorskip("zstandard")
+    data = b"".join((json.dumps({"text": t}) + "\n").encode() for t in DOCS)
+    frame = zstandard.ZstdCompressor().compress(data)
+    bad = {"truncated": frame[: len(frame) // 2], "not_zstd": data,
+           "trailing_partial_frame": frame + frame[:20]}[case]
+    (tmp_path / "a.jsonl.zst").write_bytes(bad)
+    rc, err = run_main(capsys, f"--input={tmp_path / 'a.jsonl.zst'}", f"--output={tmp_path / 'out'}",
+                       f"--tokenizer={TOKENIZER}")
+    assert rc == 2 and f"error reading {tmp_path / 'a.jsonl.zst'}" in err, err
+    assert not os.path.exists(tmp_path / "out" / "metadata.json")
+
+
+def test_zstd_file_of_several_frames(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    c = zstandard.ZstdCompressor()
+    (tmp_path / "a.jsonl.zst").write_bytes(b"".join(
+        c.compress(b"".join((json.dumps({"text": t}) + "\n").encode() for t in DOCS[i:i + 7]))
+        for i in range(0, len(DOCS), 7)))
+    meta = prep.prepare(str(tmp_path / "a.jsonl.zst"), str(tmp_path / "out"), TOKENIZER, val_fraction=0.0,
+                        quiet=True)
+    assert meta["splits"]["train"]["documents"] == len(DOCS)
+
+
+def test_reuse_checks_the_shards(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS])
+    out = tmp_path / "out"
+    args = [f"--input={tmp_path / 'a.jsonl'}", f"--output={out}", f"--tokenizer={TOKENIZER}",
+            "--val-fraction=0", "--shard-size-mb=0.002"]
+    assert prep.main(args) == 0
+    meta = json.load(open(out / "metadata.json"))
+    shard = meta["splits"]["train"]["shards"][0]
+    assert shard["file_bytes"] == os.path.getsize(out / shard["file"])
+    intact = (out / shard["file"]).read_bytes()
+    capsys.readouterr()
+
+    (out / shard["file"]).write_bytes(intact[: len(intact) // 2])  # cut short: rebuilt
+    assert prep.main(args) == 0
+    assert "reusing" not in capsys.readouterr().err
+    assert (out / shard["file"]).read_bytes() == intact
+
+    # Metadata written before file_bytes existed: reused while intact, the record count checked.
+    for s in meta["splits"]["train"]["shards"]:
+        del s["file_bytes"]
+    prep.atomic_write_bytes(str(out / "metadata.json"), json.dumps(meta).encode())
+    assert prep.main(args) == 0
+    assert "reusing" in capsys.readouterr().err
+    (out / shard["file"]).write_bytes(intact[: len(intact) // 2])
+    assert prep.main(args) == 0
+    assert "reusing" not in capsys.readouterr().err
+    assert (out / shard["file"]).read_bytes() == intact
+
+
+def write_gappy_tokenizer(path):
+    """A word-level tokenizer.json whose 5 tokens have ids 0..3 and 5000."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "hello": 1, "world": 2, "[UNK]": 3, "big": 5000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def test_vocab_size_is_the_largest_id_plus_one(tmp_path):
+    write_gappy_tokenizer(tmp_path / "tok.json")
+    assert load_tokenizer(str(tmp_path / "tok.json")).vocab_size == 5001
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "hello big world"}])
+    meta = prep.prepare(str(tmp_path / "a.jsonl"), str(tmp_path / "out"), str(tmp_path / "tok.json"),
+                        val_fraction=0.0, quiet=True)
+    _, docs = read_records(tmp_path / "out")
+    assert meta["vocab_size"] == 5001 and meta["dtype"] == "uint16"
+    assert docs[0].tolist() == [1, 5000, 2, 0]
+
+
+def test_ids_past_the_vocab_size_are_an_error(tmp_path, monkeypatch):
+    from osp_jax.data import tokenizer as tokenizer_lib
+
+    write_gappy_tokenizer(tmp_path / "tok.json")
+    monkeypatch.setattr(tokenizer_lib, "_hf_vocab_size", lambda tok: tok.get_vocab_size())  # counts: 5
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "hello big world"}])
+    with pytest.raises(sources.DataError, match=r"id 5000, outside its vocabulary of 5"):
+        prep.prepare(str(tmp_path / "a.jsonl"), str(tmp_path / "out"), str(tmp_path / "tok.json"),
+                     val_fraction=0.0, quiet=True)
+    assert not os.path.exists(tmp_path / "out" / "metadata.json")
 
 
 def test_cli_module_entry_point(tmp_path):

@@ -37,6 +37,12 @@ import numpy as np
 from osp_jax.data import sources
 from osp_jax.data import tokenizer as tokenizer_lib
 
+
+class PipelineError(sources.DataError, ValueError):
+    """Prepared data or a saved iterator state this pipeline cannot use. A DataError and a ValueError,
+    so both train and evaluate report it without a traceback."""
+
+
 BUILTIN = "builtin"
 _BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin")
 FIELDS = ("inputs", "targets", "segment_ids", "positions")
@@ -256,11 +262,10 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     if info["documents"] < process_count:
         raise ValueError(f"split {split!r} of {data_dir} has {info['documents']} documents, fewer than "
                          f"the {process_count} processes reading it")
-    paths = [os.path.join(data_dir, s["file"]) for s in info["shards"]]
     pad_id = meta.get("pad_id")
     pad_id = int(meta["eos_id"] if pad_id is None else pad_id)
 
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    ds = grain.MapDataset.source(_open_shards(data_dir, split, info))
     ds = ds[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=int(seed) % 2**32)
@@ -280,6 +285,34 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     return ds
 
 
+def _open_shards(data_dir: str, split: str, info: dict):
+    """The split's ArrayRecordDataSource. A shard that is missing, of another size than metadata.json
+    records, unreadable, or holding another number of records raises PipelineError naming the directory."""
+    def damaged(what: str) -> PipelineError:
+        return PipelineError(f"{data_dir}: {what}. The prepared data is damaged or incomplete: run "
+                             f"`python -m osp_jax.data.prepare` again with --output={data_dir} and --force "
+                             "(for the 'builtin' cache, delete the directory)")
+
+    paths = []
+    for s in info["shards"]:
+        p = os.path.join(data_dir, s["file"])
+        if not os.path.isfile(p):
+            raise damaged(f"shard {s['file']} is missing")
+        size = os.path.getsize(p)
+        if size != s.get("file_bytes", size):  # file_bytes: recorded since prepare checks shard sizes
+            raise damaged(f"shard {s['file']} has {size} bytes, metadata.json says {s['file_bytes']}")
+        paths.append(p)
+    try:
+        source = grain.sources.ArrayRecordDataSource(paths)
+    except RuntimeError as e:  # array_record's errors, some without text
+        reason = str(e) or "array_record gave no reason"
+        raise damaged(f"cannot read the {split} shards: {reason}") from None
+    if len(source) != info["documents"]:
+        raise damaged(f"the {split} shards hold {len(source)} records, metadata.json says "
+                      f"{info['documents']}")
+    return source
+
+
 def _ensure_absl_flags_parsed() -> None:
     """Grain's worker processes read absl flags; a program without absl.app has not parsed them."""
     from absl import flags
@@ -292,15 +325,57 @@ def make_iterator(data_dir: str, split: str, *, seq_len: int, global_batch_size:
                   process_index: int | None = None, process_count: int | None = None, shuffle: bool = True,
                   num_epochs: int | None = None, worker_count: int = 0, prefetch_buffer: int = 2,
                   read_threads: int = 2):
-    """`iter(make_dataset(...))`: a grain DatasetIterator with get_state()/set_state(). Call its
-    close() when done; one left open is closed at interpreter exit."""
-    it = iter(make_dataset(data_dir, split, seq_len=seq_len, global_batch_size=global_batch_size,
-                           seed=seed, process_index=process_index, process_count=process_count,
-                           shuffle=shuffle, num_epochs=num_epochs, worker_count=worker_count,
-                           prefetch_buffer=prefetch_buffer, read_threads=read_threads))
+    """`iter(make_dataset(...))`: a grain DatasetIterator with get_state()/set_state(), whose state also
+    records worker_count (see _WorkerCountIterator). Call its close() when done; one left open is
+    closed at interpreter exit."""
+    it = _WorkerCountIterator(
+        iter(make_dataset(data_dir, split, seq_len=seq_len, global_batch_size=global_batch_size,
+                          seed=seed, process_index=process_index, process_count=process_count,
+                          shuffle=shuffle, num_epochs=num_epochs, worker_count=worker_count,
+                          prefetch_buffer=prefetch_buffer, read_threads=read_threads)),
+        worker_count)
     # Closed before interpreter teardown: grain's prefetch thread otherwise complains from __del__.
     atexit.register(_close_at_exit, weakref.ref(it))
     return it
+
+
+class _WorkerCountIterator(grain.DatasetIterator):
+    """Adds "worker_count" to the state. The state's layout depends on it (grain's worker processes each
+    hold a slice of the data), so set_state() of a state saved with another data.worker_count raises
+    PipelineError naming both. A state without the field (saved before it was recorded) is checked by
+    its layout where that tells, and restored as is otherwise."""
+
+    def __init__(self, parent, worker_count: int):
+        super().__init__(parent)
+        self._worker_count = int(worker_count)
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {**self._parent.get_state(), "worker_count": self._worker_count}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        saved = state.pop("worker_count", None)
+        if saved is None:
+            saved = _layout_worker_count(state)
+        if saved is not None and int(saved) != self._worker_count:
+            raise PipelineError(f"the saved data-iterator state was written with data.worker_count={saved}, "
+                                f"but this run has data.worker_count={self._worker_count}: resume with "
+                                f"--config.data.worker_count={saved} (grain cannot map a position between "
+                                "worker counts)")
+        self._parent.set_state(state)
+
+
+def _layout_worker_count(state: dict) -> int | None:
+    """The worker count a state without the "worker_count" field was saved with, read from grain's
+    layout: a list of per-worker states with worker processes, this module's packing state without."""
+    if "iterators_in_use_states" in state:
+        return len(state["iterators_in_use_states"])
+    if {"parent", "offset"} <= state.keys():
+        return 0
+    return None
 
 
 def _close_at_exit(ref) -> None:
@@ -308,8 +383,9 @@ def _close_at_exit(ref) -> None:
     if it is not None:
         try:
             it.close()
-            # grain's thread-prefetch close() is not idempotent once module globals are torn down.
-            it.close = _noop
+            # grain's thread-prefetch close() (the wrapped iterator's, with prefetch in this process)
+            # is not idempotent once module globals are torn down.
+            it.close = it._parent.close = _noop
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
 

@@ -5,8 +5,8 @@
 
 Every document becomes one record: its token ids with EOS appended, as little-endian uint16 (vocab <=
 65536) or uint32 bytes. Whole documents are held out for validation: a record's `split` field when it
-has one ("train"/"validation"), else a hash of the text against --val-fraction (so duplicates land on
-the same side). Output, in DIR:
+has one ("train"/"validation"), else the split of a save_to_disk DatasetDict it comes from, else a hash
+of the text against --val-fraction (so duplicates land on the same side). Output, in DIR:
 
     train-00000-of-000NN.array_record ...   validation-00000-of-000MM.array_record ...
     tokenizer.json (or tokenizer.model)      a copy of the tokenizer used (trained, with train:VOCAB)
@@ -14,7 +14,9 @@ the same side). Output, in DIR:
 
 Writing is atomic: shards are written under .tmp- names, fsynced and renamed; metadata.json goes last.
 A second run with the same inputs (path, size, mtime), tokenizer and options prints "reusing" and
-does nothing. Malformed records are skipped and counted in metadata["skipped"] by reason.
+does nothing, unless a shard's size (metadata "file_bytes") or the tokenizer's hash no longer matches:
+then it rebuilds, as --force does. Malformed records are skipped and counted in metadata["skipped"] by
+reason.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ _CHUNK_CHARS = 4 << 20
 
 
 def token_dtype(vocab_size: int) -> str:
+    """The record dtype: uint16 holds every id when all ids are below vocab_size <= 65536."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
@@ -161,10 +164,16 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode_texts(texts: list[str]) -> list[np.ndarray]:
+    """Token arrays with EOS appended; raises DataError for an id at or past the tokenizer's
+    vocab_size (the size metadata records, and what the uint16/uint32 choice rests on)."""
     tok = _WORKER_TOKENIZER
     dtype = np.dtype(token_dtype(tok.vocab_size)).newbyteorder("<")
     out = []
     for ids in tok.encode_batch(texts):
+        top = max(ids, default=0)
+        if top >= tok.vocab_size:
+            raise DataError(f"tokenizer {tok.path} produced id {top}, outside its vocabulary of "
+                            f"{tok.vocab_size}")
         a = np.empty(len(ids) + 1, dtype)
         a[:-1] = ids
         a[-1] = tok.eos_id
@@ -258,14 +267,35 @@ def _load_existing(output: str) -> dict | None:
 
 
 def _reusable(meta: dict | None, want: dict, output: str) -> bool:
+    """Whether `output` already holds what `want` describes, its files intact as far as cheaply seen."""
     if not meta:
         return False
     for k in ("format", "format_version", "inputs", "tokenizer_source", "options"):
         if meta.get(k) != want[k]:
             return False
-    files = [meta.get("tokenizer", "")] + [s["file"] for sp in meta.get("splits", {}).values()
-                                             for s in sp.get("shards", [])]
-    return all(f and os.path.isfile(os.path.join(output, f)) for f in files)
+    tok = os.path.join(output, meta.get("tokenizer") or "")
+    if not (os.path.isfile(tok) and tokenizer_lib.file_sha256(tok) == meta.get("tokenizer_sha256")):
+        return False
+    return all(_shard_intact(os.path.join(output, s["file"]), s)
+               for sp in meta.get("splits", {}).values() for s in sp.get("shards", []))
+
+
+def _shard_intact(path: str, shard: dict) -> bool:
+    """Whether a shard is as written: its size against metadata's file_bytes, or (metadata written before
+    file_bytes was recorded) its record count against documents."""
+    if not os.path.isfile(path):
+        return False
+    if "file_bytes" in shard:
+        return os.path.getsize(path) == shard["file_bytes"]
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(path)
+        n = reader.num_records()
+        reader.close()  # a damaged file raises here
+    except RuntimeError:
+        return False
+    return n == shard["documents"]
 
 
 @contextlib.contextmanager
@@ -390,6 +420,7 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
     for split_shards in shards.values():
         for s in split_shards:
             os.replace(s.pop("tmp"), os.path.join(output, s["file"]))
+            s["file_bytes"] = os.path.getsize(os.path.join(output, s["file"]))
             keep.add(s["file"])
     os.replace(tmp_tok, os.path.join(output, tok_name))
     for name in os.listdir(output):  # shards of an earlier, different run

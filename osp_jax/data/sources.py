@@ -6,11 +6,13 @@ Kinds (chosen by name):
 - `.parquet`: a string column named `text_field` (needs pyarrow).
 - a directory written by Hugging Face `datasets` `save_to_disk` (state.json + data-*.arrow in Arrow IPC
   stream format, or a DatasetDict with dataset_dict.json and a folder a split): read with pyarrow, so
-  the `datasets` package is not needed. Every split of a DatasetDict is read.
+  the `datasets` package is not needed. Every split of a DatasetDict is read, and its name is the split
+  hint of its documents ("train"; "validation", "valid", "test", ... count as validation).
 - any other directory: the supported files under it, recursively.
 
 A record may carry a split hint (`split_field`, "train" or "validation"), which overrides the hashed
-hold-out; the shipped corpus uses it. Malformed records are skipped and counted by reason in `SkipLog`.
+hold-out (and a DatasetDict split's name); the shipped corpus uses it. Malformed records are skipped and
+counted by reason in `SkipLog`. A truncated or corrupt compressed file is a DataError naming the file.
 """
 from __future__ import annotations
 
@@ -40,11 +42,11 @@ class InputFile:
     path: str
     kind: str  # "txt" | "jsonl" | "parquet" | "hf_dataset"
 
-    def data_files(self) -> list[str]:
-        """The files whose content this input reads (for fingerprints)."""
+    def data_files(self) -> list[tuple[str, str | None]]:
+        """(file, DatasetDict split name or None) for every file whose content this input reads."""
         if self.kind == "hf_dataset":
-            return [p for p, _ in _hf_arrow_files(self.path)]
-        return [self.path]
+            return _hf_arrow_files(self.path)
+        return [(self.path, None)]
 
 
 @dataclasses.dataclass
@@ -182,12 +184,14 @@ def _expand_one(path: str) -> list[InputFile]:
 
 
 def fingerprint(inputs: Sequence[InputFile]) -> list[dict]:
-    """(path, size, mtime_ns) for every file the inputs read: cheap, and changes when a file does."""
+    """(path, size, mtime_ns) for every file the inputs read, plus the DatasetDict split a file belongs
+    to: cheap, and changes when a file does."""
     out = []
     for inp in inputs:
-        for p in inp.data_files():
+        for p, split in inp.data_files():
             st = os.stat(p)
-            out.append({"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            out.append({"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                       | ({"split": split} if split is not None else {}))
     return out
 
 
@@ -207,15 +211,62 @@ def open_binary(path: str):
             import bz2
             return bz2.open(path, "rb")
         if comp == ".zst":
-            try:
-                import zstandard
-            except ImportError:
-                raise DataError(f"reading {path} needs the zstandard package: pip install zstandard") from None
-            fh = open(path, "rb")
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
+            return io.BufferedReader(_ZstdReader(path))
         return open(path, "rb")
     except OSError as e:
         raise DataError(f"cannot open {path}: {e.strerror or e}") from None
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file frame after frame. Like gzip and lzma, raises EOFError when the file ends
+    inside a frame (truncated) and OSError for data that is not zstd."""
+
+    _READ = 1 << 17
+
+    def __init__(self, path: str):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"reading {path} needs the zstandard package: pip install zstandard") from None
+        self._zstd = zstandard
+        self._dctx = zstandard.ZstdDecompressor()
+        self._fh = open(path, "rb")
+        self._frame = None    # the decompressor of the frame being read, None between frames
+        self._input = b""     # compressed bytes read past the end of the last frame
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._out:
+            if not self._decompress_more():
+                return 0
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress_more(self) -> bool:
+        """Decompresses the next piece of input into self._out; False at the end of the file."""
+        data, self._input = self._input or self._fh.read(self._READ), b""
+        if not data:
+            if self._frame is not None:
+                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            return False
+        if self._frame is None:
+            self._frame = self._dctx.decompressobj()
+        try:
+            self._out = memoryview(self._frame.decompress(data))
+        except self._zstd.ZstdError as e:
+            raise OSError(f"not zstd data or corrupt: {e}") from None
+        if self._frame.eof:
+            self._frame, self._input = None, self._frame.unused_data
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 def read_documents(inp: InputFile, text_field: str = "text", skips: SkipLog | None = None,
@@ -316,7 +367,7 @@ def _import_pyarrow(path):
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
 
 
-def _read_table_batches(batches, schema, path, text_field, skips, split_field, row0=0):
+def _read_table_batches(batches, schema, path, text_field, skips, split_field, default_split=None):
     names = schema.names
     if text_field not in names:
         raise DataError(f"{path} has no column {text_field!r} (columns: {names}); pass --text-field")
@@ -325,7 +376,7 @@ def _read_table_batches(batches, schema, path, text_field, skips, split_field, r
     if not (pa.types.is_string(ftype) or pa.types.is_large_string(ftype)):
         raise DataError(f"{path}: column {text_field!r} is {ftype}, not a string column")
     use_split = bool(split_field) and split_field in names
-    row = row0
+    row = 0
     for batch in batches:
         texts = batch.column(text_field).to_pylist()
         splits = batch.column(split_field).to_pylist() if use_split else [None] * len(texts)
@@ -333,8 +384,7 @@ def _read_table_batches(batches, schema, path, text_field, skips, split_field, r
             row += 1
             where = f"{path}:row {row}"
             if _valid_text(text, where, skips):
-                yield Document(text, where, _split_hint(sp, where))
-    return row
+                yield Document(text, where, _split_hint(sp, where) or default_split)
 
 
 def _read_parquet(path, text_field, skips, split_field):
@@ -386,7 +436,7 @@ def _hf_arrow_files(path: str) -> list[tuple[str, str | None]]:
 
 def _read_hf_dataset(path, text_field, skips, split_field):
     pa = _import_pyarrow(path)
-    for arrow_path, _ in _hf_arrow_files(path):
+    for arrow_path, split in _hf_arrow_files(path):
         try:
             reader = pa.ipc.open_stream(pa.memory_map(arrow_path))  # what save_to_disk writes
         except pa.ArrowInvalid:
@@ -397,4 +447,5 @@ def _read_hf_dataset(path, text_field, skips, split_field):
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         else:
             batches = iter(reader)
-        yield from _read_table_batches(batches, reader.schema, arrow_path, text_field, skips, split_field)
+        yield from _read_table_batches(batches, reader.schema, arrow_path, text_field, skips, split_field,
+                                       _split_hint(split, arrow_path))

@@ -76,7 +76,7 @@ class HFTokenizer(Tokenizer):
             self._tok.encode_special_tokens = True
         except AttributeError:  # tokenizers < 0.15
             pass
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = _hf_vocab_size(self._tok)
         self.eos_id = self._find(eos_token, EOS_CANDIDATES, "end-of-document (EOS)", required=True)
         self.pad_id = self._find(pad_token, PAD_CANDIDATES, "padding", required=False)
 
@@ -101,6 +101,12 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _hf_vocab_size(tok) -> int:
+    """Largest id + 1, added tokens included: the embedding rows a model needs. get_vocab_size() counts
+    tokens instead, which is smaller when the ids have gaps."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
 
 class SentencePieceTokenizer(Tokenizer):
