@@ -13,7 +13,12 @@ Reports, in float32 compute:
 
 --data is a prepared directory (its `validation` split), "builtin", or a .jsonl/.txt file tokenised with
 the run's tokenizer (WORKDIR/tokenizer.json) into one EOS-separated stream cut into windows of seq_len + 1.
-Padding is never scored: a token counts where its segment id is positive.
+Prepared data must have been tokenised with the run's tokenizer (the sha256 in its metadata.json against
+the run's tokenizer file, or the run's data_metadata.json); a run that records neither is evaluated with
+a warning. Padding is never scored: a token counts where its segment id is positive.
+
+--output is strict JSON: a non-finite number is written as null (a NaN loss gives a NaN perplexity, so
+`loss` and `ppl` both null; a finite loss past float64's range gives `ppl` null beside a finite `loss`).
 """
 from __future__ import annotations
 
@@ -96,7 +101,50 @@ def _text_batches(path: str, workdir: str, vocab_size: int, seq_len: int, batch_
     return _batched(_windows_from_stream(stream, seq_len, tok.eos_id), batch_size)
 
 
-def _prepared_batches(data: str, vocab_size: int, seq_len: int, batch_size: int):
+def _warn(msg: str) -> None:
+    print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def run_tokenizer_sha256(workdir: str) -> tuple[str | None, str]:
+    """sha256 of the tokenizer the run trained with, and where it was found: the tokenizer file train
+    copied into WORKDIR (named by data_metadata.json), else the `tokenizer_sha256` data_metadata.json
+    records; (None, "") when the run keeps neither (older runs)."""
+    from osp_jax.data.tokenizer import file_sha256
+
+    meta_path = os.path.join(workdir, "data_metadata.json")
+    meta = {}
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except ValueError as e:
+            raise EvalError(f"{meta_path} is not valid JSON: {e}") from None
+    path = os.path.join(workdir, os.path.basename(str(meta.get("tokenizer") or "tokenizer.json")))
+    if os.path.isfile(path):
+        return file_sha256(path), path
+    if meta.get("tokenizer_sha256"):
+        return str(meta["tokenizer_sha256"]), f"(recorded in {meta_path})"
+    return None, ""
+
+
+def check_tokenizer(data: str, data_dir: str, meta: dict, workdir: str) -> None:
+    """EvalError when the prepared data was tokenised with another tokenizer than the run's (its ids
+    would name other tokens); a warning when either side does not say which tokenizer it used."""
+    from osp_jax.data.tokenizer import file_sha256
+
+    data_tok = os.path.join(data_dir, str(meta.get("tokenizer") or "tokenizer.json"))
+    data_sha = meta.get("tokenizer_sha256") or (file_sha256(data_tok) if os.path.isfile(data_tok) else None)
+    run_sha, run_tok = run_tokenizer_sha256(workdir)
+    if data_sha is None or run_sha is None:
+        unknown = f"{data_dir} names no tokenizer" if data_sha is None else f"{workdir} keeps no tokenizer"
+        _warn(f"{unknown}: cannot check that --data={data} was tokenised with the run's tokenizer")
+    elif data_sha != run_sha:
+        raise EvalError(f"--data={data} was tokenised with {data_tok} (sha256 {data_sha[:16]}), not with the "
+                        f"run's tokenizer {run_tok} (sha256 {run_sha[:16]}): prepare the data with the run's "
+                        "tokenizer, or pass a .jsonl/.txt file")
+
+
+def _prepared_batches(data: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int):
     from osp_jax.data import pipeline
 
     try:  # the data layer's ValueErrors here are user errors (bad metadata, vocabulary too large)
@@ -105,6 +153,7 @@ def _prepared_batches(data: str, vocab_size: int, seq_len: int, batch_size: int)
         pipeline.check_vocab(meta, vocab_size)
     except ValueError as e:
         raise EvalError(f"--data={data}: {e}") from None
+    check_tokenizer(data, data_dir, meta, workdir)
     split = meta["splits"].get("validation") or {}
     tokens = int(split.get("tokens", 0))
     if tokens < seq_len + 1:
@@ -124,7 +173,7 @@ def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batc
     """Every evaluation batch, with `weights` (1 = a scored token), cut at `max_tokens` scored tokens."""
     is_text = os.path.isfile(data) or data.endswith(TEXT_SUFFIXES)
     source = (_text_batches(data, workdir, vocab_size, seq_len, batch_size) if is_text
-              else _prepared_batches(data, vocab_size, seq_len, batch_size))
+              else _prepared_batches(data, workdir, vocab_size, seq_len, batch_size))
     batches, counted = [], 0
     for batch in source:
         weights = (batch["segment_ids"] > 0).astype(np.float32)
@@ -214,7 +263,10 @@ def _run(fn, params, batches) -> dict:
 
 
 def _perplexity(loss_sum: float, tokens: float) -> float:
+    """exp(mean loss); inf past float64's range, NaN for a NaN loss (a diverged model is not 'inf')."""
     loss = loss_sum / max(tokens, 1.0)
+    if math.isnan(loss):
+        return float("nan")
     return math.exp(loss) if loss < 700 else float("inf")
 
 
@@ -364,12 +416,23 @@ def plot(r: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _finite_or_none(value):
+    """`value` with every non-finite float (NaN, inf) replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def _write_json(path: str, record: dict) -> None:
+    """Strict JSON: a non-finite number (a NaN loss, an overflowing perplexity) is written as null."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()},
-                  f, indent=2)
+        json.dump(_finite_or_none(record), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 

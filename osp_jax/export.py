@@ -18,6 +18,9 @@ failed run leaves nothing behind. safetensors files are written here (not with t
 so they can be streamed tensor by tensor and carry no timestamps: two exports of one model are
 byte-identical. Nothing from an input directory is ever executed: configs are read as JSON, `.bin`
 weights only with `torch.load(..., weights_only=True)`, and configs asking for remote code are refused.
+An output is never the input, an ancestor of it, or (export) one of the run's own entries, --overwrite
+or not. The released tokenizer.json loses any post-processor part that adds tokens (a BOS template):
+osp_jax encodes with add_special_tokens=False, and `AutoTokenizer(...)(text)` must give the same ids.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 BIN_FILE, BIN_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 RECIPE_FILE = "import_recipe.py"
+# What a training run keeps in its workdir (docs/CONTRACTS.md): an export never writes into these.
+RUN_ENTRIES = ("checkpoints", "tensorboard", "config.json", "metrics.jsonl", "data_metadata.json", "tokenizer.json",
+               RECIPE_FILE)
 _ROW_BLOCK_BYTES = 1 << 28  # float64 rows multiplied at once in the EmbProj merge (256 MiB)
 _MAX_HEADER_BYTES = 100 << 20
 
@@ -102,19 +108,22 @@ def write_safetensors(path: str, specs: list[TensorSpec], dtype: np.dtype, code:
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Memory-mapped, read-only arrays of a safetensors file (float types only)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ExportError(f"{path} is not a safetensors file (too short)")
-        n = struct.unpack("<Q", head)[0]
-        if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise ExportError(f"{path} is not a safetensors file (header length {n} out of range)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ExportError(f"{path} is not a safetensors file (bad header: {e})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ExportError(f"{path} is not a safetensors file (too short)")
+            n = struct.unpack("<Q", head)[0]
+            if n > min(_MAX_HEADER_BYTES, size - 8):
+                raise ExportError(f"{path} is not a safetensors file (header length {n} out of range)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise ExportError(f"{path} is not a safetensors file (bad header: {e})") from None
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    except OSError as e:
+        raise ExportError(f"cannot read {path}: {e.strerror or e}") from None
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -180,6 +189,8 @@ def _read_json(path: str, what: str) -> dict:
             value = json.load(f)
     except FileNotFoundError:
         raise ExportError(f"{what} {path} not found") from None
+    except OSError as e:
+        raise ExportError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ExportError(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
@@ -197,6 +208,20 @@ def _check_output(path: str, overwrite: bool, flag: str = "--output") -> None:
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise ExportError(f"{flag}={path} is not empty ({len(os.listdir(path))} entries); "
                           "pass --overwrite to replace it")
+
+
+def check_not_clobbering(output: str, source: str, flag: str, source_flag: str, keep: tuple[str, ...] = ()) -> None:
+    """Refuses an output directory whose replacement would delete the input: `output` (symlinks resolved)
+    is `source`, contains it, or lies inside it under one of `keep` (names of entries of `source`)."""
+    out, src = os.path.realpath(output), os.path.realpath(source)
+    if out == src or src.startswith(out.rstrip(os.sep) + os.sep):
+        how = "is" if out == src else "contains"
+        raise ExportError(f"{flag}={output} {how} {source_flag}={source}: writing it would delete what is "
+                          f"being read; choose a {flag} outside it")
+    top = os.path.relpath(out, src).split(os.sep)[0] if out.startswith(src + os.sep) else None
+    if top in keep:
+        raise ExportError(f"{flag}={output} is {source_flag}={source}'s own {top}, or inside it: writing it "
+                          f"would damage the run; choose a {flag} outside it (or another subdirectory)")
 
 
 @contextlib.contextmanager
@@ -277,10 +302,59 @@ def find_tokenizer(workdir: str) -> TokenizerInfo:
     return TokenizerInfo(path, eos, bos, pad)
 
 
+def _adds_tokens(proc: dict) -> bool:
+    """Whether a post-processor (tokenizer.json form) adds tokens to an encoding; ByteLevel only fixes
+    offsets, and a template without special tokens adds none."""
+    if proc.get("type") == "ByteLevel":
+        return False
+    if proc.get("type") == "TemplateProcessing":
+        return any("SpecialToken" in piece for key in ("single", "pair") for piece in proc.get(key) or [])
+    return True  # BertProcessing, RobertaProcessing, and any type this code does not know
+
+
+def _describe(proc: dict) -> str:
+    """'TemplateProcessing(<s> $A)' for a template, else the processor's type."""
+    if proc.get("type") != "TemplateProcessing":
+        return str(proc.get("type"))
+    pieces = [p["SpecialToken"]["id"] if "SpecialToken" in p else "$" + p.get("Sequence", {}).get("id", "?")
+              for p in proc.get("single") or []]
+    return f"TemplateProcessing({' '.join(pieces)})"
+
+
+def neutral_post_processor(proc: dict | None) -> tuple[dict | None, list[str]]:
+    """`proc` without the parts that add tokens (BOS/EOS/CLS templates), and what was removed.
+
+    osp_jax encodes with add_special_tokens=False, so a released tokenizer that adds a BOS would feed the
+    model a token it never saw in training."""
+    if proc is None:
+        return None, []
+    if proc.get("type") != "Sequence":
+        return (None, [_describe(proc)]) if _adds_tokens(proc) else (proc, [])
+    kept, removed = [], []
+    for p in proc.get("processors") or []:
+        p, r = neutral_post_processor(p)
+        kept += [p] if p is not None else []
+        removed += r
+    if not removed:
+        return proc, []
+    return ({**proc, "processors": kept} if len(kept) > 1 else (kept[0] if kept else None)), removed
+
+
 def write_tokenizer(out_dir: str, tok: TokenizerInfo, model_max_length: int) -> list[str]:
+    """tokenizer.json (with no post-processor that adds tokens), tokenizer_config.json and
+    special_tokens_map.json, so that `AutoTokenizer.from_pretrained(out)(text)` gives osp_jax's ids."""
     if tok.path is None:
         return []
-    shutil.copyfile(tok.path, os.path.join(out_dir, "tokenizer.json"))
+    target = os.path.join(out_dir, "tokenizer.json")
+    spec = _read_json(tok.path, "tokenizer")
+    post, removed = neutral_post_processor(spec.get("post_processor"))
+    if removed:
+        _say(f"tokenizer: removed {', '.join(removed)} from the post-processor: it adds tokens (a BOS) to "
+             "every encoding, which osp_jax never did in training (add_special_tokens=False)")
+        with open(target, "w", encoding="utf-8") as f:
+            json.dump({**spec, "post_processor": post}, f, ensure_ascii=False, indent=2)
+    else:
+        shutil.copyfile(tok.path, target)  # unchanged, byte for byte
     special = {k: v for k, v in (("bos_token", tok.token(tok.bos_id)), ("eos_token", tok.token(tok.eos_id)),
                                  ("pad_token", tok.token(tok.pad_id))) if v is not None}
     # PreTrainedTokenizerFast: transformers reads tokenizer.json as it is, with no model-specific rules
@@ -449,6 +523,7 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype={dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    check_not_clobbering(output, workdir, "--output", "--workdir", keep=RUN_ENTRIES)
     _check_output(output, overwrite)
     if not os.path.isdir(workdir):
         raise ExportError(f"--workdir={workdir} is not a directory")
@@ -527,7 +602,9 @@ def _read_bin(path: str) -> dict[str, np.ndarray]:
 
     try:  # weights_only: tensors and plain containers only; a pickle that names any other callable is refused
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, TypeError) as e:
+    except OSError as e:
+        raise ExportError(f"cannot read {path}: {e.strerror or e}") from None
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, TypeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"refusing to load {path}: not a plain tensor file (torch.load with "
                           f"weights_only=True rejected it: {first})") from None
@@ -551,7 +628,10 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
             weight_map = _read_json(os.path.join(hf_dir, index), "weight index").get("weight_map") or {}
             out: dict[str, np.ndarray] = {}
             for name in sorted(set(weight_map.values())):
-                out.update(reader(_safe_name(hf_dir, name)))
+                path = _safe_name(hf_dir, name)
+                if not os.path.isfile(path):
+                    raise ExportError(f"{hf_dir}: {index} lists the shard {name}, which is missing")
+                out.update(reader(path))
             missing = sorted(set(weight_map) - set(out))
             if missing:
                 raise ExportError(f"{hf_dir}: tensors listed in {index} are missing from the shards: {missing[:5]}")
@@ -609,38 +689,49 @@ def osp_params(weights: dict[str, np.ndarray], config, param_dtype) -> dict:
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer, not a weight
     used: set[str] = set()
 
-    def get(name: str) -> np.ndarray:
+    def check(name: str, shape: tuple[int, ...]) -> None:
+        """`name` is there with the shape the config implies (PyTorch (out, in) layout)."""
         if name not in weights:
             raise ExportError(f"the Llama checkpoint has no tensor {name}")
+        found = tuple(np.shape(weights[name]))
+        if found != shape:
+            raise ExportError(f"the Llama checkpoint's {name} has shape {list(found)}, but its config.json "
+                              f"implies {list(shape)}")
         used.add(name)
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        check(name, shape)
         return np.asarray(weights[name], np.float32)
 
-    def stack(suffix: str, fn) -> np.ndarray:
-        return np.stack([fn(get(f"model.layers.{i}.{suffix}")) for i in range(L)]).astype(param_dtype)
+    def stack(suffix: str, shape: tuple[int, ...], fn) -> np.ndarray:
+        return np.stack([fn(get(f"model.layers.{i}.{suffix}", shape)) for i in range(L)]).astype(param_dtype)
 
+    q, kv, ffn, vocab = c.heads * hd, c.kv_heads * hd, c.ffn_dim, c.vocab_size
     params = {
-        "embed": {"embedding": get("model.embed_tokens.weight").astype(param_dtype)},
+        "embed": {"embedding": get("model.embed_tokens.weight", (vocab, dim)).astype(param_dtype)},
         "layers": {
-            "attn_norm": {"scale": stack("input_layernorm.weight", lambda w: w)},
+            "attn_norm": {"scale": stack("input_layernorm.weight", (dim,), lambda w: w)},
             "attn": {
-                "q": {"kernel": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(dim, c.heads, hd))},
-                "k": {"kernel": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(dim, c.kv_heads, hd))},
-                "v": {"kernel": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(dim, c.kv_heads, hd))},
-                "o": {"kernel": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(c.heads, hd, dim))},
+                "q": {"kernel": stack("self_attn.q_proj.weight", (q, dim), lambda w: w.T.reshape(dim, c.heads, hd))},
+                "k": {"kernel": stack("self_attn.k_proj.weight", (kv, dim),
+                                      lambda w: w.T.reshape(dim, c.kv_heads, hd))},
+                "v": {"kernel": stack("self_attn.v_proj.weight", (kv, dim),
+                                      lambda w: w.T.reshape(dim, c.kv_heads, hd))},
+                "o": {"kernel": stack("self_attn.o_proj.weight", (dim, q), lambda w: w.T.reshape(c.heads, hd, dim))},
             },
-            "mlp_norm": {"scale": stack("post_attention_layernorm.weight", lambda w: w)},
+            "mlp_norm": {"scale": stack("post_attention_layernorm.weight", (dim,), lambda w: w)},
             "mlp": {
-                "gate": {"kernel": stack("mlp.gate_proj.weight", lambda w: w.T)},
-                "up": {"kernel": stack("mlp.up_proj.weight", lambda w: w.T)},
-                "down": {"kernel": stack("mlp.down_proj.weight", lambda w: w.T)},
+                "gate": {"kernel": stack("mlp.gate_proj.weight", (ffn, dim), lambda w: w.T)},
+                "up": {"kernel": stack("mlp.up_proj.weight", (ffn, dim), lambda w: w.T)},
+                "down": {"kernel": stack("mlp.down_proj.weight", (dim, ffn), lambda w: w.T)},
             },
         },
-        "final_norm": {"scale": get("model.norm.weight").astype(param_dtype)},
+        "final_norm": {"scale": get("model.norm.weight", (dim,)).astype(param_dtype)},
     }
     if not c.tie_embeddings:
-        params["lm_head"] = {"kernel": np.ascontiguousarray(get("lm_head.weight").T).astype(param_dtype)}
+        params["lm_head"] = {"kernel": np.ascontiguousarray(get("lm_head.weight", (vocab, dim)).T).astype(param_dtype)}
     elif "lm_head.weight" in weights:  # some tied checkpoints still store the (shared) head
-        used.add("lm_head.weight")
+        check("lm_head.weight", (vocab, dim))
     extra = sorted(set(weights) - used)
     if extra:
         raise ExportError(f"the Llama checkpoint has tensors osp_jax has no place for: {extra[:5]}"
@@ -697,6 +788,7 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
         raise ExportError(f"--step={step}: expected a step >= 0")
     if not os.path.isdir(hf_dir):
         raise ExportError(f"--from-hf={hf_dir} is not a directory")
+    check_not_clobbering(workdir, hf_dir, "--workdir", "--from-hf")
     _check_output(workdir, overwrite=False, flag="--workdir")
     cfg_path = os.path.join(hf_dir, "config.json")
     hf = _read_json(cfg_path, "Hugging Face config")

@@ -1,6 +1,7 @@
 """The evaluate CLI on a tiny trained checkpoint: the JSON it writes, quantisation costing perplexity, bad input."""
 import json
 import lzma
+import math
 import os
 import shutil
 import subprocess
@@ -200,6 +201,66 @@ def test_data_shorter_than_one_sequence(capsys, tmp_path, run):
     _one_line_error(code, err, "tokens, fewer than one sequence", f"--seq-len={SEQ}", str(SEQ + 1))
     n = int(err.split(" has ")[1].split()[0])
     assert 0 < n < SEQ + 1
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    """A tokenizer that is not the run's (nor the built-in one)."""
+    from osp_jax.data.tokenizer import train_bpe
+
+    path = str(tmp_path_factory.mktemp("other_tok") / "tokenizer.json")
+    train_bpe(_docs(2, 300), 300, min_frequency=1).save(path)
+    return path
+
+
+def test_data_from_another_tokenizer_is_refused(run, capsys, tmp_path, other_tokenizer):
+    """A run trained with another tokenizer, evaluated on prepared data or on builtin: ids that name other
+    tokens must not be scored. Both the run's tokenizer file and its data_metadata.json can tell."""
+    workdir = tmp_path / "other_run"
+    shutil.copytree(run["workdir"], workdir)
+    shutil.copyfile(other_tokenizer, workdir / "tokenizer.json")
+    code, _, err = _main(capsys, f"--workdir={workdir}", f"--data={run['data']}")
+    _one_line_error(code, err, f"--data={run['data']} was tokenised with {run['data']}/tokenizer.json",
+                    f"not with the run's tokenizer {workdir}/tokenizer.json")
+    with pytest.raises(ev.EvalError, match="--data=builtin was tokenised with .*builtin-"):
+        ev.load_batches("builtin", str(workdir), vocab_size=4096, seq_len=SEQ, batch_size=8)
+
+    from osp_jax.data.tokenizer import file_sha256
+
+    os.remove(workdir / "tokenizer.json")  # only the data metadata train keeps beside it
+    (workdir / "data_metadata.json").write_text(json.dumps(
+        {"tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(other_tokenizer)}))
+    with pytest.raises(ev.EvalError, match=rf"run's tokenizer \(recorded in {workdir}/data_metadata.json\)"):
+        ev.load_batches(run["data"], str(workdir), vocab_size=4096, seq_len=SEQ, batch_size=8)
+
+
+def test_tokenizer_check_warns_when_the_run_keeps_no_tokenizer(run, capsys, tmp_path):
+    ev.load_batches(run["data"], run["workdir"], vocab_size=4096, seq_len=SEQ, batch_size=8, max_tokens=64)
+    assert "warning" not in capsys.readouterr().err  # the run's tokenizer: checked and equal
+    batches = ev.load_batches(run["data"], str(tmp_path), vocab_size=4096, seq_len=SEQ, batch_size=8,
+                              max_tokens=64)
+    assert sum(float(b["weights"].sum()) for b in batches) == 64
+    err = capsys.readouterr().err
+    assert "warning" in err and f"{tmp_path} keeps no tokenizer" in err and "cannot check" in err
+
+
+def test_json_is_strict_and_a_nan_loss_is_not_an_infinite_perplexity(tmp_path):
+    """NaN and inf, at any depth, are written as null (Python's json would write bare NaN/Infinity);
+    a NaN loss gives a NaN perplexity, a finite loss past float64's range an infinite one."""
+    assert math.isnan(ev._perplexity(float("nan"), 10.0))
+    assert ev._perplexity(1e4, 1.0) == math.inf and ev._perplexity(2.0, 2.0) == pytest.approx(math.e)
+    nan, inf = float("nan"), float("inf")
+    path = tmp_path / "eval.json"
+    ev._write_json(str(path), {"loss": nan, "ppl": ev._perplexity(nan, 1.0), "quant_ppl": inf, "tokens": 3,
+                               "kurtosis_per_layer": [1.5, nan, -inf], "setting": "W4A4KV4",
+                               "linear_inputs": {"qkv_in": {"max_abs_per_layer": [inf, 2.0]}}})
+
+    def reject(constant):
+        raise AssertionError(f"invalid JSON constant {constant}")
+
+    r = json.loads(path.read_text(), parse_constant=reject)
+    assert r == {"loss": None, "ppl": None, "quant_ppl": None, "tokens": 3, "kurtosis_per_layer": [1.5, None, None],
+                 "setting": "W4A4KV4", "linear_inputs": {"qkv_in": {"max_abs_per_layer": [None, 2.0]}}}
 
 
 def test_module_entry_point_exits_nonzero_without_traceback(tmp_path):

@@ -3,6 +3,7 @@ round trips, refusal of bad input, no partial output, no code execution from an 
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -217,6 +218,39 @@ def test_tokenizer_loads_with_auto_tokenizer(small_run, tmp_path, tokenizer_file
     assert cfg["dtype"] == "bfloat16" and cfg["max_position_embeddings"] == PROMPT + NEW + 8
 
 
+def test_exported_tokenizer_adds_no_bos_the_model_never_saw(tmp_path, tokenizer_file, capsys):
+    """A tokenizer whose post-processor adds a BOS (as Llama's do): the released one encodes `tok(text)`,
+    the default call, exactly as osp_jax does (add_special_tokens=False); ByteLevel offsets stay."""
+    import tokenizers
+    from tokenizers import processors
+
+    from osp_jax.data.tokenizer import load_tokenizer
+
+    raw = tokenizers.Tokenizer.from_file(tokenizer_file)
+    raw.add_special_tokens(["<s>"])
+    raw.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 280)])])
+    with_bos = str(tmp_path / "tokenizer.json")
+    raw.save(with_bos)
+    assert raw.encode("hello").ids[0] == 280  # the template is live
+    out = tmp_path / "hf"
+    out.mkdir()
+    ex.write_tokenizer(str(out), ex.TokenizerInfo(with_bos, eos_id=0, bos_id=0, pad_id=1), 64)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in ("the lazy fox says hello", "outlier safe pre training, muon!"):
+        assert tok(text).input_ids == load_tokenizer(with_bos).encode(text)
+    assert tok(["hello world"]).input_ids == [load_tokenizer(with_bos).encode("hello world")]
+    assert "removed TemplateProcessing(<s> $A)" in capsys.readouterr().out
+    assert json.load(open(out / "tokenizer.json"))["post_processor"]["type"] == "ByteLevel"
+
+    plain = tmp_path / "plain"  # nothing to remove: copied byte for byte, nothing logged
+    plain.mkdir()
+    ex.write_tokenizer(str(plain), ex.TokenizerInfo(tokenizer_file, 0, 0, 1), 64)
+    assert (plain / "tokenizer.json").read_bytes() == open(tokenizer_file, "rb").read()
+    assert "removed" not in capsys.readouterr().out
+
+
 def test_export_import_export_is_byte_identical_and_resumable(tmp_path, tokenizer_file):
     """SSNorm + EmbProj + tied, sharded bf16 export -> import -> export: every file byte for byte."""
     config = make_config("single", True, True, True)
@@ -326,6 +360,33 @@ def test_non_empty_output_needs_overwrite(small_run, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
 
 
+def test_output_that_would_delete_the_run_is_refused(small_run, tmp_path, capsys):
+    """--overwrite never replaces the workdir being exported, an ancestor of it (also through a symlink),
+    or its checkpoints; a fresh subdirectory of the workdir is fine."""
+    workdir = tmp_path / "runs" / "run"
+    shutil.copytree(small_run, workdir)
+    (tmp_path / "alias").symlink_to(tmp_path / "runs")
+    before = sorted(os.listdir(workdir))
+    for output, why in ((workdir, "is --workdir"), (tmp_path / "runs", "contains --workdir"),
+                        (tmp_path / "alias" / "run", "is --workdir"), (f"{workdir}/sub/..", "is --workdir"),
+                        (workdir / "checkpoints", "own checkpoints"),
+                        (workdir / "checkpoints" / "4", "own checkpoints")):
+        assert ex.main([f"--workdir={workdir}", f"--output={output}", "--overwrite"]) == 1, output
+        assert why in _error(capsys), output
+        assert sorted(os.listdir(workdir)) == before and restore_params_only(str(workdir))[0] == 4
+    assert ex.main([f"--workdir={workdir}", f"--output={workdir / 'hf'}", "--overwrite"]) == 0
+    assert (workdir / "hf" / "model.safetensors").exists() and restore_params_only(str(workdir))[0] == 4
+
+
+def test_import_refuses_to_write_over_its_source(small_run, tmp_path, capsys):
+    out = _hf_dir(tmp_path, small_run)
+    before = read_dir(out)
+    for workdir, why in ((out, "is --from-hf"), (tmp_path, "contains --from-hf")):
+        assert ex.main([f"--from-hf={out}", f"--workdir={workdir}"]) == 1
+        assert why in _error(capsys)
+    assert read_dir(out) == before
+
+
 def test_failure_mid_write_leaves_no_output(small_run, tmp_path, monkeypatch):
     calls = []
     real = ex.write_safetensors
@@ -397,6 +458,36 @@ def test_import_refuses_remote_code_and_other_architectures(small_run, tmp_path,
     (out / "config.json").write_text(json.dumps(cfg))
     assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 1
     assert "only Llama" in _error(capsys) and not (tmp_path / "b").exists()
+
+
+def test_import_names_a_weight_whose_shape_the_config_contradicts(small_run, tmp_path, capsys):
+    out = _hf_dir(tmp_path, small_run, num_key_value_heads=4)  # the weights have 2 KV heads of 12
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    err = _error(capsys)
+    assert "model.layers.0.self_attn.k_proj.weight has shape [24, 48]" in err and "implies [48, 48]" in err
+    cfg = json.load(open(out / "config.json"))
+    cfg.update(num_key_value_heads=2, intermediate_size=32)  # 64 in the weights: only a transpose, no reshape
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 1
+    assert "mlp.gate_proj.weight has shape [64, 48]" in _error(capsys)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_import_names_a_missing_or_unreadable_weight_file(small_run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    ex.export(small_run, str(out), dtype="float32", max_shard_size="10KB")
+    shard = sorted(json.load(open(out / ex.INDEX_FILE))["weight_map"].values())[-1]
+    os.remove(out / shard)
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    assert f"lists the shard {shard}, which is missing" in _error(capsys)
+    for reader, name in ((ex.read_safetensors, "x.safetensors"), (ex._read_bin, "pytorch_model.bin")):
+        with pytest.raises(ex.ExportError, match=f"cannot read .*{name}"):
+            reader(str(tmp_path / name))
+        with pytest.raises(ex.ExportError, match=f"cannot read {tmp_path}"):
+            reader(str(tmp_path))  # a directory: IsADirectoryError
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ex.ExportError, match="not a plain tensor file"):
+        ex._read_bin(str(tmp_path / "empty.bin"))
 
 
 def test_safetensors_writer_reads_back_with_the_safetensors_package(tmp_path):
