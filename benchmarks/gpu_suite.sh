@@ -53,6 +53,10 @@
 #   precast      AdamW 1.4B, dots_attn, unrolled: model.precast_weights (the matmul weights cast to bf16 once
 #                a step, not again in the remat's recompute nor in every micro-batch) at batch 8, at batch 16
 #                with memory fraction 0.95, then compare_fastest with it (prepared, not yet run)
+#   compare_levers  compare_fastest with the three levers prepared without a GPU together: the weights
+#                precast, the fused loss (whose float32 logits no longer outlive their chunk) and remat
+#                dots_attn_norms (12 GiB more at micro-batch 16, which the fused loss may free) (prepared,
+#                not yet run)
 #   ablation     experiments/ablation.py --preset=gpu_124m in full (DATA: a prepared directory, default
 #                OUT/data, prepared from CORPUS if absent); resumable, so a call cut short goes on
 #   epochs       experiments/epochs.py --preset=gpu_124m: Adam and OSP trained 1, 2 and 4 epochs over an
@@ -249,6 +253,11 @@ precast() {
   compare_fastest --set model.precast_weights=true || echo "compare, precast weights: FAILED"
 }
 
+compare_levers() {
+  compare_fastest --set model.precast_weights=true --set model.loss_fused=true --set model.remat=dots_attn_norms \
+    || echo "compare, precast + fused loss + dots_attn_norms: FAILED"
+}
+
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
     --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
@@ -310,6 +319,7 @@ for s in "$@"; do
     compare_best) stage compare_best compare_best ;;
     profile_unrolled) stage profile_unrolled profile_unrolled ;;
     precast) stage precast precast ;;
+    compare_levers) stage compare_levers compare_levers ;;
     compare_docs) stage compare_docs compare_docs ;;
     no_graphs) stage no_graphs no_graphs ;;
     fused_loss) stage fused_loss fused_loss ;;

@@ -238,7 +238,7 @@ def test_gpu_suite_lists_every_stage_it_runs(tmp_path):
     assert proc.returncode == 2 and "unknown stage no_such_stage" in proc.stderr
 
 
-PREPARED_STAGES = ("compare_docs", "no_graphs", "fused_loss", "remat_norms", "precast")
+PREPARED_STAGES = ("compare_docs", "no_graphs", "fused_loss", "remat_norms", "precast", "compare_levers")
 
 
 def test_gpu_suite_prepared_stages_run_their_commands(tmp_path):
@@ -257,7 +257,7 @@ def test_gpu_suite_prepared_stages_run_their_commands(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAILED" not in proc.stdout, proc.stdout
     runs = [line.split() for line in log.read_text().splitlines()]
-    assert len(runs) == 10, runs
+    assert len(runs) == 11, runs
     from benchmarks.step_time import load_config, apply_overrides
     from osp_jax.config import validate
     for _, fraction, script, *args in runs:
