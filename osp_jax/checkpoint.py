@@ -14,7 +14,10 @@ marker, so a torn or hand-copied directory is never chosen.
 
 Zstd-compressed array chunks carry no checksum: a flipped byte restores silently as wrong numbers. So each save
 records an order-independent 2x32-bit checksum of every leaf's bits, and restore recomputes it; a mismatch (or an
-unreadable file) makes restore warn and fall back to the previous complete step. Bad steps are never deleted.
+unreadable file) makes restore warn and fall back to the previous complete step. Once a step restores, the newer
+ones it skipped (and torn ones) are renamed ``<step>.unreadable-<UTC time>`` so that those steps are saved again;
+nothing is ever deleted. A step whose saved tree does not fit the state asked for (another model or optimizer
+config) is no corruption: restore stops there with CheckpointMismatch.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ try:  # grain writes one iterator-state file per process; JSON below is the fall
 except ImportError:  # pragma: no cover - grain without orbax support
     _GrainSave = _GrainRestore = None
 
-__all__ = ["CheckpointError", "Checkpointer", "find_checkpoint_dir", "restore_params_only"]
+__all__ = ["CheckpointError", "CheckpointMismatch", "Checkpointer", "find_checkpoint_dir", "restore_params_only"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ _MAX_ERR_CHARS = 400  # TensorStore errors embed the whole spec: keep log lines 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which step, where and why."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint holds another train state than this run's (model or optimizer config changed)."""
 
 
 def _absolute(directory) -> epath.Path:
@@ -207,6 +214,37 @@ def _verify(tree, checksums: Mapping[str, Any] | None, step: int) -> None:
         )
 
 
+def _state_tree(step_dir: epath.Path):
+    """The saved state's tree, leaves Orbax's ArrayMetadata (shape, dtype): its structure, no array read."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.metadata(step_dir / "state").tree
+    finally:
+        handler.close()
+
+
+def _stored_shape(x) -> tuple[int, ...]:
+    """The shape Orbax stores for `x` (a typed PRNG key as its raw key data)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+    return tuple(x.shape)
+
+
+def _check_fits(saved_tree, target, step: int) -> None:
+    """Raise CheckpointMismatch unless the saved leaves have the paths and shapes of `target`'s (dtypes may differ:
+    a restore casts)."""
+    saved = {_path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+    want = {_path_str(p): _stored_shape(x) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    if saved == want:
+        return
+    diffs = [f"{k}: saved {saved.get(k, 'absent')}, asked for {want.get(k, 'absent')}"
+             for k in sorted(saved.keys() | want.keys()) if saved.get(k) != want.get(k)]
+    raise CheckpointMismatch(
+        f"step {step} holds another train state than the one asked for ({len(diffs)} leaves differ, first: "
+        f"{'; '.join(diffs[:3])}): it was saved with another model or optimizer config (it is not corrupt)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Steps on disk.
 
@@ -269,27 +307,32 @@ def _candidates(directory: epath.Path, step: int | None) -> list[int]:
 
 def _try_steps(directory: epath.Path, candidates: list[int], read_one, collective: bool = True) -> tuple[int, Any]:
     """`read_one(step)` on each candidate until one succeeds; warn about every failure; never delete anything.
+    A CheckpointMismatch (the step does not fit) is no corruption: it is raised at once, older steps untried.
 
     collective: all processes run this together and must agree on each outcome (False: a process-local read).
     """
     if not candidates:
         raise CheckpointError(f"no complete checkpoint in {directory}")
+    agree = _all_processes_ok if collective else bool
     tried = []
     for i, step in enumerate(candidates):
         step = _same_on_all_processes(step) if collective else step
         result = err = None
         try:
             result = read_one(step)
-        except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt or unreadable"
+        except Exception as e:  # noqa: BLE001 - any other failure to read means "corrupt or unreadable"
             err = e
         # Every process moves on to the same next step, or none does.
-        if (_all_processes_ok(err is None) if collective else err is None):
+        if agree(err is None):
             return step, result
+        mismatch = isinstance(err, CheckpointMismatch)
+        if not agree(not mismatch):
+            raise err if mismatch else CheckpointMismatch(f"step {step}: another process found it does not fit")
         err = err or CheckpointError(f"step {step}: another process could not read its part")
         tried.append(f"step {step}: {_short(err)}")
         nxt = candidates[i + 1] if i + 1 < len(candidates) else None
         log.warning(
-            "checkpoint at step %d (%s) is corrupt or unreadable and was left in place: %s; %s",
+            "checkpoint at step %d (%s) is corrupt or unreadable: %s; %s",
             step, directory / str(step), _short(err),
             f"falling back to step {nxt}" if nxt is not None else "no earlier complete checkpoint to fall back to",
         )
@@ -459,15 +502,20 @@ class Checkpointer:
     def restore(self, abstract_state, *, step: int | None = None, data_iterator=None) -> tuple[int, Any]:
         """Restore `step` (default: latest) onto the shardings of `abstract_state`; returns (step, state).
 
-        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set; the mesh may differ from
-        the one that saved. A corrupt or unreadable step is reported and skipped for the previous complete one.
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set, or a function of the step
+        tried that returns one; the mesh may differ from the one that saved. A corrupt or unreadable step is
+        reported and skipped for the previous complete one; once one restores, the newer steps skipped (and
+        torn ones) are moved aside (`_set_aside`). A step whose saved leaves do not have the paths and shapes
+        asked for raises CheckpointMismatch, as does the function for a step it refuses.
         """
         self.wait()
 
         def read_one(s: int):
             restored = err = None
             try:
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+                target = abstract_state(s) if callable(abstract_state) else abstract_state
+                _check_fits(self.state_metadata(s), target, s)
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
                 restored = self._mngr.restore(s, args=args)
             except Exception as e:  # noqa: BLE001 - re-raised below once every process knows
                 err = e
@@ -479,7 +527,43 @@ class Checkpointer:
                 self._restore_data(s, meta, data_iterator)
             return restored.state
 
-        return _try_steps(self.directory, _candidates(self.directory, step), read_one)
+        candidates = _candidates(self.directory, step)
+        restored_step, state = _try_steps(self.directory, candidates, read_one)
+        self._set_aside([s for s in candidates if s > restored_step], restored_step, step)
+        return restored_step, state
+
+    def _set_aside(self, skipped: list[int], restored: int, upto: int | None) -> None:
+        """Renames the `skipped` step directories, and torn ones (no commit marker) newer than `restored` (up
+        to `upto`), to ``<step>.unreadable-<UTC time>``, logging each, then reloads Orbax's step list: those
+        steps are saved again instead of being taken as done. Nothing is deleted."""
+        limit = float("inf") if upto is None else int(upto)
+        torn = [int(p.name) for p in self.directory.iterdir()
+                if p.name.isdigit() and restored < int(p.name) <= limit and not (p / COMMIT_MARKER).exists()]
+        self._move_aside(sorted(set(skipped) | set(torn)))
+
+    def set_aside_torn(self, newer_than: int = -1) -> None:
+        """Moves aside the torn step directories (no commit marker: saves that never finished) newer than
+        `newer_than`, as restore does for those newer than the step it restores: a run with nothing to restore
+        would otherwise never save those steps (Orbax lists them as done)."""
+        self._set_aside([], newer_than, None)
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Renames each step directory in `steps` to ``<step>.unreadable-<UTC time>`` (process 0, logged),
+        then reloads Orbax's step list."""
+        if _all_processes_ok(not steps):
+            return
+        if jax.process_index() == 0:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            for s in steps:
+                aside = self.directory / f"{s}.unreadable-{stamp}"
+                (self.directory / str(s)).rename(aside)
+                log.warning("checkpoint step %d is unreadable or incomplete; moved it aside to %s (kept, not deleted) "
+                            "so that step %d is saved again", s, aside, s)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("osp_jax.checkpoint: unreadable steps moved aside")
+        self._mngr.reload()
 
     def _restore_data(self, step: int, meta: Mapping[str, Any], data_iterator) -> None:
         data_dir = self.directory / str(step) / "data"
@@ -500,12 +584,23 @@ class Checkpointer:
             state = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data["state"]
             _StateAdapter(data_iterator).set_state(state.encode())
 
+    def state_metadata(self, step: int):
+        """The state saved at `step`: a tree of Orbax ArrayMetadata (shape, dtype); no array is read."""
+        return _state_tree(self.directory / str(int(step)))
+
     def read_config(self, step: int | None = None) -> dict | None:
-        """The config saved with `step` (default: latest complete), or None if there is none."""
+        """The config saved with `step` (default: latest complete), or None if there is none.
+
+        Raises CheckpointError if the config item is there but cannot be read.
+        """
         step = self.latest_step() if step is None else int(step)
         if step is None or not (self.directory / str(step) / "config").exists():
             return None
-        return dict(self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+        try:
+            return dict(self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+        except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt or unreadable"
+            raise CheckpointError(f"step {step}: the config saved in {self.directory / str(step) / 'config'} "
+                                  f"cannot be read ({_short(e)})") from e
 
     def close(self) -> None:
         """Finish in-flight saves and release Orbax's threads."""
@@ -545,7 +640,7 @@ def restore_params_only(workdir, step: int | None = None) -> tuple[int, Any, dic
         step_dir = directory / str(s)
         if not (step_dir / "state").exists():
             raise CheckpointError(f"step {s}: no 'state' item in {step_dir}")
-        tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
+        tree = _state_tree(step_dir)
         if "params" not in tree:
             raise CheckpointError(f"step {s}: the saved state has no 'params' entry (it has {sorted(tree)})")
         target = {

@@ -70,21 +70,70 @@ def abstract_state(config, model, tx, shardings: TrainState) -> TrainState:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
+# What of a config shapes the train state (from its model and optimizer sections, plain dicts or ConfigDicts):
+# a run resumes only from a checkpoint that agrees on all of it. Everything else (learning rates, schedule,
+# train.steps, batch size, mesh, model.scan_layers, dtypes, remat, ...) may change between runs.
+STATE_SHAPE = {
+    **{f"model.{k}": (lambda m, o, k=k: m[k]) for k in
+       ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "norm_scale", "embed_proj", "tie_embeddings")},
+    "model.head_dim": lambda m, o: m["head_dim"] or m["dim"] // m["heads"],
+    "optimizer.name": lambda m, o: o["name"],
+    # Clipping, and Muon's weight decay, on or off: a link more or less in the optimizer's chain.
+    "optimizer.clip_norm": lambda m, o: o["clip_norm"] > 0,
+    "optimizer.muon_weight_decay": lambda m, o: o["name"] != "adamw" and o["muon_weight_decay"] != 0,
+}
+
+
+def check_resume_config(saved: dict | None, config, where: str) -> None:
+    """Raises CheckpointMismatch naming every key of STATE_SHAPE on which `config` differs from `saved` (the
+    config a checkpoint was saved with, None: unknown), with the old and new values. Keys that `saved`
+    lacks (an older version's) are not compared."""
+    from osp_jax.checkpoint import CheckpointMismatch
+
+    if not saved:
+        return
+    differ = []
+    for key, shape_of in STATE_SHAPE.items():
+        try:
+            old = shape_of(saved["model"], saved["optimizer"])
+        except KeyError:
+            continue
+        section, name = key.split(".")
+        # A key whose own value is unchanged differs through another one, named on its own.
+        if old != shape_of(config.model, config.optimizer) and saved[section][name] != config[section][name]:
+            differ.append(f"{key} {saved[section][name]!r} -> {config[section][name]!r}")
+    if differ:
+        raise CheckpointMismatch(f"{where} was saved with a train state of another shape than this run's: "
+                                 f"{', '.join(differ)}; set these back to resume, or train into a new --workdir")
+
+
 def restore_state(checkpointer, config, tx, target_shardings: TrainState, mesh, *, data_iterator=None):
-    """(step, state) from the latest readable checkpoint, onto `target_shardings`. A checkpoint written with
-    the other layer layout (`model.scan_layers`: stacked and scanned, or unrolled) is read in its own
-    layout and its layer stacks moved to this run's (`relayout_layers`), so a run can switch between
-    the two; that holds the state twice on the devices for a moment."""
-    saved = (checkpointer.read_config() or {}).get("model", {}).get("scan_layers", config.model.scan_layers)
-    read, shardings = config, target_shardings
-    if saved != config.model.scan_layers:
-        read = ml_collections.ConfigDict(config.to_dict())
-        read.model.scan_layers = saved
-        shardings = state_shardings(read, Transformer(read.model), tx, mesh)  # outside the mesh context
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        step, state = checkpointer.restore(abstract_state(read, Transformer(read.model), tx, shardings),
-                                           data_iterator=data_iterator)
-    if read is config:
+    """(step, state) from the latest readable checkpoint, onto `target_shardings`.
+
+    Each step tried is first checked against this run's config (`check_resume_config`), then read in the
+    layer layout its saved tree has (`model.scan_layers`: stacked and scanned, or unrolled), so a run can
+    switch between the two and an unreadable newest step still falls back to older ones of either layout.
+    A step of the other layout has its layer stacks moved to this run's (`relayout_layers`), which holds
+    the state twice on the devices for a moment."""
+    targets, stacked_at = {}, {}  # layers stacked? -> abstract state; step -> layers stacked?
+
+    def target(step: int):
+        check_resume_config(checkpointer.read_config(step), config,
+                            f"checkpoint step {step} in {checkpointer.directory}")
+        stacked = stacked_at[step] = "layers" in checkpointer.state_metadata(step)["params"]
+        if stacked not in targets:
+            read, shardings = config, target_shardings
+            if stacked != config.model.scan_layers:
+                read = ml_collections.ConfigDict(config.to_dict())
+                read.model.scan_layers = stacked
+                shardings = state_shardings(read, Transformer(read.model), tx, mesh)  # outside the mesh context
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+                targets[stacked] = abstract_state(read, Transformer(read.model), tx, shardings)
+        return targets[stacked]
+
+    step, state = checkpointer.restore(target, data_iterator=data_iterator)
+    saved = stacked_at[step]
+    if saved == config.model.scan_layers:
         return step, state
     log.info("checkpoint step %d has its layers %s; moved to %s for this run (model.scan_layers=%s)", step,
              "stacked" if saved else "unrolled", "a stack" if config.model.scan_layers else "one module each",
@@ -93,9 +142,35 @@ def restore_state(checkpointer, config, tx, target_shardings: TrainState, mesh, 
     return step, jax.device_put(state, target_shardings)
 
 
+# The config key that sets the size of each logical axis the mesh splits (sharding.LOGICAL_AXIS_RULES).
+_SPLIT_SIZES = (("train.global_batch_size", "batch"), ("model.vocab_size", "vocab"), ("model.dim", "embed"),
+                ("model.ffn_dim", "mlp"), ("model.heads", "heads"), ("model.kv_heads", "kv_heads"))
+
+
+def check_mesh_fits(config, mesh) -> None:
+    """Raises sharding.MeshError, naming the key, its value and the mesh axes, if a size the mesh splits
+    (the batch over dp*op*fsdp and the processes; heads, kv_heads, ffn_dim and vocab_size over tp; dim over
+    fsdp) does not divide evenly: found here, not as an IndivisibleError after compiling."""
+    rules = dict(sharding.LOGICAL_AXIS_RULES)
+    for key, logical in _SPLIT_SIZES:
+        axes = rules[logical] or ()
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        parts = int(np.prod([mesh.shape[a] for a in axes]))
+        split = " * ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        if logical == "batch" and jax.process_count() > 1:
+            parts = int(np.lcm(parts, jax.process_count()))
+            split += f" and {jax.process_count()} processes"
+        section, name = key.split(".")
+        value = config[section][name]
+        if value % parts:
+            raise sharding.MeshError(f"config.{key}={value} is not allowed: expected a multiple of {parts}, "
+                                     f"as it is split over {split}")
+
+
 def lower_train_step(config, mesh):
     """The train step lowered from shapes alone (nothing allocated), as `train` would compile it for
     `mesh`; returns (lowered, abstract state). For compiler figures: memory, FLOPs, sharding."""
+    check_mesh_fits(config, mesh)
     model = Transformer(config.model)
     tx, _ = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
@@ -123,10 +198,16 @@ def make_data(config, mesh):
     note = pipeline.check_vocab(meta, config.model.vocab_size)
     if note:
         log.info("%s", note)
+    val_dir = data_dir
+    if t.eval_data:
+        val_dir = pipeline.resolve_data_dir(t.eval_data)
+        try:
+            pipeline.check_vocab(pipeline.load_metadata(val_dir), config.model.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"train.eval_data={t.eval_data}: {e}") from None
     _log_epochs(t.steps * t.global_batch_size * t.seq_len, int(meta["splits"]["train"]["tokens"]), d.path)
     train_iter = pipeline.make_iterator(data_dir, "train", seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                                         seed=t.seed, worker_count=d.worker_count, prefetch_buffer=d.prefetch)
-    val_dir = pipeline.resolve_data_dir(t.eval_data) if t.eval_data else data_dir
     val_iter = pipeline.make_iterator(val_dir, "validation", seq_len=t.seq_len,
                                       global_batch_size=t.global_batch_size, seed=t.seed, shuffle=False,
                                       num_epochs=None)
@@ -165,13 +246,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t = config.train
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
+    check_mesh_fits(config, mesh)
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        _write_config(config, workdir)
 
     train_iter, val_batches, data_dir = make_data(config, mesh)
-    if is_main and data_dir:
-        _keep_tokenizer(data_dir, workdir)
+    if data_dir:
+        _check_tokenizer(data_dir, workdir)
     model = Transformer(config.model)
     tx, schedules = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
@@ -186,13 +266,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     resuming = checkpointer.latest_step() is not None
     if resuming:
-        start, state = restore_state(checkpointer, config, tx, shardings, mesh, data_iterator=ckpt_iter)
+        try:
+            start, state = restore_state(checkpointer, config, tx, shardings, mesh, data_iterator=ckpt_iter)
+        except BaseException:
+            checkpointer.close()
+            raise
         log.info("resumed from step %d in %s", start, workdir)
+    else:
+        checkpointer.set_aside_torn()  # saves that never finished: their steps are saved again
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         if not resuming:
             init = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)
             state = init(jax.random.key(t.seed))
             start = 0
+        if is_main:  # only now: a resume that failed leaves the workdir's files as they were
+            _write_config(config, workdir)
+            if data_dir:
+                _keep_tokenizer(data_dir, workdir)
 
         if start >= t.steps:
             log.info("the checkpoint in %s is at step %d, train.steps=%d: nothing to do (raise train.steps to "
@@ -343,18 +433,44 @@ def _restore_sigterm_handler(state: dict, stopped: bool) -> None:
         signal.raise_signal(signal.SIGTERM)
 
 
+def _check_tokenizer(data_dir: str, workdir: str) -> None:
+    """Raises ValueError if the run already has a tokenizer (WORKDIR's file named by its data_metadata.json, else
+    by the data's; without the file, the sha256 data_metadata.json records) that is not the data's (sha256):
+    its ids would mean other tokens."""
+    from osp_jax.data.tokenizer import file_sha256
+
+    meta = _read_json(os.path.join(data_dir, "metadata.json"))
+    kept_path = os.path.join(workdir, "data_metadata.json")
+    kept = _read_json(kept_path) if os.path.exists(kept_path) else {}
+    mine = os.path.join(workdir, os.path.basename(kept.get("tokenizer") or meta["tokenizer"]))
+    if os.path.exists(mine):
+        run_sha = file_sha256(mine)
+    elif kept.get("tokenizer_sha256"):
+        run_sha, mine = kept["tokenizer_sha256"], f"(the one {kept_path} records)"
+    else:
+        return
+    theirs = os.path.join(data_dir, meta["tokenizer"])
+    if run_sha != (meta.get("tokenizer_sha256") or file_sha256(theirs)):
+        raise ValueError(f"the run's tokenizer {mine} is not the data's {theirs} (their sha256 differ): "
+                         "train this data into a new --workdir, or use data prepared with the run's tokenizer")
+
+
 def _keep_tokenizer(data_dir: str, workdir: str) -> None:
-    """Copies the data's tokenizer and metadata into the workdir: export and evaluate read them there."""
+    """Copies the data's tokenizer and metadata into the workdir where missing: export and evaluate read them there."""
     import shutil
 
-    with open(os.path.join(data_dir, "metadata.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = _read_json(os.path.join(data_dir, "metadata.json"))
     for src, dst in ((os.path.join(data_dir, meta["tokenizer"]), os.path.basename(meta["tokenizer"])),
                      (os.path.join(data_dir, "metadata.json"), "data_metadata.json")):
         target = os.path.join(workdir, dst)
         if not os.path.exists(target):
             shutil.copyfile(src, target + ".tmp")
             os.replace(target + ".tmp", target)
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _write_config(config, workdir: str) -> None:
@@ -392,12 +508,14 @@ def main(argv) -> None:
         _die("both --config=FILE and --workdir=DIR are required, e.g. "
              "python -m osp_jax.train --config=configs/tiny.py --workdir=runs/tiny")
     sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    from osp_jax.checkpoint import CheckpointError, CheckpointMismatch
+
     try:
         config = config_lib.validate(_CONFIG.value)
         train(config, _WORKDIR.value)
-    except (config_lib.ConfigError, sharding.MeshError) as e:
+    except (config_lib.ConfigError, sharding.MeshError, CheckpointMismatch) as e:
         _die(f"config error: {e}")
-    except (FileNotFoundError, TrainingError) as e:
+    except (FileNotFoundError, TrainingError, CheckpointError) as e:
         _die(f"{type(e).__name__}: {e}", code=1)
     except ValueError as e:  # bad data or a vocabulary mismatch; keep the traceback for the odd real bug
         log.debug("traceback", exc_info=True)

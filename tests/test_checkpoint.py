@@ -12,7 +12,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from osp_jax.checkpoint import CheckpointError, Checkpointer, find_checkpoint_dir, restore_params_only
+from osp_jax.checkpoint import (CheckpointError, CheckpointMismatch, Checkpointer, find_checkpoint_dir,
+                                restore_params_only)
 
 
 class TrainState(NamedTuple):
@@ -149,12 +150,12 @@ def test_torn_checkpoint_is_never_chosen(workdir, caplog):
     ckpt = Checkpointer(directory, save_every=1, keep=5)
     assert ckpt.latest_step() == 2 and ckpt.all_steps() == [1, 2]
     abstract = abstract_of(make_state(), _mesh(8))
-    step, state = ckpt.restore(abstract)
-    assert step == 2
-    assert_trees_equal(state.params, make_state(2, seed=2).params)
     with caplog.at_level(logging.WARNING, logger="osp_jax.checkpoint"):
         step, _ = ckpt.restore(abstract, step=4)
     assert step == 2 and "step 4" in caplog.text and "incomplete" in caplog.text
+    step, state = ckpt.restore(abstract)
+    assert step == 2
+    assert_trees_equal(state.params, make_state(2, seed=2).params)
     with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
         ckpt.restore(abstract, step=7)
     ckpt.close()
@@ -186,27 +187,76 @@ def test_corrupt_checkpoint_falls_back_and_is_kept(workdir, caplog, damage):
         with open(path, "wb") as f:
             f.write(raw)
 
+    step, params, _ = restore_params_only(workdir)  # the export path falls back the same way, moving nothing
+    assert step == 1 and os.path.isdir(os.path.join(directory, "2"))
+
     ckpt = Checkpointer(directory, save_every=1, keep=5)
     with caplog.at_level(logging.WARNING, logger="osp_jax.checkpoint"):
         step, state = ckpt.restore(abstract_of(make_state(), _mesh(8)))
     assert step == 1
     assert_trees_equal(state.params, make_state(1, seed=1).params)
     assert "step 2" in caplog.text and "falling back to step 1" in caplog.text
-    assert os.path.isdir(os.path.join(directory, "2"))  # never deleted
-    assert ckpt.all_steps() == [1, 2]
+    _assert_moved_aside(directory, 2, caplog.text)
+    assert ckpt.all_steps() == [1]
+    assert ckpt.save(2, make_state(2, seed=5))  # the step is saved again, not taken as done
     ckpt.close()
+    assert Checkpointer(directory, save_every=1, keep=5).all_steps() == [1, 2]
 
-    step, params, _ = restore_params_only(workdir)  # the export path falls back the same way
-    assert step == 1
+
+def _assert_moved_aside(directory, step, log_text):
+    """`step`'s directory was renamed `<step>.unreadable-<UTC time>`, whole, and the warning names it."""
+    (aside,) = [n for n in os.listdir(directory) if n.startswith(f"{step}.unreadable-")]
+    assert not os.path.exists(os.path.join(directory, str(step)))
+    assert {"state", "meta"} <= set(os.listdir(os.path.join(directory, aside)))
+    assert os.path.join(directory, aside) in log_text and "moved it aside" in log_text
+
+
+def test_a_torn_newest_step_is_moved_aside_and_saved_again(workdir, caplog):
+    """A newest step without its commit marker was still listed by Orbax: should_save and save refused that
+    step up to and at its number, so the retrained state (and a run's final model) was never saved."""
+    directory = find_checkpoint_dir(workdir)
+    with Checkpointer(directory, save_every=3, keep=2, async_save=False) as ckpt:
+        ckpt.save(3, make_state(3, seed=3))
+        ckpt.save(6, make_state(6, seed=6))
+    os.remove(os.path.join(directory, "6", "commit_success.txt"))
+
+    with Checkpointer(directory, save_every=3, keep=2) as ckpt:
+        with caplog.at_level(logging.WARNING, logger="osp_jax.checkpoint"):
+            step, _ = ckpt.restore(abstract_of(make_state(), _mesh(1)))
+        assert step == 3
+        _assert_moved_aside(directory, 6, caplog.text)
+        assert ckpt.should_save(6) and ckpt.save(6, make_state(6, seed=7), force=True)
+    with Checkpointer(directory, save_every=3, keep=2) as ckpt:
+        assert ckpt.all_steps() == [3, 6]
+        assert_trees_equal(ckpt.restore(abstract_of(make_state(), _mesh(1)))[1].params, make_state(6, seed=7).params)
+
+
+def test_a_torn_step_with_nothing_to_restore_is_set_aside_and_saved_again(workdir, caplog):
+    """Only a torn step on disk: nothing restores, so a fresh start (train) sets it aside, and that
+    step is saved again instead of being taken as done."""
+    directory = find_checkpoint_dir(workdir)
+    with Checkpointer(directory, save_every=3, keep=2, async_save=False) as ckpt:
+        ckpt.save(3, make_state(3, seed=3))
+    os.remove(os.path.join(directory, "3", "commit_success.txt"))
+    with Checkpointer(directory, save_every=3, keep=2, async_save=False) as ckpt:
+        assert ckpt.all_steps() == [] and not ckpt.should_save(3)
+        with caplog.at_level(logging.WARNING, logger="osp_jax.checkpoint"):
+            ckpt.set_aside_torn()
+        _assert_moved_aside(directory, 3, caplog.text)
+        assert ckpt.should_save(3) and ckpt.save(3, make_state(3, seed=4))
+    with Checkpointer(directory, save_every=3, keep=2) as ckpt:
+        assert_trees_equal(ckpt.restore(abstract_of(make_state(), _mesh(1)))[1].params, make_state(3, seed=4).params)
 
 
 def test_nothing_restores_raises_listing_steps(workdir):
     directory = find_checkpoint_dir(workdir)
     with Checkpointer(directory, save_every=1, keep=5, async_save=False) as ckpt:
         ckpt.save(1, make_state(1))
+    os.remove(os.path.join(directory, "1", "state", "_METADATA"))
+    with Checkpointer(directory, save_every=1, keep=5) as ckpt:
         with pytest.raises(CheckpointError, match="no checkpoint .* could be restored; tried step 1"):
-            wrong = {"params": {"other": jax.ShapeDtypeStruct((3,), jnp.float32)}}
-            ckpt.restore(wrong)
+            ckpt.restore(abstract_of(make_state(), _mesh(1)))
+    assert os.listdir(directory) == ["1"]  # nothing restored: nothing moved aside
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         Checkpointer(os.path.join(workdir, "empty"), save_every=1, keep=1).restore(abstract_of(make_state(), _mesh(1)))
 
@@ -247,3 +297,45 @@ def test_restore_onto_smaller_mesh_and_without_mesh(workdir):
         assert isinstance(params[name], np.ndarray)
         assert params[name].dtype == state.params[name].dtype
         np.testing.assert_array_equal(params[name], np.asarray(state.params[name]))
+
+
+def test_a_state_that_does_not_fit_is_a_mismatch_not_corruption(workdir, caplog):
+    """A readable step holding another tree (another model or optimizer config) stops the restore at once:
+    no "corrupt" warning, no fall back to older steps, nothing moved aside."""
+    directory = find_checkpoint_dir(workdir)
+    with Checkpointer(directory, save_every=1, keep=5, async_save=False) as ckpt:
+        ckpt.save(1, make_state(1))
+        ckpt.save(2, make_state(2))
+    wider = make_state()._replace(params={**make_state().params, "w": jnp.zeros((8, 32))})
+    wider = abstract_of(wider, _mesh(1))
+    with Checkpointer(directory, save_every=1, keep=5) as ckpt:
+        with caplog.at_level(logging.WARNING, logger="osp_jax.checkpoint"):
+            with pytest.raises(CheckpointMismatch, match=r"step 2 .*params/w: saved \(8, 16\), asked for \(8, 32\)"):
+                ckpt.restore(wider)
+            asked = []
+
+            def refuse(step):
+                asked.append(step)
+                raise CheckpointMismatch(f"step {step}: refused")
+
+            with pytest.raises(CheckpointMismatch, match="step 2: refused"):
+                ckpt.restore(refuse)
+    assert asked == [2] and "corrupt" not in caplog.text
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_restore_takes_a_target_per_step(workdir):
+    """`abstract_state` may be a function of the step: each step is read as its own tree (train.py reads a
+    step of either layer layout this way), and a step that falls back gets the older step's tree."""
+    directory = find_checkpoint_dir(workdir)
+    small, big = make_state(1, seed=1), make_state(2, seed=2)
+    big = big._replace(params={**big.params, "extra": jnp.ones((4,))})
+    with Checkpointer(directory, save_every=1, keep=5, async_save=False) as ckpt:
+        ckpt.save(1, small)
+        ckpt.save(2, big)
+    os.remove(os.path.join(directory, "2", "state", "manifest.ocdbt"))  # step 2 unreadable
+    trees = {1: abstract_of(small, _mesh(1)), 2: abstract_of(big, _mesh(1))}
+    with Checkpointer(directory, save_every=1, keep=5) as ckpt:
+        step, state = ckpt.restore(lambda s: trees[s])
+    assert step == 1
+    assert_trees_equal(state.params, small.params)

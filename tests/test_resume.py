@@ -279,3 +279,152 @@ def test_sigterm_handler_is_put_back_after_training_and_a_late_notice_is_passed_
         assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is outer
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _save_fresh_states(workdir, steps: dict, **model) -> None:
+    """Checkpoints (with their configs) of fresh `_small_train_config` states, no training: {step: layers
+    stacked?}; `model` changes the config's model section."""
+    from osp_jax.model import Transformer
+    from osp_jax.optim import make_optimizer
+    from osp_jax.step import init_state
+
+    with checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=1, keep=10, async_save=False) as ckpt:
+        for step, stacked in steps.items():
+            cfg = _small_train_config()
+            cfg.model.scan_layers = stacked
+            for k, v in model.items():
+                cfg.model[k] = v
+            tx, _ = make_optimizer(cfg)
+            init = jax.jit(lambda k: init_state(cfg, Transformer(cfg.model), tx, k))
+            ckpt.save(step, init(jax.random.key(step)), config=cfg.to_dict())
+
+
+def _restore(workdir, cfg):
+    """train.restore_state as train() calls it, on the 8 test devices."""
+    from osp_jax import sharding
+    from osp_jax.model import Transformer
+    from osp_jax.optim import make_optimizer
+    from osp_jax.train import restore_state, state_shardings
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx, _ = make_optimizer(cfg, mesh)
+    with checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=1, keep=10) as ckpt:
+        return restore_state(ckpt, cfg, tx, state_shardings(cfg, Transformer(cfg.model), tx, mesh), mesh)
+
+
+def _damage(step_dir, item: str) -> None:
+    """Halves every array file of the step's state, or writes a config item that is not JSON."""
+    if item == "config":
+        (step_dir / "config" / "metadata").write_text('{"model": {"dim": 6')
+        return
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("item", ["state", "config"])
+def test_an_unreadable_newest_step_falls_back_across_a_layout_switch(tmp_path, item):
+    """Step 3 unrolled, step 6 stacked and unreadable (its arrays, or its config item): the layout of each
+    step is its own, so step 3 restores (into this run's stacked layout) and step 6 is moved aside."""
+    _save_fresh_states(tmp_path, {3: False, 6: True})
+    _damage(tmp_path / "checkpoints" / "6", item)
+    step, state = _restore(tmp_path, _small_train_config())
+    assert step == 3
+    _, unrolled, _ = checkpoint.restore_params_only(str(tmp_path), step=3)
+    np.testing.assert_array_equal(np.asarray(state.params["layers"]["mlp"]["up"]["kernel"][1]),
+                                  unrolled["layers_1"]["mlp"]["up"]["kernel"])
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints").iterdir()] == ["3", "6"]
+    assert not (tmp_path / "checkpoints" / "6").exists()
+
+
+def test_resume_refuses_a_config_that_changes_the_state_shape(tmp_path, caplog):
+    """A changed vocab_size or optimizer is named, old and new values, as a mismatch: not reported as a
+    corrupt step, no older step tried, nothing moved aside. Learning rates and train.steps may change."""
+    import logging
+
+    _save_fresh_states(tmp_path, {3: True, 6: True})
+    cfg = _small_train_config()
+    cfg.model.vocab_size, cfg.optimizer.name = 8192, "adamw"
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(checkpoint.CheckpointMismatch,
+                           match=r"step 6 .*model.vocab_size 4096 -> 8192, optimizer.name 'muon' -> 'adamw'"):
+            _restore(tmp_path, cfg)
+    assert "corrupt" not in caplog.text and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+    cfg = _small_train_config(steps=1000)
+    cfg.optimizer.learning_rate, cfg.optimizer.schedule = 1e-4, "wsd"
+    assert _restore(tmp_path, cfg)[0] == 6
+
+
+def test_state_shape_keys_are_exactly_those_that_change_the_train_state():
+    """train.STATE_SHAPE against the real state: changing one model or optimizer key to another allowed
+    value changes the state's leaves (paths, shapes) exactly when check_resume_config refuses the change
+    (model.scan_layers aside: a resume moves the layers). Keeps the list true as the optimizer grows."""
+    from osp_jax import config as config_lib
+    from osp_jax.model import Transformer
+    from osp_jax.optim import make_optimizer
+    from osp_jax.step import init_state
+    from osp_jax.train import check_resume_config
+    from tests.helpers import small_config
+
+    def leaves(cfg):
+        tx, _ = make_optimizer(cfg)
+        state = jax.eval_shape(lambda k: init_state(cfg, Transformer(cfg.model), tx, k), jax.random.key(0))
+        return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+    base = small_config()
+    reference, saved = leaves(base), base.to_dict()
+    other = {bool: lambda v: not v, int: lambda v: 2 * v, float: lambda v: 0.0 if v else 0.5}
+    checked = []
+    for section in ("model", "optimizer"):
+        for name, value in base[section].items():
+            key = f"{section}.{name}"
+            if key == "model.scan_layers" or (value is None and key != "model.head_dim"):
+                continue
+            values = ([v for v in config_lib.CHOICES[key] if v != value] if key in config_lib.CHOICES
+                      else [2 * base.model.dim // base.model.heads] if key == "model.head_dim"
+                      else [other[type(value)](value)])
+            for new in values:
+                cfg = small_config()
+                cfg[section][name] = new
+                try:
+                    changed = leaves(cfg) != reference
+                except Exception:  # noqa: BLE001 - not buildable here (cuDNN / splash attention on CPU)
+                    continue
+                try:
+                    check_resume_config(saved, cfg, "step 1")
+                    refused = False
+                except checkpoint.CheckpointMismatch as e:
+                    refused = key in str(e)
+                assert refused == changed, (key, value, new)
+                checked.append(key)
+    assert len(checked) > 40
+
+
+def test_a_torn_final_checkpoint_is_saved_again(tmp_path, monkeypatch):
+    """train.steps=6, and step 6 on disk is torn: the run resumes from step 3 and ends with its final model
+    saved as step 6 (the torn one moved aside), instead of "already saved" and no final model."""
+    from osp_jax import train as train_lib
+
+    _save_fresh_states(tmp_path, {3: True, 6: True})
+    (tmp_path / "checkpoints" / "6" / "commit_success.txt").unlink()
+    cfg = _small_train_config(steps=6, checkpoint_every=3, log_every=3)
+    cfg.optimizer.warmup_steps = 2
+    monkeypatch.setattr(train_lib, "make_data", lambda config, mesh: (_poisoned_batches(cfg, bad=False), [], None))
+    train_lib.train(cfg, str(tmp_path))
+    ckpts = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=3, keep=3)
+    assert ckpts.all_steps() == [3, 6]
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints").iterdir()].count("6") == 2
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 6
+
+
+def test_cli_refuses_a_changed_state_shape_with_exit_2_and_keeps_config_json(tmp_path):
+    """One line, exit 2, like any config error; the workdir's config.json stays the one of the checkpoints."""
+    _save_fresh_states(tmp_path, {3: True})
+    (tmp_path / "config.json").write_text('{"kept": true}')
+    proc = start_cli(tmp_path, *SMALL, "--config.model.vocab_size=8192")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, out[-3000:]
+    (line,) = [x for x in out.splitlines() if x.startswith("osp_jax.train:")]
+    assert "config error: checkpoint step 3" in line and "model.vocab_size 4096 -> 8192" in line
+    assert "Traceback" not in out and (tmp_path / "config.json").read_text() == '{"kept": true}'

@@ -78,3 +78,78 @@ def test_a_run_past_one_epoch_is_flagged(caplog):
         assert train_lib._log_epochs(3_000, 1_000, "DATA") == 3.0
     (record,) = [r for r in caplog.records if "epochs of DATA" in r.getMessage()]
     assert record.levelno == logging.WARNING and "memorisation" in record.getMessage()
+
+
+def test_mesh_sizes_that_do_not_divide_are_config_errors():
+    """Checked when the mesh is made, before compiling (an IndivisibleError after it, exit 1, before)."""
+    import pytest
+
+    from osp_jax import sharding
+    from osp_jax.train import check_mesh_fits
+    from tests.helpers import load_recipe
+
+    def check(**keys):
+        cfg = load_recipe("tiny")
+        for key, value in keys.items():
+            section, name = key.split("__")
+            cfg[section][name] = value
+        check_mesh_fits(cfg, sharding.make_mesh(cfg.mesh))
+
+    check()
+    check(mesh__tp=2)
+    for keys, message in [
+        (dict(train__global_batch_size=12), r"config.train.global_batch_size=12 .* multiple of 8, .* mesh.dp=1 \* "
+                                            r"mesh.op=1 \* mesh.fsdp=8"),
+        (dict(mesh__tp=8, mesh__fsdp=1, model__heads=8, model__kv_heads=4), r"config.model.kv_heads=4 .* mesh.tp=8"),
+        (dict(mesh__tp=2, model__vocab_size=4097), r"config.model.vocab_size=4097 .* multiple of 2"),
+        (dict(model__dim=68, model__heads=2, model__kv_heads=2), r"config.model.dim=68 .* mesh.fsdp=8"),
+    ]:
+        with pytest.raises(sharding.MeshError, match=message):
+            check(**keys)
+
+
+def test_cli_batch_that_does_not_divide_over_the_mesh_exits_2(tmp_path):
+    proc = start_cli(tmp_path / "run", "--config.train.global_batch_size=12", devices=8)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("osp_jax.train: config error: config.train.global_batch_size=12")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_tokenizer_that_is_not_the_datas_is_refused(tmp_path):
+    import pytest
+
+    from osp_jax import train as train_lib
+    from osp_jax.data import pipeline
+    from tests.helpers import load_recipe
+
+    cfg = load_recipe("tiny")
+    cfg.train.steps, cfg.optimizer.warmup_steps = 1, 0
+    data_dir = pipeline.resolve_data_dir("builtin")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"tokenizer {workdir / 'tokenizer.json'} is not the data's "
+                                         f"{os.path.join(data_dir, 'tokenizer.json')}"):
+        train_lib.train(cfg, str(workdir))
+    assert sorted(os.listdir(workdir)) == ["tokenizer.json"]
+    (workdir / "tokenizer.json").write_bytes(open(os.path.join(data_dir, "tokenizer.json"), "rb").read())
+    train_lib._check_tokenizer(data_dir, str(workdir))  # the same file: accepted
+    (workdir / "tokenizer.json").unlink()  # no file, but the run's data_metadata.json records another one
+    (workdir / "data_metadata.json").write_text(json.dumps({"tokenizer": "tokenizer.json", "tokenizer_sha256": "0"}))
+    with pytest.raises(ValueError, match="the one .*data_metadata.json records"):
+        train_lib._check_tokenizer(data_dir, str(workdir))
+
+
+def test_eval_data_vocabulary_is_checked(tmp_path):
+    import pytest
+
+    from osp_jax import train as train_lib
+    from tests.helpers import load_recipe
+
+    (tmp_path / "metadata.json").write_text(json.dumps({"vocab_size": 100000, "eos_id": 0, "dtype": "uint32",
+                                                        "splits": {}}))
+    cfg = load_recipe("tiny")
+    cfg.train.eval_data = str(tmp_path)
+    with pytest.raises(ValueError, match=f"train.eval_data={tmp_path}: .* vocabulary 100000 .* vocab_size is 4096"):
+        train_lib.make_data(cfg, None)
