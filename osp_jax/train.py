@@ -7,6 +7,7 @@ same command with the same workdir resumes from the latest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -357,10 +358,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     checkpointer.save(step, state, data_iterator=ckpt_iter, config=config.to_dict(),
                                       force=step == t.steps)
         finally:
-            checkpointer.wait()
-            checkpointer.close()
-            writer.close()
-            _restore_sigterm_handler(preempted, stopped)
+            with contextlib.ExitStack() as cleanup:  # each runs (last first), even if wait() raises
+                cleanup.callback(_restore_sigterm_handler, preempted, stopped)
+                cleanup.callback(writer.close)
+                cleanup.callback(checkpointer.close)
+                checkpointer.wait()  # re-raises a failed asynchronous save
     if last and is_main:
         log.info("done at step %d: loss %.4f%s; checkpoints in %s", step, last["loss"],
                  f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "", checkpointer.directory)

@@ -215,6 +215,29 @@ def test_nan_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+def test_a_failed_async_save_still_closes_the_run_and_puts_sigterm_back(tmp_path, monkeypatch):
+    """The loop's last wait() re-raises a failed asynchronous save; the checkpointer, the metrics writer
+    and the SIGTERM handler are still closed and put back (they were skipped)."""
+    import threading
+
+    from osp_jax import train as train_lib
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set from the main thread")
+    cfg = _small_train_config(steps=2, log_every=1, checkpoint_every=0)
+    cfg.optimizer.warmup_steps = 1
+    monkeypatch.setattr(train_lib, "make_data", lambda config, mesh: (_poisoned_batches(cfg, bad=False), [], None))
+    closed = []
+    real_close = checkpoint.Checkpointer.close
+    monkeypatch.setattr(checkpoint.Checkpointer, "wait", lambda self: (_ for _ in ()).throw(
+        checkpoint.CheckpointError("async save failed")))
+    monkeypatch.setattr(checkpoint.Checkpointer, "close", lambda self: (closed.append(self), real_close(self)))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(checkpoint.CheckpointError, match="async save failed"):
+        train_lib.train(cfg, str(tmp_path))
+    assert closed and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_bad_step_is_skipped_and_training_goes_on():
     import functools
     from osp_jax.model import Transformer
