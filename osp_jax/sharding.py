@@ -51,8 +51,12 @@ class MeshError(ValueError):
 
 
 def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
-    """Resolves -1 and checks that the product of the axis sizes equals `device_count`."""
-    sizes = {a: int(sizes[a]) for a in MESH_AXES}
+    """Resolves -1 and checks that the product of the axis sizes equals `device_count`. An axis left out
+    has size 1; a name that is not one of MESH_AXES is an error."""
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"unknown mesh axes {unknown}: the axes are {', '.join(MESH_AXES)}")
+    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
     described = ", ".join(f"{a}={s}" for a, s in sizes.items())
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     fill = [a for a, s in sizes.items() if s == -1]

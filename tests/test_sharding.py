@@ -21,6 +21,9 @@ def test_mesh_fill_and_errors():
         sharding.mesh_shape({"dp": 3, "op": 1, "fsdp": 1, "tp": 1}, 8)
     with pytest.raises(sharding.MeshError, match="not divisible"):
         sharding.mesh_shape({"dp": 3, "op": 1, "fsdp": -1, "tp": 1}, 8)
+    assert sharding.mesh_shape({"fsdp": -1, "op": 2}, 8) == (1, 2, 4, 1)  # axes left out are 1
+    with pytest.raises(sharding.MeshError, match=r"unknown mesh axes \['data'\]"):
+        sharding.mesh_shape({"data": 8}, 8)
     mesh = sharding.make_mesh({"dp": 1, "op": 2, "fsdp": 4, "tp": 1})
     assert dict(mesh.shape) == {"dp": 1, "op": 2, "fsdp": 4, "tp": 1}
 
