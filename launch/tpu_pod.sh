@@ -81,7 +81,7 @@ while (($#)); do
     --remote-dir) takes_value "$@"; remote_dir=$val ;;
     --env)
       takes_value "$@"
-      [[ $val == [A-Za-z_]*=* ]] || die "--env expects KEY=VALUE, got '$val'"
+      [[ $val =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE with KEY a shell variable name, got '$val'"
       envs+=("$val") ;;
     --spot) spot=1 ;;
     --reuse) reuse=1 ;;
@@ -185,7 +185,9 @@ python3 -m uv pip install --python $rdir/venv/bin/python $(q "$requirement")"
 fi
 
 # 3. Training: the same command on every worker; this ssh is the log stream, tee keeps a copy.
-exports=""
+# OSP_DISTRIBUTED=1: osp_jax calls jax.distributed.initialize(), which finds the pod through the TPU VM's
+# metadata server (no environment variable there tells a pod from a single host).
+exports="export OSP_DISTRIBUTED=1; "
 for kv in "${envs[@]+"${envs[@]}"}"; do
   exports+="export ${kv%%=*}=$(q "${kv#*=}"); "
 done

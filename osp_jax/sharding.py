@@ -106,9 +106,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> None:
     """Starts multi-host JAX once, before any device is touched.
 
-    Flags win, then OSP_COORDINATOR_ADDRESS / OSP_NUM_PROCESSES / OSP_PROCESS_ID; with none of
-    them, `jax.distributed.initialize()` auto-detects TPU pods and SLURM, and a plain single
-    process stays single.
+    Flags win, then OSP_COORDINATOR_ADDRESS / OSP_NUM_PROCESSES / OSP_PROCESS_ID. Given explicitly, jax's
+    cluster detection is switched off: under SLURM it would otherwise still narrow each process to the
+    GPU numbered SLURM_LOCALID (one GPU a node with one process a node, a missing one with the launcher's
+    --per-gpu), so each process keeps every GPU it can see. With none of them,
+    `jax.distributed.initialize()` auto-detects the cluster where one is recognised: OSP_DISTRIBUTED=1
+    (launch/tpu_pod.sh exports it: a Cloud TPU VM pod is found through its metadata server, with no
+    environment variable to tell), a GKE TPU pod, or a multi-task SLURM job (jax's convention there: one
+    process per GPU, the GPU numbered SLURM_LOCALID). A plain single process stays single.
     """
     address = coordinator_address or os.environ.get("OSP_COORDINATOR_ADDRESS")
     count = num_processes or (int(os.environ["OSP_NUM_PROCESSES"]) if "OSP_NUM_PROCESSES" in os.environ else None)
@@ -118,7 +123,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         if count is None or pid is None:
             raise ValueError("a coordinator address needs the process count and id too "
                              "(--num_processes/--process_id or OSP_NUM_PROCESSES/OSP_PROCESS_ID)")
-        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=pid)
+        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=pid,
+                                   cluster_detection_method="deactivate")
     elif _on_cluster():
         jax.distributed.initialize()
     else:
@@ -128,7 +134,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def _on_cluster() -> bool:
-    """True on a TPU pod slice or inside a multi-task SLURM job, where jax can auto-detect peers."""
+    """True where jax can auto-detect the peers: OSP_DISTRIBUTED=1 (set by launch/tpu_pod.sh), a GKE TPU
+    pod slice, or a multi-task SLURM job."""
+    if os.environ.get("OSP_DISTRIBUTED") == "1":
+        return True
     if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and "SLURM_JOB_ID" in os.environ:
         return True
     return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))

@@ -509,7 +509,10 @@ def main(argv) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         _die("both --config=FILE and --workdir=DIR are required, e.g. "
              "python -m osp_jax.train --config=configs/tiny.py --workdir=runs/tiny")
-    sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    try:
+        sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    except ValueError as e:  # an address without the process count and id
+        _die(f"config error: {e}")
     from osp_jax.checkpoint import CheckpointError, CheckpointMismatch
 
     try:

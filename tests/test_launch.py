@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,7 @@ def test_tpu_dry_run_creates_installs_and_trains():
     train = shlex.split(remote[-1])
     assert after_train(train) == TRAIN_ARGS
     assert "tee" in train
+    assert "export OSP_DISTRIBUTED=1;" in remote[-1]  # osp_jax starts jax.distributed: a TPU VM pod has no env to tell
 
 
 def test_tpu_reuse_skips_creation_and_accelerator_type():
@@ -118,6 +120,44 @@ def test_tpu_missing_required_option_exits_2(drop):
     assert proc.returncode == 2
     assert drop in proc.stderr and "Usage:" in proc.stderr
     assert "+ " not in proc.stdout
+
+
+def test_tpu_env_name_must_be_a_shell_variable():
+    proc = sh(TPU, *TPU_REQUIRED, "--env", "WANDB-KEY=x", "--dry-run", "--", "-x", check=False)
+    assert proc.returncode == 2 and "WANDB-KEY=x" in proc.stderr
+
+
+@pytest.mark.parametrize("env,flags,expect", [
+    # the launchers' explicit trio: jax's SLURM detection must not narrow the process to GPU SLURM_LOCALID
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"}, ("host:1234", 2, 1),
+     {"coordinator_address": "host:1234", "num_processes": 2, "process_id": 1,
+      "cluster_detection_method": "deactivate"}),
+    ({"OSP_COORDINATOR_ADDRESS": "h:9", "OSP_NUM_PROCESSES": "4", "OSP_PROCESS_ID": "3"}, (None, None, None),
+     {"coordinator_address": "h:9", "num_processes": 4, "process_id": 3, "cluster_detection_method": "deactivate"}),
+    ({"OSP_DISTRIBUTED": "1"}, (None, None, None), {}),  # tpu_pod.sh: jax finds the pod itself
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, (None, None, None), {}),
+    ({}, (None, None, None), None),  # a plain single process: no jax.distributed at all
+])
+def test_initialize_distributed_arguments(monkeypatch, env, flags, expect):
+    from osp_jax import sharding
+
+    for k in ("OSP_COORDINATOR_ADDRESS", "OSP_NUM_PROCESSES", "OSP_PROCESS_ID", "OSP_DISTRIBUTED", "SLURM_JOB_ID",
+              "SLURM_NTASKS", "SLURM_LOCALID", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    sharding.initialize_distributed(*flags)
+    assert calls == ([] if expect is None else [expect])
+
+
+def test_coordinator_without_process_count_exits_2(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "osp_jax.train", "--config=configs/tiny.py",
+                           f"--workdir={tmp_path}", "--coordinator_address=localhost:1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "process count and id" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_tpu_help_and_unknown_option():
