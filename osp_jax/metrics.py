@@ -34,17 +34,28 @@ PEAK_TFLOPS = {
 
 
 def excess_kurtosis(hidden: jax.Array) -> jax.Array:
-    """Per-token excess kurtosis `relu(mean(x^4) / std(x)^4 - 3)` over the last axis, in float32."""
+    """Per-token excess kurtosis `relu(mean(x^4) / std(x)^4 - 3)` over the last axis, in float32, exactly
+    as the paper's script computes it (`evaluate_kurtosis.py`, torch): the fourth moment about zero, and
+    the std about the mean with Bessel's correction (torch's default, ddof=1). Before 2026-11-23 osp_jax
+    used ddof=0, which multiplies each token's ratio by (n / (n - 1))^2: kurtosis figures recorded
+    before then (docs/ablation.md) read higher by at most 2 (K + 3) / n, 0.26% of K + 3 at dim 768.
+    A token whose features are all equal (zero std) gets 0, not NaN or infinity."""
     x = hidden.astype(jnp.float32)
-    std = jnp.std(x, axis=-1)
-    ratio = jnp.mean(x ** 4, axis=-1) / jnp.maximum(std, 1e-12) ** 4
+    var = jnp.var(x, axis=-1, ddof=1)
+    fourth = jnp.mean(x ** 4, axis=-1)
+    ratio = jnp.where(var > 0, fourth / jnp.maximum(var * var, jnp.finfo(jnp.float32).tiny), 0.0)
     return jax.nn.relu(ratio - 3.0)
 
 
-def outlier_stats(hidden: jax.Array) -> dict[str, jax.Array]:
-    """From hidden states (layers + 1, batch, seq, dim): kurtosis and max |activation| per layer."""
-    per_layer = excess_kurtosis(hidden).mean(axis=(1, 2))
-    max_abs = jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=(1, 2, 3))
+def outlier_stats(hidden: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """From hidden states (layers + 1, batch, seq, dim): kurtosis and max |activation| per layer, over the
+    tokens `mask` (batch, seq) keeps (all when None; train passes segment ids > 0, so padding does not count)."""
+    if mask is None:
+        mask = jnp.ones(hidden.shape[1:3], jnp.float32)
+    mask = mask.astype(jnp.float32)
+    per_layer = jnp.sum(excess_kurtosis(hidden) * mask, axis=(1, 2)) / jnp.maximum(mask.sum(), 1.0)
+    per_token_max = jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=-1)
+    max_abs = jnp.max(jnp.where(mask > 0, per_token_max, 0.0), axis=(1, 2))
     return {"kurtosis_per_layer": per_layer, "kurtosis": per_layer.mean(),
             "max_abs_per_layer": max_abs, "max_abs": max_abs.max()}
 

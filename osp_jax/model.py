@@ -66,6 +66,11 @@ REMAT_POLICIES = {
 }
 
 
+def _orthogonal_init(key, shape, dtype=jnp.float32):
+    """nn.initializers.orthogonal computed in float32 (its QR has no bfloat16 kernel), then cast."""
+    return nn.initializers.orthogonal()(key, shape, jnp.float32).astype(dtype)
+
+
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
@@ -253,7 +258,7 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ("lookup_batch", "length", "embed"))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if c.embed_proj:  # EmbProj, orthogonal at init so the model starts as if it were absent
-            x = Dense("bsd,de->bse", (c.dim, c.dim), ("embed", "embed_proj"), nn.initializers.orthogonal(),
+            x = Dense("bsd,de->bse", (c.dim, c.dim), ("embed", "embed_proj"), _orthogonal_init,
                       dtype, pdtype, name="embed_proj")(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         embedded = x
@@ -275,7 +280,7 @@ class Transformer(nn.Module):
 
         x = RMSNorm(c.norm_scale, c.norm_eps, dtype, pdtype, name="final_norm")(x)
         if c.embed_proj:
-            x = Dense("bse,ed->bsd", (c.dim, c.dim), ("embed_proj", "embed"), nn.initializers.orthogonal(),
+            x = Dense("bse,ed->bsd", (c.dim, c.dim), ("embed_proj", "embed"), _orthogonal_init,
                       dtype, pdtype, name="head_proj")(x)
         if self.quant is not None:  # quant hook: LM head input, per token
             x = quant_lib.activations(x, self.quant)
@@ -492,8 +497,9 @@ def matmul_params(model_config: ml_collections.ConfigDict) -> int:
 
 
 def flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul params + 12 x layers x dim x seq (attention, not halved
-    for causality; the convention of the MaxText/PaLM MFU figures)."""
+    """Training FLOPs per token: 6 x matmul params + 12 x layers x heads x head_dim x seq (attention, not
+    halved for causality; the convention of the MaxText/PaLM MFU figures; heads x head_dim is dim unless
+    model.head_dim is set)."""
     c = model_config
     return 6.0 * matmul_params(c) + 12.0 * c.layers * c.heads * _head_dim(c) * seq_len
 

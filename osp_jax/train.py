@@ -298,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_fn = jax.jit(functools.partial(eval_step, model=model, pack_mask=config.data.pack_mask),
                           in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
         outlier_fn = jax.jit(lambda p, b: metrics_lib.outlier_stats(
-            hidden_states(p, b, model=model, pack_mask=config.data.pack_mask)),
+            hidden_states(p, b, model=model, pack_mask=config.data.pack_mask), b["segment_ids"] > 0),
             in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
         val_global = [to_global(b, batch_sharding) for b in val_batches]
 

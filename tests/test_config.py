@@ -60,6 +60,7 @@ def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
     ("model.max_segments", -1, ">= 0"),
     ("model.max_segments", None, "type int"),  # ConfigDict itself refuses floats and strings
     ("optimizer.clip_norm", float("nan"), "finite value >= 0"),  # NaN would turn clipping off unseen
+    ("model.dtype", "float16", "one of float32, bfloat16"),  # no loss scaling: the head's gradient underflowed
     ("optimizer.weight_decay", float("inf"), "finite value >= 0"),
 ])
 def test_validate_messages(key, value, fragment):

@@ -45,6 +45,14 @@ def test_embed_proj_orthogonal_at_init():
     assert "embed_proj" not in plain and "head_proj" not in plain
 
 
+def test_bfloat16_parameters_with_embed_proj_initialise_orthogonal():
+    """EmbProj's orthogonal init runs its QR in float32 (there is no bfloat16 kernel), then casts."""
+    mdl, params, _ = _init(small_config(param_dtype="bfloat16", dtype="bfloat16"))
+    w = params["embed_proj"]["kernel"]
+    assert w.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(w, np.float32) @ np.asarray(w, np.float32).T, np.eye(w.shape[0]), atol=3e-2)
+
+
 def test_tied_embeddings_share_one_matrix():
     cfg = small_config(tie_embeddings=True, embed_proj=False)
     mdl, params, tokens = _init(cfg)

@@ -37,8 +37,10 @@ def levels(x, axes):
 
 
 def kurtosis_ref(x):
+    """The paper's evaluate_kurtosis.py in float64: ((x**4).mean(-1) / x.std(-1)**4 - 3).relu(), torch's
+    std being the unbiased one (ddof=1)."""
     x = np.asarray(x, np.float64)
-    return np.maximum(np.mean(x ** 4, -1) / np.std(x, -1) ** 4 - 3.0, 0.0)
+    return np.maximum(np.mean(x ** 4, -1) / np.std(x, -1, ddof=1) ** 4 - 3.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------------ kurtosis
@@ -53,6 +55,24 @@ def test_kurtosis_gaussian_near_zero_and_outlier_channel_large():
     ky = np.asarray(metrics.excess_kurtosis(jnp.asarray(y)))
     np.testing.assert_allclose(ky, kurtosis_ref(y), rtol=1e-3)
     assert ky.mean() > 1000
+
+
+def test_kurtosis_is_the_papers_at_small_width_and_zero_for_a_flat_token():
+    """At 16 features the std's ddof moves the ratio by (16/15)^2 = 14%: it must be the paper's (1). A
+    token whose features are all equal has no spread: 0, not NaN or infinity. outlier_stats averages
+    over the tokens its mask keeps only."""
+    x = np.random.default_rng(1).standard_normal((3, 64, 16)).astype(np.float32)
+    x[..., 5] *= 6.0  # a heavy channel, so that most tokens' kurtosis is above zero
+    np.testing.assert_allclose(metrics.excess_kurtosis(jnp.asarray(x)), kurtosis_ref(x), rtol=1e-4, atol=1e-5)
+    flat = np.zeros((2, 16), np.float32)
+    flat[1] = 3.0
+    assert np.asarray(metrics.excess_kurtosis(jnp.asarray(flat))).tolist() == [0.0, 0.0]
+    mask = np.zeros((1, 64), bool)
+    mask[0, :40] = True
+    hidden = x[:, None]  # (layers + 1, batch 1, seq, dim)
+    stats = metrics.outlier_stats(jnp.asarray(hidden), jnp.asarray(mask))
+    np.testing.assert_allclose(stats["kurtosis_per_layer"], kurtosis_ref(x[:, :40]).mean(-1), rtol=1e-4)
+    np.testing.assert_allclose(stats["max_abs_per_layer"], np.abs(x[:, :40]).max(axis=(1, 2)), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ quantisers
