@@ -39,7 +39,8 @@ def excess_kurtosis(hidden: jax.Array) -> jax.Array:
     the std about the mean with Bessel's correction (torch's default, ddof=1). Before 2026-11-23 osp_jax
     used ddof=0, which multiplies each token's ratio by (n / (n - 1))^2: kurtosis figures recorded
     before then (docs/ablation.md) read higher by at most 2 (K + 3) / n, 0.26% of K + 3 at dim 768.
-    A token whose features are all equal (zero std) gets 0, not NaN or infinity."""
+    A token whose features are all equal (zero std) gets 0, not NaN or infinity. (That script also feeds
+    each row as `seq.unsqueeze(1)`, tokens without context; osp_jax measures them in context.)"""
     x = hidden.astype(jnp.float32)
     var = jnp.var(x, axis=-1, ddof=1)
     fourth = jnp.mean(x ** 4, axis=-1)
