@@ -14,7 +14,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["osp_jax", "osp_jax.*"]),
     package_data={"osp_jax": ["data/builtin/*"]},
     include_package_data=True,
@@ -34,6 +34,7 @@ setup(
         "zstandard>=0.22",
         "pyarrow>=15",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # osp_jax.plot and evaluate --plot: part of the product, not an extra
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "sentencepiece>=0.2"],

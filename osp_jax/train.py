@@ -506,7 +506,13 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    try:
+        recipe = _CONFIG.value
+        if recipe is not None:
+            recipe.keys()  # the file is loaded lazily, on first use
+    except OSError as e:  # the recipe file: missing, or failing as it loads
+        _die(f"config error: --config cannot be loaded: {_one_line(_root_cause(e))}")
+    if recipe is None or _WORKDIR.value is None:
         _die("both --config=FILE and --workdir=DIR are required, e.g. "
              "python -m osp_jax.train --config=configs/tiny.py --workdir=runs/tiny")
     try:
@@ -532,5 +538,31 @@ def _die(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line, without the quotes a KeyError adds."""
+    return " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"") or type(e).__name__
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or e.__context__ is not None:  # the config loader chains the real reason
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with what it leaves as a traceback or a bare "FATAL" (an unknown or misspelled
+    `--config.KEY`, a value of the wrong type) turned into one line naming the problem, exit code 2, like
+    every other config error."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _die(f"config error: {e}")
+    except (AttributeError, KeyError) as e:
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        _die(f"config error: unknown config key {_one_line(e).replace(chr(39), '')} (in {overrides})")
+    except (TypeError, ValueError) as e:
+        _die(f"config error: {_one_line(e)} (in {' '.join(argv[1:])})")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -23,30 +23,34 @@ def test_recipes_are_the_paper_models():
 
 
 BAD = [
-    # (override, key that must be named)
-    ("--config.model.dim=130", "model.dim"),                 # not divisible by heads=4
-    ("--config.model.kv_heads=3", "model.kv_heads"),         # does not divide heads
-    ("--config.train.seq_len=0", "train.seq_len"),
-    ("--config.model.norm_scale=layer", "model.norm_scale"),
-    ("--config.optimizer.name=sgd", "optimizer.name"),
-    ("--config.train.steps=-5", "train.steps"),
-    ("--config.model.max_segments=-1", "model.max_segments"),
-    ("--config.model.nonexistent=1", "nonexistent"),         # unknown key (ml_collections refuses it)
-    ("--config.mesh.fsdp=3", "fsdp=3"),                      # mesh does not fit 1 device
-    ("--config.model.vocab_size=1000", "vocabulary 4096 but the model's vocab_size is 1000"),  # data vs model
+    # (override, what the message must name, exit code: 2 for config errors, 1 for data errors)
+    ("--config.model.dim=130", "model.dim", 2),                 # not divisible by heads=4
+    ("--config.model.kv_heads=3", "model.kv_heads", 2),         # does not divide heads
+    ("--config.train.seq_len=0", "train.seq_len", 2),
+    ("--config.model.norm_scale=layer", "model.norm_scale", 2),
+    ("--config.optimizer.name=sgd", "optimizer.name", 2),
+    ("--config.train.steps=-5", "train.steps", 2),
+    ("--config.model.max_segments=-1", "model.max_segments", 2),
+    ("--config.model.nonexistent=1", "nonexistent", 2),         # unknown key (ml_collections refuses it)
+    ("--config.model.dims=64", 'Did you mean "dim"', 2),        # a misspelt key: a traceback once
+    ("--config.train.steps=1.5", "train.steps=1.5", 2),         # wrong type: absl's bare FATAL, exit 1, once
+    ("--config=configs/tinny.py", "configs/tinny.py", 2),       # no such recipe: a traceback once
+    ("--config.mesh.fsdp=3", "fsdp=3", 2),                      # mesh does not fit 1 device
+    ("--config.model.vocab_size=1000", "vocabulary 4096 but the model's vocab_size is 1000", 1),  # data vs model
 ]
 
 
 def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     procs = []
-    for i, (flag, _) in enumerate(BAD):
+    for i, (flag, _, _) in enumerate(BAD):
         cmd = [sys.executable, "-m", "osp_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / str(i)}", flag]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for (flag, key), p in zip(BAD, procs):
+    for (flag, key, code), p in zip(BAD, procs):
         out, _ = p.communicate(timeout=300)
-        assert p.returncode != 0, f"{flag} was accepted:\n{out}"
+        assert p.returncode == code, f"{flag}: exit {p.returncode}, not {code}:\n{out[-2000:]}"
         assert key in out, f"{flag}: message does not name {key}:\n{out[-2000:]}"
+        assert "Traceback" not in out, f"{flag}: a traceback, not a one-line error:\n{out[-2000:]}"
         assert not (tmp_path / "0" / "checkpoints").exists()
 
 
