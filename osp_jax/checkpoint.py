@@ -503,7 +503,7 @@ class Checkpointer:
         """Restore `step` (default: latest) onto the shardings of `abstract_state`; returns (step, state).
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set, or a function of the step
-        tried that returns one; the mesh may differ from the one that saved. A corrupt or unreadable step is
+        tried and its saved tree (`state_metadata`, read once) that returns one; the mesh may differ from the one that saved. A corrupt or unreadable step is
         reported and skipped for the previous complete one; once one restores, the newer steps skipped (and
         torn ones) are moved aside (`_set_aside`). A step whose saved leaves do not have the paths and shapes
         asked for raises CheckpointMismatch, as does the function for a step it refuses.
@@ -513,8 +513,9 @@ class Checkpointer:
         def read_one(s: int):
             restored = err = None
             try:
-                target = abstract_state(s) if callable(abstract_state) else abstract_state
-                _check_fits(self.state_metadata(s), target, s)
+                saved = self.state_metadata(s)
+                target = abstract_state(s, saved) if callable(abstract_state) else abstract_state
+                _check_fits(saved, target, s)
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
                 restored = self._mngr.restore(s, args=args)
             except Exception as e:  # noqa: BLE001 - re-raised below once every process knows

@@ -105,36 +105,17 @@ def _warn(msg: str) -> None:
     print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)
 
 
-def run_tokenizer_sha256(workdir: str) -> tuple[str | None, str]:
-    """sha256 of the tokenizer the run trained with, and where it was found: the tokenizer file train
-    copied into WORKDIR (named by data_metadata.json), else the `tokenizer_sha256` data_metadata.json
-    records; (None, "") when the run keeps neither (older runs)."""
-    from osp_jax.data.tokenizer import file_sha256
-
-    meta_path = os.path.join(workdir, "data_metadata.json")
-    meta = {}
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except ValueError as e:
-            raise EvalError(f"{meta_path} is not valid JSON: {e}") from None
-    path = os.path.join(workdir, os.path.basename(str(meta.get("tokenizer") or "tokenizer.json")))
-    if os.path.isfile(path):
-        return file_sha256(path), path
-    if meta.get("tokenizer_sha256"):
-        return str(meta["tokenizer_sha256"]), f"(recorded in {meta_path})"
-    return None, ""
-
-
 def check_tokenizer(data: str, data_dir: str, meta: dict, workdir: str) -> None:
     """EvalError when the prepared data was tokenised with another tokenizer than the run's (its ids
     would name other tokens); a warning when either side does not say which tokenizer it used."""
-    from osp_jax.data.tokenizer import file_sha256
+    from osp_jax.data.tokenizer import data_tokenizer_sha256, run_tokenizer_sha256
 
-    data_tok = os.path.join(data_dir, str(meta.get("tokenizer") or "tokenizer.json"))
-    data_sha = meta.get("tokenizer_sha256") or (file_sha256(data_tok) if os.path.isfile(data_tok) else None)
-    run_sha, run_tok = run_tokenizer_sha256(workdir)
+    data_sha, data_tok = data_tokenizer_sha256(data_dir, meta)
+    try:
+        run_sha, run_tok = run_tokenizer_sha256(workdir)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    run_tok = run_tok or f"(recorded in {os.path.join(workdir, 'data_metadata.json')})"
     if data_sha is None or run_sha is None:
         unknown = f"{data_dir} names no tokenizer" if data_sha is None else f"{workdir} keeps no tokenizer"
         _warn(f"{unknown}: cannot check that --data={data} was tokenised with the run's tokenizer")

@@ -118,10 +118,10 @@ def restore_state(checkpointer, config, tx, target_shardings: TrainState, mesh, 
     the state twice on the devices for a moment."""
     targets, stacked_at = {}, {}  # layers stacked? -> abstract state; step -> layers stacked?
 
-    def target(step: int):
+    def target(step: int, saved_tree):
         check_resume_config(checkpointer.read_config(step), config,
                             f"checkpoint step {step} in {checkpointer.directory}")
-        stacked = stacked_at[step] = "layers" in checkpointer.state_metadata(step)["params"]
+        stacked = stacked_at[step] = "layers" in saved_tree["params"]
         if stacked not in targets:
             read, shardings = config, target_shardings
             if stacked != config.model.scan_layers:
@@ -439,20 +439,15 @@ def _check_tokenizer(data_dir: str, workdir: str) -> None:
     """Raises ValueError if the run already has a tokenizer (WORKDIR's file named by its data_metadata.json, else
     by the data's; without the file, the sha256 data_metadata.json records) that is not the data's (sha256):
     its ids would mean other tokens."""
-    from osp_jax.data.tokenizer import file_sha256
+    from osp_jax.data.tokenizer import data_tokenizer_sha256, run_tokenizer_sha256
 
     meta = _read_json(os.path.join(data_dir, "metadata.json"))
-    kept_path = os.path.join(workdir, "data_metadata.json")
-    kept = _read_json(kept_path) if os.path.exists(kept_path) else {}
-    mine = os.path.join(workdir, os.path.basename(kept.get("tokenizer") or meta["tokenizer"]))
-    if os.path.exists(mine):
-        run_sha = file_sha256(mine)
-    elif kept.get("tokenizer_sha256"):
-        run_sha, mine = kept["tokenizer_sha256"], f"(the one {kept_path} records)"
-    else:
+    run_sha, mine = run_tokenizer_sha256(workdir, os.path.basename(meta["tokenizer"]))
+    if run_sha is None:
         return
-    theirs = os.path.join(data_dir, meta["tokenizer"])
-    if run_sha != (meta.get("tokenizer_sha256") or file_sha256(theirs)):
+    mine = mine or f"(the one {os.path.join(workdir, 'data_metadata.json')} records)"
+    data_sha, theirs = data_tokenizer_sha256(data_dir, meta)
+    if run_sha != data_sha:
         raise ValueError(f"the run's tokenizer {mine} is not the data's {theirs} (their sha256 differ): "
                          "train this data into a new --workdir, or use data prepared with the run's tokenizer")
 

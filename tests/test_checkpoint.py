@@ -314,7 +314,7 @@ def test_a_state_that_does_not_fit_is_a_mismatch_not_corruption(workdir, caplog)
                 ckpt.restore(wider)
             asked = []
 
-            def refuse(step):
+            def refuse(step, _saved_tree):
                 asked.append(step)
                 raise CheckpointMismatch(f"step {step}: refused")
 
@@ -336,6 +336,6 @@ def test_restore_takes_a_target_per_step(workdir):
     os.remove(os.path.join(directory, "2", "state", "manifest.ocdbt"))  # step 2 unreadable
     trees = {1: abstract_of(small, _mesh(1)), 2: abstract_of(big, _mesh(1))}
     with Checkpointer(directory, save_every=1, keep=5) as ckpt:
-        step, state = ckpt.restore(lambda s: trees[s])
+        step, state = ckpt.restore(lambda s, _saved_tree: trees[s])
     assert step == 1
     assert_trees_equal(state.params, small.params)

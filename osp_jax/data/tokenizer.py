@@ -7,6 +7,7 @@ Nothing here imports jax or grain, so the prepare CLI starts fast.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -29,6 +30,32 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def data_tokenizer_sha256(data_dir: str, meta: dict) -> tuple[str | None, str]:
+    """sha256 of the tokenizer prepared data was tokenised with (what its metadata.json `meta` records,
+    else its file's), and that file's path; None when neither is there."""
+    path = os.path.join(data_dir, str(meta.get("tokenizer") or "tokenizer.json"))
+    return meta.get("tokenizer_sha256") or (file_sha256(path) if os.path.isfile(path) else None), path
+
+
+def run_tokenizer_sha256(workdir: str, name: str = "tokenizer.json") -> tuple[str | None, str | None]:
+    """sha256 of the tokenizer a training run keeps, and its file: the one train copied into WORKDIR
+    (named by its data_metadata.json, else `name`), else (file None) the `tokenizer_sha256` that
+    data_metadata.json records; (None, None) when the run keeps neither. ValueError if data_metadata.json
+    is not JSON."""
+    meta_path = os.path.join(workdir, "data_metadata.json")
+    meta = {}
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    path = os.path.join(workdir, os.path.basename(str(meta.get("tokenizer") or name)))
+    if os.path.isfile(path):
+        return file_sha256(path), path
+    return (str(meta["tokenizer_sha256"]) if meta.get("tokenizer_sha256") else None), None
 
 
 class Tokenizer:
