@@ -17,14 +17,22 @@ from jax.sharding import PartitionSpec as P
 BACKENDS = ("xla", "cudnn", "splash")
 
 
-def pick_backend(name: str = "auto", platform: str | None = None) -> str:
-    """`auto` picks splash on TPU, cuDNN on GPU and XLA elsewhere."""
+# cuDNN's fused attention takes half-precision inputs only (fp8 aside).
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def pick_backend(name: str = "auto", platform: str | None = None, dtype=None) -> str:
+    """`auto` picks splash on TPU, cuDNN on GPU and XLA elsewhere; on a GPU, XLA too when the inputs'
+    `dtype` is one cuDNN does not take (a float32 model such as configs/tiny.py)."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"attention backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
         return name
     platform = platform or jax.default_backend()
-    return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+    backend = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+    if backend == "cudnn" and dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES:
+        return "xla"
+    return backend
 
 
 def attention(q, k, v, segment_ids=None, *, backend: str = "auto", max_segments: int = 0):
@@ -33,7 +41,10 @@ def attention(q, k, v, segment_ids=None, *, backend: str = "auto", max_segments:
     `max_segments` only matters to cuDNN (see `cudnn_attention`); 0 keeps the dense document mask.
     The XLA and splash backends ignore it.
     """
-    backend = pick_backend(backend)
+    backend = pick_backend(backend, dtype=q.dtype)
+    if backend == "cudnn" and q.dtype not in CUDNN_DTYPES:
+        raise ValueError(f"the cuDNN attention backend takes bfloat16 or float16 inputs, not {q.dtype}: "
+                         "set model.attention='auto' or 'xla', or model.dtype='bfloat16'")
     if backend == "xla":
         return xla_attention(q, k, v, segment_ids)
     if backend == "cudnn":

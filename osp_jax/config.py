@@ -61,7 +61,7 @@ def defaults() -> ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = "full"         # activation checkpointing policy for each scanned layer
     c.model.scan_layers = True
-    c.model.attention = "auto"     # auto: splash on TPU, cuDNN on GPU, XLA elsewhere
+    c.model.attention = "auto"     # auto: splash on TPU, cuDNN on GPU (bf16 models), XLA elsewhere
     c.model.max_segments = 16      # cuDNN: documents per window as a packed layout; 0 = dense mask
     c.model.loss_chunk = 0         # >0: the loss sees logits for this many positions at a time
     c.model.loss_fused = False     # training loss: the head's gradients formed chunk by chunk in the forward pass
@@ -203,6 +203,9 @@ def validate(config: ConfigDict) -> ConfigDict:
         _fail("model.dim", m.dim, f"dim / heads even (RoPE rotates pairs); got head_dim {m.dim // m.heads}")
     if m.loss_chunk < 0 or (m.loss_chunk and t.seq_len % m.loss_chunk):
         _fail("model.loss_chunk", m.loss_chunk, f"0 (off) or a divisor of train.seq_len={t.seq_len}")
+    if m.attention == "cudnn" and m.dtype == "float32":
+        _fail("model.attention", m.attention, "auto, xla or splash with model.dtype='float32': cuDNN's fused "
+              "attention takes bfloat16 inputs (auto picks XLA's attention for a float32 model on a GPU)")
     if m.heads % m.kv_heads:
         _fail("model.kv_heads", m.kv_heads, f"a divisor of model.heads={m.heads}")
     if o.decay_steps is not None and o.decay_steps <= 0:

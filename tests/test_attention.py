@@ -91,6 +91,11 @@ def test_pick_backend_and_dispatch():
     assert attn.pick_backend("splash", "cpu") == "splash"
     with pytest.raises(ValueError, match="flash"):
         attn.pick_backend("flash")
+    # cuDNN takes half precision only: a float32 model (configs/tiny.py) on a GPU gets XLA's attention
+    assert attn.pick_backend("auto", "gpu", jnp.bfloat16) == "cudnn"
+    assert attn.pick_backend("auto", "gpu", jnp.float16) == "cudnn"
+    assert attn.pick_backend("auto", "gpu", jnp.float32) == "xla"
+    assert attn.pick_backend("auto", "tpu", jnp.float32) == "splash"
     q, k, v = _qkv(1, 16, 2, 2, 8)
     np.testing.assert_array_equal(np.asarray(attn.attention(q, k, v, backend="xla")),
                                   np.asarray(attn.xla_attention(q, k, v)))
@@ -323,6 +328,24 @@ def cudnn_traceable(monkeypatch):
     monkeypatch.setattr(fa, "check_is_flash_attention", lambda *a, **k: None)
     monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(attn, "_packed_layout_supported", lambda: True)
+
+
+def test_float32_model_on_a_gpu_traces_with_auto_and_names_the_problem_with_cudnn(cudnn_traceable, monkeypatch):
+    """`auto` on a GPU with a float32 model (the tiny config) traces XLA's attention, where it used to
+    hand float32 to cuDNN and fail ("Unsupported dtype"); asking for cuDNN by name says what to change."""
+    from osp_jax import model as model_lib
+    from tests.helpers import small_config
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    tokens, ids = jnp.zeros((2, 128), jnp.int32), _segments(2, 128)
+    trace = lambda mdl, p: str(jax.make_jaxpr(lambda p: mdl.apply({"params": p}, tokens, segment_ids=ids))(p))
+    for dtype, kernel in (("float32", False), ("bfloat16", True)):
+        mdl = model_lib.Transformer(small_config(dtype=dtype, dim=128, heads=2, kv_heads=2).model)
+        params = jax.eval_shape(lambda: nn.unbox(mdl.init(jax.random.key(0), tokens)["params"]))
+        assert ("dot_product_attention" in trace(mdl, params)) == kernel
+    q, k, v = _qkv(1, 16, 2, 2, 8)
+    with pytest.raises(ValueError, match="bfloat16 or float16 inputs, not float32"):
+        attn.attention(q, k, v, backend="cudnn")
 
 
 def _gradient_jaxpr(remat: str, backend: str, max_segments: int = 0) -> str:

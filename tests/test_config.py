@@ -23,7 +23,7 @@ def test_recipes_are_the_paper_models():
 
 
 BAD = [
-    # (override, what the message must name, exit code: 2 for config errors, 1 for data errors)
+    # (override, what the message must name, exit code: 2 for config and data errors)
     ("--config.model.dim=130", "model.dim", 2),                 # not divisible by heads=4
     ("--config.model.kv_heads=3", "model.kv_heads", 2),         # does not divide heads
     ("--config.train.seq_len=0", "train.seq_len", 2),
@@ -36,7 +36,10 @@ BAD = [
     ("--config.train.steps=1.5", "train.steps=1.5", 2),         # wrong type: absl's bare FATAL, exit 1, once
     ("--config=configs/tinny.py", "configs/tinny.py", 2),       # no such recipe: a traceback once
     ("--config.mesh.fsdp=3", "fsdp=3", 2),                      # mesh does not fit 1 device
-    ("--config.model.vocab_size=1000", "vocabulary 4096 but the model's vocab_size is 1000", 1),  # data vs model
+    ("--config.model.vocab_size=1000", "data error: the data's tokenizer has vocabulary 4096 but the model's "
+                                       "vocab_size is 1000", 2),  # data vs model: exit 1 once
+    ("--config.data.path=/nowhere", "data error: ", 2),            # exit 1, "FileNotFoundError: ...", once
+    ("--config.model.attention=splash", "model.attention='splash' is not allowed on this machine", 2),  # traceback once
 ]
 
 
@@ -52,6 +55,8 @@ def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
         assert key in out, f"{flag}: message does not name {key}:\n{out[-2000:]}"
         assert "Traceback" not in out, f"{flag}: a traceback, not a one-line error:\n{out[-2000:]}"
         assert not (tmp_path / "0" / "checkpoints").exists()
+    for i, (flag, _, _) in enumerate(BAD):  # refused before the workdir is made
+        assert not (tmp_path / str(i)).exists(), flag
 
 
 @pytest.mark.parametrize("key,value,fragment", [
@@ -61,6 +66,7 @@ def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
     ("optimizer.grad_accum_steps", 3, "divisor of train.global_batch_size"),
     ("optimizer.b2", 1.0, "[0, 1)"),
     ("model.attention", "flash", "one of auto"),
+    ("model.attention", "cudnn", "model.dtype='float32'"),  # tiny computes in float32; cuDNN takes bf16
     ("model.max_segments", -1, ">= 0"),
     ("model.max_segments", None, "type int"),  # ConfigDict itself refuses floats and strings
     ("optimizer.clip_norm", float("nan"), "finite value >= 0"),  # NaN would turn clipping off unseen
