@@ -37,6 +37,26 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
+class DataError(ValueError):
+    """The data cannot feed this run: missing, unreadable, or tokenised for another vocabulary or
+    tokenizer. Found before anything is written to the workdir."""
+
+
+# The platform each accelerator-only attention backend needs (model.attention; auto picks what runs).
+_BACKEND_PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu",)}
+
+
+def check_attention_backend(config) -> None:
+    """Raises config.ConfigError if model.attention names a kernel this machine cannot run."""
+    wanted = config.model.attention
+    platform = jax.default_backend()
+    if wanted in _BACKEND_PLATFORMS and platform not in _BACKEND_PLATFORMS[wanted]:
+        raise config_lib.ConfigError(
+            f"config.model.attention={wanted!r} is not allowed on this machine: it needs a "
+            f"{'/'.join(_BACKEND_PLATFORMS[wanted]).upper()} and JAX's backend here is {platform}; use 'auto' "
+            "(splash on TPU, cuDNN on GPU, XLA elsewhere) or 'xla'")
+
+
 # ---------------------------------------------------------------- shardings
 def state_shardings(config, model, tx, mesh) -> TrainState:
     """NamedShardings for every leaf of the train state, from the model's logical axes."""
@@ -150,7 +170,7 @@ _SPLIT_SIZES = (("train.global_batch_size", "batch"), ("model.vocab_size", "voca
 
 def check_mesh_fits(config, mesh) -> None:
     """Raises sharding.MeshError, naming the key, its value and the mesh axes, if a size the mesh splits
-    (the batch over dp*op*fsdp and the processes; heads, kv_heads, ffn_dim and vocab_size over tp; dim over
+    (the batch and each accumulated micro-batch over dp*op*fsdp and the processes; heads, kv_heads, ffn_dim and vocab_size over tp; dim over
     fsdp) does not divide evenly: found here, not as an IndivisibleError after compiling."""
     rules = dict(sharding.LOGICAL_AXIS_RULES)
     for key, logical in _SPLIT_SIZES:
@@ -166,6 +186,13 @@ def check_mesh_fits(config, mesh) -> None:
         if value % parts:
             raise sharding.MeshError(f"config.{key}={value} is not allowed: expected a multiple of {parts}, "
                                      f"as it is split over {split}")
+        accum = config.optimizer.grad_accum_steps
+        if logical == "batch" and (value // accum) % parts:
+            # Else a micro-batch leaves some batch shards with padding, or no rows, to compute.
+            raise sharding.MeshError(
+                f"config.optimizer.grad_accum_steps={accum} is not allowed: its micro-batches of "
+                f"{value // accum} rows (train.global_batch_size={value} / {accum}) must be a multiple of "
+                f"{parts}, as each is split over {split}")
 
 
 def lower_train_step(config, mesh):
@@ -246,13 +273,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     "(e.g. a Cloud Storage FUSE mount such as /gcs/BUCKET/...)")
     t = config.train
     is_main = jax.process_index() == 0
+    check_attention_backend(config)
     mesh = sharding.make_mesh(config.mesh)
     check_mesh_fits(config, mesh)
+    try:
+        train_iter, val_batches, data_dir = make_data(config, mesh)
+        if data_dir:
+            _check_tokenizer(data_dir, workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(str(e)) from e
     os.makedirs(workdir, exist_ok=True)
-
-    train_iter, val_batches, data_dir = make_data(config, mesh)
-    if data_dir:
-        _check_tokenizer(data_dir, workdir)
     model = Transformer(config.model)
     tx, schedules = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
@@ -521,6 +551,8 @@ def main(argv) -> None:
         train(config, _WORKDIR.value)
     except (config_lib.ConfigError, sharding.MeshError, CheckpointMismatch) as e:
         _die(f"config error: {e}")
+    except DataError as e:
+        _die(f"data error: {e}")
     except (FileNotFoundError, TrainingError, CheckpointError) as e:
         _die(f"{type(e).__name__}: {e}", code=1)
     except ValueError as e:  # bad data or a vocabulary mismatch; keep the traceback for the odd real bug
