@@ -77,7 +77,10 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
         loss, grads = grad_fn(params, batch)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     else:
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+        # Micro-batch i takes rows i, i + A, i + 2A, ... (A = grad_accum_steps): every device's block of
+        # the batch gives each micro-batch its share, so no row moves between devices. Consecutive rows
+        # put each micro-batch on a few devices and made XLA reshard the batch every step.
+        micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, mb):
             loss_sum, grad_sum = carry

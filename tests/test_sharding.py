@@ -87,12 +87,14 @@ def test_tensor_parallel_step_equals_single_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5), params1, params_tp)
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"fsdp": 4, "op": 2}, {"dp": 2, "fsdp": 2, "tp": 2}])
-def test_sharded_step_compiles_without_replicating_activations(mesh_sizes):
+@pytest.mark.parametrize("mesh_sizes,accum", [({"fsdp": 4, "op": 2}, 1), ({"dp": 2, "fsdp": 2, "tp": 2}, 1),
+                                              ({"fsdp": 8}, 2)])
+def test_sharded_step_compiles_without_replicating_activations(mesh_sizes, accum):
     """XLA says "Involuntary full rematerialization" when it cannot reshard a tensor and replicates it
     on every device instead. No activation may need that. The token embedding's rows did (they leave
-    the fsdp-split table split over embed, not batch) whenever op, dp or tp were > 1. Compiled in a
-    child, whose C++ log is its stderr."""
+    the fsdp-split table split over embed, not batch) whenever op, dp or tp were > 1; so did accumulated
+    micro-batches made of consecutive rows (each on half the devices). Compiled in a child, whose C++
+    log is its stderr."""
     import os
     import subprocess
     import sys
@@ -106,7 +108,8 @@ def test_sharded_step_compiles_without_replicating_activations(mesh_sizes):
             "for embed_proj in (False, True):\n"
             "    c = small_config(embed_proj=embed_proj)\n"
             f"    c.mesh.update({sizes!r})\n"
-            "    c.train.global_batch_size = 8\n"
+            f"    c.train.global_batch_size = {8 * accum}\n"
+            f"    c.optimizer.grad_accum_steps = {accum}\n"
             "    lower_train_step(c, sharding.make_mesh(c.mesh))[0].compile()\n"
             "print('compiled')\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),

@@ -97,12 +97,16 @@ def test_mesh_sizes_that_do_not_divide_are_config_errors():
 
     check()
     check(mesh__tp=2)
+    check(optimizer__grad_accum_steps=2)
     for keys, message in [
         (dict(train__global_batch_size=12), r"config.train.global_batch_size=12 .* multiple of 8, .* mesh.dp=1 \* "
                                             r"mesh.op=1 \* mesh.fsdp=8"),
         (dict(mesh__tp=8, mesh__fsdp=1, model__heads=8, model__kv_heads=4), r"config.model.kv_heads=4 .* mesh.tp=8"),
         (dict(mesh__tp=2, model__vocab_size=4097), r"config.model.vocab_size=4097 .* multiple of 2"),
         (dict(model__dim=68, model__heads=2, model__kv_heads=2), r"config.model.dim=68 .* mesh.fsdp=8"),
+        # 16 rows in 4 micro-batches of 4: half the fsdp=8 devices would compute padding
+        (dict(optimizer__grad_accum_steps=4), r"config.optimizer.grad_accum_steps=4 .* micro-batches of 4 rows "
+                                              r".* multiple of 8"),
     ]:
         with pytest.raises(sharding.MeshError, match=message):
             check(**keys)
