@@ -86,10 +86,14 @@ def _text_batches(path: str, workdir: str, vocab_size: int, seq_len: int, batch_
 
     if not glob.glob(path):
         raise EvalError(f"--data={path}: no such file")
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if not os.path.isfile(tok_path):
-        raise EvalError(f"{tok_path} not found: tokenising {path} needs the run's tokenizer "
-                        "(train copies it into the workdir)")
+    try:
+        tok_path = tokenizer_lib.run_tokenizer_path(workdir)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if tok_path is None:
+        raise EvalError(f"{workdir} holds no tokenizer (tokenizer.json, tokenizer.model, or the file its "
+                        f"data_metadata.json names): tokenising {path} needs the run's tokenizer, which train "
+                        "copies into the workdir from prepared data; pass --data=DIR of prepared data instead")
     tok = tokenizer_lib.load_tokenizer(tok_path)
     if tok.vocab_size > vocab_size:
         raise EvalError(f"the tokenizer {tok_path} has vocabulary {tok.vocab_size} but the model's vocab_size "

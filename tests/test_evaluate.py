@@ -136,6 +136,29 @@ def test_text_file_16_bits_and_max_tokens(run, capsys, tmp_path):
     assert r["ppl"] < 10.0
 
 
+def test_text_file_with_a_sentencepiece_run(tmp_path):
+    """A run trained on SentencePiece data keeps tokenizer.model (named by its data_metadata.json);
+    --data=FILE tokenises with it. It looked for tokenizer.json only and said the run had none."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    docs = [f"document {i} says the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(40)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=model, vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    (tmp_path / "data_metadata.json").write_text(json.dumps({"tokenizer": "tokenizer.model"}))
+    text = tmp_path / "val.txt"
+    text.write_text("\n".join(docs), encoding="utf-8")
+    batch = next(ev._text_batches(str(text), str(tmp_path), vocab_size=64, seq_len=16, batch_size=2))
+    tok = load_tokenizer(str(tmp_path / "tokenizer.model"))
+    assert batch["inputs"].shape == (2, 16)
+    np.testing.assert_array_equal(batch["inputs"][0], tok.encode(docs[0])[:16])
+    (tmp_path / "tokenizer.model").unlink()
+    with pytest.raises(ev.EvalError, match="holds no tokenizer"):
+        ev._text_batches(str(text), str(tmp_path), vocab_size=64, seq_len=16, batch_size=2)
+
+
 def test_masked_kurtosis_matches_outlier_stats(run):
     """On a batch without padding, evaluate's masked statistics are metrics.outlier_stats exactly."""
     from osp_jax import metrics

@@ -44,18 +44,30 @@ def run_tokenizer_sha256(workdir: str, name: str = "tokenizer.json") -> tuple[st
     (named by its data_metadata.json, else `name`), else (file None) the `tokenizer_sha256` that
     data_metadata.json records; (None, None) when the run keeps neither. ValueError if data_metadata.json
     is not JSON."""
-    meta_path = os.path.join(workdir, "data_metadata.json")
-    meta = {}
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    meta = _run_data_metadata(workdir)
     path = os.path.join(workdir, os.path.basename(str(meta.get("tokenizer") or name)))
     if os.path.isfile(path):
         return file_sha256(path), path
     return (str(meta["tokenizer_sha256"]) if meta.get("tokenizer_sha256") else None), None
+
+
+def run_tokenizer_path(workdir: str) -> str | None:
+    """The tokenizer file train copied into WORKDIR (named by its data_metadata.json; else a
+    tokenizer.json or SentencePiece tokenizer.model there), or None."""
+    named = _run_data_metadata(workdir).get("tokenizer")
+    names = [os.path.basename(str(named))] if named else ["tokenizer.json", "tokenizer.model"]
+    return next((os.path.join(workdir, n) for n in names if os.path.isfile(os.path.join(workdir, n))), None)
+
+
+def _run_data_metadata(workdir: str) -> dict:
+    meta_path = os.path.join(workdir, "data_metadata.json")
+    if not os.path.isfile(meta_path):
+        return {}
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
 
 
 class Tokenizer:
