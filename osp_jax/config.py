@@ -110,7 +110,8 @@ def defaults() -> ConfigDict:
     c.data.source = "grain"          # grain | seqio
     c.data.path = "builtin"          # a directory made by osp_jax.data.prepare, or "builtin"
     c.data.seqio_task = ml_collections.config_dict.placeholder(str)
-    c.data.pack_mask = True          # attention stays within a document of a packed window
+    c.data.pack_mask = True          # attention stays within a document of a packed window (False: one causal
+                                     # stream over the window, positions 0..seq_len-1)
     c.data.worker_count = 0          # Grain worker processes (0: threads in this process)
     c.data.prefetch = 2
 

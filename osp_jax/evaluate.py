@@ -42,6 +42,7 @@ from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
 from osp_jax import quant as quant_lib
 from osp_jax.model import LINEAR_INPUTS, Transformer
+from osp_jax.step import window_layout
 
 PROG = "osp_jax.evaluate"
 TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst", ".txt.gz", ".txt.xz", ".txt.zst")
@@ -206,8 +207,7 @@ def linear_inputs(intermediates) -> dict:
 def batch_stats(params, batch, *, model: Transformer, pack_mask: bool, outliers: bool = False) -> dict:
     """Summed loss and scored-token count; with `outliers`, per-layer kurtosis sums and max |activation|
     of the residual stream and of every linear layer's input (what the activation quantiser sees)."""
-    out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"] if pack_mask else None, return_hidden=outliers,
+    out = model.apply({"params": params}, batch["inputs"], **window_layout(batch, pack_mask), return_hidden=outliers,
                       mutable=["intermediates"] if outliers else False)
     inputs = {}
     if outliers:

@@ -43,9 +43,19 @@ def _loss_mask(batch: dict):
     return (batch["segment_ids"] > 0).astype(jnp.float32)  # segment id 0 = padding
 
 
+def window_layout(batch: dict, pack_mask: bool) -> dict:
+    """The model's `positions` and `segment_ids` for a packed batch. With `data.pack_mask` each document
+    is attended alone, its positions from 0; without, the window is one causal stream (as a plain
+    causal LM, the exported Llama included, reads it), so its positions run 0..seq-1 too: restarting
+    them per document while attending across documents put earlier tokens at later positions."""
+    if pack_mask:
+        return {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
+    return {"positions": None, "segment_ids": None}
+
+
 def _apply_with_targets(model: Transformer, params, batch: dict, pack_mask: bool, **kwargs):
-    return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"] if pack_mask else None, targets=batch["targets"], **kwargs)
+    return model.apply({"params": params}, batch["inputs"], **window_layout(batch, pack_mask),
+                       targets=batch["targets"], **kwargs)
 
 
 def token_losses(model: Transformer, params, batch: dict, pack_mask: bool):
@@ -126,6 +136,6 @@ def eval_step(params, batch: dict, *, model: Transformer, pack_mask: bool = True
 
 def hidden_states(params, batch: dict, *, model: Transformer, pack_mask: bool = True):
     """Residual stream after the embedding and every layer: (layers + 1, batch, seq, dim)."""
-    _, hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                            segment_ids=batch["segment_ids"] if pack_mask else None, return_hidden=True)
+    _, hidden = model.apply({"params": params}, batch["inputs"], **window_layout(batch, pack_mask),
+                            return_hidden=True)
     return hidden

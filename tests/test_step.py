@@ -110,3 +110,23 @@ def test_precast_weights_leaves_no_weight_cast_in_the_loops_or_the_remat(scan):
     assert any("scan" in inside for inside, _ in before) and any(remat(inside) for inside, _ in before)
     after = casts(True)
     assert after and all(inside == () for inside, _ in after), after
+
+
+def test_without_pack_mask_a_window_is_one_stream():
+    """data.pack_mask=False: documents attend to each other, so positions run 0..seq-1 over the window,
+    as a plain causal LM (the exported Llama) reads it; they used to restart at each document."""
+    from osp_jax.step import token_losses
+
+    cfg = _config()
+    model = Transformer(cfg.model)
+    seq, first = cfg.train.seq_len, cfg.train.seq_len // 2  # two documents in one packed window
+    batch = _batch(cfg, n=1)
+    batch["segment_ids"] = jnp.asarray([[1] * first + [2] * (seq - first)], jnp.int32)
+    batch["positions"] = jnp.asarray([list(range(first)) + list(range(seq - first))], jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+    got, _ = token_losses(model, params, batch, pack_mask=False)
+    stream = model.apply({"params": params}, batch["inputs"], targets=batch["targets"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(stream), rtol=1e-6)
+    packed, _ = token_losses(model, params, batch, pack_mask=True)
+    np.testing.assert_allclose(np.asarray(packed)[:, :first], np.asarray(stream)[:, :first], rtol=1e-6)
+    assert not np.allclose(np.asarray(packed)[:, first:], np.asarray(stream)[:, first:])
