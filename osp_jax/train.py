@@ -217,7 +217,7 @@ def make_data(config, mesh):
     if d.source == "seqio":
         from osp_jax.data.seqio_source import make_seqio_iterator
         train_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                         seed=t.seed, split="train")
+                                         seed=t.seed, split="train", vocab_size=config.model.vocab_size)
         val_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                                        seed=t.seed, split="validation")
         return train_iter, [next(val_iter) for _ in range(t.eval_batches)], None

@@ -49,11 +49,12 @@ def _resolve_task(seqio, name: str) -> str:
 
 def make_seqio_iterator(task_or_mixture_name: str, *, seq_len: int, global_batch_size: int, seed: int,
                         split: str = "train", shuffle: bool = True, num_epochs: int | None = None,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                        process_index: int | None = None, process_count: int | None = None,
+                        vocab_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yields {"inputs", "targets", "segment_ids", "positions"}: int32 (B, seq_len), with
-    B = global_batch_size // process_count; each process reads its own shard of the task."""
-    from osp_jax.data.pipeline import local_batch_size
+    B = global_batch_size // process_count; each process reads its own shard of the task.
+    With `vocab_size` (the model's), a task whose "targets" vocabulary is larger is refused (ValueError)."""
+    from osp_jax.data.pipeline import check_vocab, local_batch_size
 
     seqio = _import_seqio()
     if process_index is None or process_count is None:
@@ -62,6 +63,12 @@ def make_seqio_iterator(task_or_mixture_name: str, *, seq_len: int, global_batch
         process_count = jax.process_count() if process_count is None else process_count
     batch_size = local_batch_size(global_batch_size, process_count)
     task_or_mixture_name = _resolve_task(seqio, task_or_mixture_name)
+    if vocab_size is not None:  # else an id past the table embeds as NaN, and training stops on "non-finite loss"
+        vocab = seqio.get_mixture_or_task(task_or_mixture_name).output_features["targets"].vocabulary
+        try:
+            check_vocab({"vocab_size": vocab.vocab_size}, vocab_size)
+        except ValueError as e:
+            raise ValueError(f"data.seqio_task={task_or_mixture_name!r}: {e}") from None
     ds = seqio.get_dataset(
         task_or_mixture_name,
         task_feature_lengths={"targets": seq_len},
