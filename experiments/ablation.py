@@ -501,6 +501,22 @@ def write_section(doc: str, preset: str, body: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def resolve_doc(parser, args, name: str) -> str:
+    """--doc, else OUT/NAME: a trial run with other settings must not rewrite the repository's record
+    (docs/ablation.md), which takes --doc=docs/ablation.md. --report-only writes nothing under --out, so
+    it needs --doc."""
+    if args.doc:
+        return os.path.abspath(args.doc)
+    if args.report_only:
+        parser.error("--report-only writes nothing under --out: pass --doc=FILE (docs/ablation.md rebuilds the record)")
+    return os.path.join(args.out, name)
+
+
+def _beside_doc(doc: str, preset_plots: str) -> str:
+    """The preset's plot name (docs/ablation_PRESET) in --doc's directory."""
+    return os.path.join(os.path.dirname(doc), os.path.basename(preset_plots))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -531,13 +547,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set=model.layers=6")
-    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "ablation.md"))
-    p.add_argument("--plots", default=None, help="plot path prefix (default: the preset's, under the repo)")
+    p.add_argument("--doc", default=None,
+                   help="report file, its PRESET section rewritten (default: OUT/ablation.md; the repository's "
+                        "record is --doc=docs/ablation.md)")
+    p.add_argument("--plots", default=None, help="plot path prefix (default: the preset's plot name, next to --doc)")
     p.add_argument("--date", default=None, help="date written in the report (default: today, UTC)")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)  # Orbax wants absolute checkpoint paths
     if args.report_only and args.stage != "sweep":
         p.error("--report-only works with --stage=sweep")
+    args.doc = resolve_doc(p, args, "ablation.md")
     global REPORT_ONLY
     REPORT_ONLY = args.report_only
 
@@ -599,7 +618,7 @@ def main(argv=None) -> int:
         if not REPORT_ONLY:
             _write_json(os.path.join(args.out, "sweep.json"), {"sweep": sweep, "chosen": chosen})
         curves = {arm: _metrics(os.path.join(args.out, "sweep", f"{arm[0]}_lr{chosen[arm[0]]:g}")) for arm in ARMS}
-        plots = plot_curves(curves, (args.plots or os.path.join(ROOT, preset["plots"])) + "_sweep")
+        plots = plot_curves(curves, (args.plots or _beside_doc(args.doc, preset["plots"])) + "_sweep")
         info = {
             "label": preset["label"], "device": args.device or _device(),
             "date": args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
@@ -640,7 +659,7 @@ def main(argv=None) -> int:
     _, params, _ = load_checkpoint(os.path.join(args.out, "adam"), None)
     import jax
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    plots = plot_curves(curves, args.plots or os.path.join(ROOT, preset["plots"]))
+    plots = plot_curves(curves, args.plots or _beside_doc(args.doc, preset["plots"]))
     cfg = make_config(preset, data_path, ARMS[0], chosen["adam"], steps, args.seed, extra)
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     info = {

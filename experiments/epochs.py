@@ -245,9 +245,11 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every run")
-    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "ablation.md"))
+    p.add_argument("--doc", default=None,
+                   help="report file, its PRESET:NAME section rewritten (default: OUT/ablation.md; the "
+                        "repository's record is --doc=docs/ablation.md)")
     p.add_argument("--name", default="epochs", help="report section PRESET:NAME and plot name (default epochs)")
-    p.add_argument("--plot", default=None, help="plot path (default: docs/ablation_PRESET_NAME.png)")
+    p.add_argument("--plot", default=None, help="plot path (default: ablation_PRESET_NAME.png next to --doc)")
     p.add_argument("--prepare-only", action="store_true",
                    help="make OUT/data and the training-document probe, then stop (e.g. to carry them to a GPU)")
     p.add_argument("--date", default=None, help="date written in the report (default: today, UTC)")
@@ -258,6 +260,7 @@ def main(argv=None) -> int:
                         "results brought back from a GPU without their checkpoints); a missing one is 'not run'")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
+    args.doc = abl.resolve_doc(p, args, "ablation.md")
     arms = [a for a in args.arms.split(",") if a]
     by_name = {a[0]: a for a in abl.ARMS}
     if unknown := [a for a in arms if a not in by_name]:
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
             "batch": probe_cfg.train.global_batch_size, "seq_len": probe_cfg.train.seq_len, "lrs": lrs,
             "seed": args.seed}
     path = plot(rows, {a: by_name[a][1] for a in arms},
-                args.plot or os.path.join(ROOT, "docs", f"ablation_{args.preset}_{args.name}.png"))
+                args.plot or os.path.join(os.path.dirname(args.doc), f"ablation_{args.preset}_{args.name}.png"))
     # Kurtosis and max |activation| over training (logged by osp_jax.train), for each arm's longest run:
     # its last row, as each arm's rows follow the sorted epoch counts.
     longest = {r["arm"]: r for r in rows}

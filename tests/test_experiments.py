@@ -137,3 +137,21 @@ def test_epochs_report_only_reports_what_is_on_disk_and_trains_nothing(tmp_path)
     assert "| Adam | 1 |" in text and "| Adam | 2 |" not in text  # the 2-epoch run never finished
     assert "50.00 (4-4-4 not run)" in text and "104.00 (1.040x)" in text and "test device" in text
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing trained, evaluated or written
+
+
+def test_reports_go_under_out_unless_doc_names_the_record(tmp_path):
+    """A trial run must not rewrite docs/ablation.md's measured sections (the default did): without
+    --doc the report is OUT/ablation.md, its plots beside it; --report-only, which writes nothing
+    under --out, must name its --doc."""
+    import argparse
+
+    abl = _epochs_module().abl
+    parser = argparse.ArgumentParser(prog="ablation.py")
+    out = str(tmp_path / "out")
+    doc = abl.resolve_doc(parser, argparse.Namespace(doc=None, out=out, report_only=False), "ablation.md")
+    assert doc == os.path.join(out, "ablation.md")
+    assert abl._beside_doc(doc, "docs/ablation_gpu_124m") == os.path.join(out, "ablation_gpu_124m")
+    record = abl.resolve_doc(parser, argparse.Namespace(doc="docs/ablation.md", out=out, report_only=True), "x")
+    assert record == os.path.abspath("docs/ablation.md")
+    with pytest.raises(SystemExit):
+        abl.resolve_doc(parser, argparse.Namespace(doc=None, out=out, report_only=True), "ablation.md")
