@@ -429,3 +429,22 @@ def test_muon_lowers_least_squares_loss():
     for _ in range(100):
         params, state = step(params, state)
     assert loss(params) < 0.05 * start, (loss(params), start)
+
+
+def test_readme_optax_chain_runs_on_a_tree_with_vectors_and_an_embedding():
+    """The README's "Muon in your own optax chain" snippet, run as written on a tree with a bias and
+    an embedding (chaining osp_jax.muon over a whole tree refuses the bias)."""
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Muon in your own optax chain"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    tx = scope["tx"]
+    params = {"embed": jnp.ones((50, 16)), "w": jnp.full((16, 32), 0.1), "b": jnp.zeros((32,))}
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
+    # b and embed took AdamW's first step (-lr for a unit gradient); w took Muon's, which is not that
+    np.testing.assert_allclose(np.asarray(updates["b"]), -1e-3, rtol=1e-4)
+    assert not np.allclose(np.asarray(updates["w"]), -1e-3, rtol=0.1)
