@@ -120,8 +120,10 @@ def progress_line(step: int, total: int, m: dict) -> str:
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
-    parts += [f"lr {m['learning_rate']:.2e}", f"{m['tokens_per_sec']:,.0f} tok/s", f"MFU {mfu}",
-              f"ETA {format_duration(m['eta_seconds'])}"]
+    # None right after a start: the first step's time is mostly compilation, not throughput
+    speed = "n/a tok/s" if m.get("tokens_per_sec") is None else f"{m['tokens_per_sec']:,.0f} tok/s"
+    eta = "n/a" if m.get("eta_seconds") is None else format_duration(m["eta_seconds"])
+    parts += [f"lr {m['learning_rate']:.2e}", speed, f"MFU {mfu}", f"ETA {eta}"]
     if m.get("skipped_steps"):
         parts.append(f"skipped {m['skipped_steps']}")
     return " | ".join(parts)
@@ -136,20 +138,54 @@ def _jsonable(value):
     return value
 
 
+def set_aside_rows_after(path: str, step: int) -> int:
+    """Moves the rows of metrics.jsonl at `path` whose step is past `step` (and any line that is not a
+    JSON record, e.g. cut off by a crash) to metrics.abandoned.jsonl beside it, appended, never
+    dropped; returns how many moved. The kept rows are rewritten atomically."""
+    if not os.path.isfile(path):
+        return 0
+    keep, moved = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                ok = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            (keep if ok else moved).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(os.path.join(os.path.dirname(path), "metrics.abandoned.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(moved)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(moved)
+
+
 class MetricWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
     Only process 0 writes; other processes get a writer that does nothing.
     """
 
-    def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool | None = None):
+    def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool | None = None,
+                 start_step: int | None = None):
+        """`start_step`: the step training (re)starts from. Rows logged past it by an earlier attempt
+        (steps after the checkpoint it resumes from, which are trained again) move to
+        metrics.abandoned.jsonl, so metrics.jsonl reads as the one history that led to the model."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if start_step is not None:
+            set_aside_rows_after(path, start_step)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter

@@ -332,11 +332,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
         val_global = [to_global(b, batch_sharding) for b in val_batches]
 
-        writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard)
+        writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, start_step=start)
         throughput = metrics_lib.Throughput(fpt, t.steps, tokens_per_step,
                                             metrics_lib.peak_flops_per_device(t.peak_tflops), jax.device_count())
         preempted = _install_sigterm_handler()
         last: dict = {}
+        last_step = None      # the step `last` was logged at
         pending = None        # (step, device metrics) of the previous step: read one step late
         skipped_total = 0
         step = start
@@ -350,6 +351,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     stopped = True
                     break
                 batch = to_global(next(train_iter), batch_sharding)
+                if step == start and is_main:
+                    log.info("compiling the train step (the first step waits for it)")
                 state, device_metrics = step_fn(state, batch)
                 step += 1
                 if pending is not None:
@@ -367,7 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if step > start + 1:
                         record.update(throughput.measure(step))
                     else:
-                        record.update({"tokens_per_sec": 0.0, "mfu": None, "eta_seconds": 0.0})
+                        record.update({"tokens_per_sec": None, "mfu": None, "eta_seconds": None})
                     record["skipped_steps"] = skipped_total
                     record["tokens"] = step * tokens_per_step
                     if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
@@ -378,7 +381,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     writer.write(step, record)
                     if is_main:
                         print(metrics_lib.progress_line(step, t.steps, record), flush=True)
-                    last = record
+                    last, last_step = record, step
                     throughput.start(step)  # eval/outlier time is not training time
 
                 if checkpointer.should_save(step) or step == t.steps:
@@ -394,8 +397,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 cleanup.callback(checkpointer.close)
                 checkpointer.wait()  # re-raises a failed asynchronous save
     if last and is_main:
-        log.info("done at step %d: loss %.4f%s; checkpoints in %s", step, last["loss"],
-                 f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "", checkpointer.directory)
+        logged = (f"loss {last['loss']:.4f}" + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else ""))
+        if stopped:
+            log.info("stopped by SIGTERM at step %d, saved; last logged at step %d: %s; checkpoints in %s", step,
+                     last_step, logged, checkpointer.directory)
+        else:
+            log.info("done at step %d: %s; checkpoints in %s", step, logged, checkpointer.directory)
     return last
 
 

@@ -33,3 +33,26 @@ def test_curves_of_two_runs(tmp_path, capsys):
 def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
     assert plot.main([f"--workdir={tmp_path}"]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_a_restart_sets_aside_the_rows_it_will_log_again(tmp_path):
+    """Rows past the step a run resumes from (an earlier attempt's, trained again) and a line cut off by a
+    crash move to metrics.abandoned.jsonl, appended; the rows up to that step stay, in order."""
+    from osp_jax.metrics import MetricWriter, progress_line
+
+    run = tmp_path / "run"
+    _write(run, [{"step": s, "loss": 9.0 - s} for s in (1, 2, 3, 4)], extra_lines=['{"step": 5, "lo'])
+    (run / "metrics.abandoned.jsonl").write_text('{"step": 9, "loss": 0.5}\n')
+    writer = MetricWriter(str(run), tensorboard=False, enabled=True, start_step=2)
+    writer.write(3, {"loss": 1.0, "tokens_per_sec": None})
+    writer.close()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 8.0), (2, 7.0), (3, 1.0)]
+    assert rows[-1]["tokens_per_sec"] is None
+    moved = (run / "metrics.abandoned.jsonl").read_text().splitlines()
+    assert moved == ['{"step": 9, "loss": 0.5}', '{"step": 3, "loss": 6.0}', '{"step": 4, "loss": 5.0}',
+                     '{"step": 5, "lo']
+    # the first step after a start is mostly compilation: no throughput figure, said so
+    line = progress_line(3, 10, {"loss": 1.0, "learning_rate": 1e-3, "tokens_per_sec": None, "mfu": None,
+                                 "eta_seconds": None})
+    assert "n/a tok/s" in line and "ETA n/a" in line

@@ -62,6 +62,10 @@ def test_exact_resume_after_sigkill(tmp_path):
     a, b = _losses(straight), _losses(killed)
     assert sorted(a) == list(range(1, 13)) and set(range(1, 13)) <= set(b)
     assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)], (a, b)  # bit-identical losses
+    # one history: the rows the killed attempt logged past step 6 were moved aside, not repeated
+    rows = read_metrics(killed)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[6]["tokens_per_sec"] is None and rows[7]["tokens_per_sec"] > 0  # step 7 waited for compiling
     jax.tree.map(np.testing.assert_array_equal, _params(straight, 12), _params(killed, 12))
 
 
@@ -74,7 +78,7 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     steps = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=1000, keep=3).all_steps()
     assert len(steps) == 1 and 3 <= steps[0] < 1000, steps
-    assert "SIGTERM" in out
+    assert f"stopped by SIGTERM at step {steps[0]}, saved" in out
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
