@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Iterator
 
@@ -45,6 +46,7 @@ from osp_jax.model import LINEAR_INPUTS, Transformer
 from osp_jax.step import window_layout
 
 PROG = "osp_jax.evaluate"
+PROGRESS_EVERY_S = 10.0
 TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst", ".txt.gz", ".txt.xz", ".txt.zst")
 
 
@@ -234,9 +236,19 @@ def _stats_fn(model_json: str, spec: quant_lib.QuantSpec | None, pack_mask: bool
     return jax.jit(functools.partial(batch_stats, model=model, pack_mask=pack_mask, outliers=outliers))
 
 
-def _run(fn, params, batches) -> dict:
+def _run(fn, params, batches, what: str = "", every_s: float | None = None) -> dict:
+    """Sums (maxima for max_abs) of `fn` over `batches`; a pass longer than `every_s` reports progress
+    on stderr every `every_s` seconds: batches done, seconds a batch, ETA."""
     total: dict = {}
-    for b in batches:
+    every_s = PROGRESS_EVERY_S if every_s is None else every_s
+    t0 = last = time.perf_counter()
+    for i, b in enumerate(batches, 1):
+        now = time.perf_counter()
+        if i > 1 and now - last >= every_s:
+            per = (now - t0) / (i - 1)
+            print(f"{PROG}: {what}: {i - 1}/{len(batches)} batches, {per:.2f} s/batch, ETA "
+                  f"{metrics_lib.format_duration(per * (len(batches) - i + 1))}", file=sys.stderr, flush=True)
+            last = now
         out = jax.device_get(fn(params, b))
         for k, v in out.items():
             v = np.asarray(v, np.float64)
@@ -310,14 +322,16 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
 
     as_json = lambda c: json.dumps(c.to_dict(), sort_keys=True)
     with jax.default_matmul_precision("float32"):
-        fp = _run(_stats_fn(as_json(model_cfg), None, pack_mask, True), jax.device_put(params), batches)
+        fp = _run(_stats_fn(as_json(model_cfg), None, pack_mask, True), jax.device_put(params), batches,
+                  "16-bit pass")
 
         q_params, q_cfg = quant_lib.fold_embproj(params, model_cfg)
         if hadamard_ffn:
             q_params = quant_lib.rotate_ffn(q_params)
         q_params = quant_lib.quantize_weights(q_params, bits.w, clip_search)
         spec = quant_lib.QuantSpec(a_bits=bits.a, kv_bits=bits.kv, hadamard_ffn=hadamard_ffn)
-        qt = _run(_stats_fn(as_json(q_cfg), spec, pack_mask, False), jax.device_put(q_params), batches)
+        qt = _run(_stats_fn(as_json(q_cfg), spec, pack_mask, False), jax.device_put(q_params), batches,
+                  f"{bits} pass")
 
     tokens = float(fp["tokens"])
     kurt = fp["kurtosis_sum"] / max(tokens, 1.0)

@@ -159,6 +159,15 @@ def test_text_file_with_a_sentencepiece_run(tmp_path):
         ev._text_batches(str(text), str(tmp_path), vocab_size=64, seq_len=16, batch_size=2)
 
 
+def test_a_long_pass_reports_progress(capsys):
+    batches = [np.full((2,), i, np.float32) for i in range(4)]
+    total = ev._run(lambda p, b: {"x_sum": b.sum(), "x_max_abs": b.max()}, None, batches, "16-bit pass", every_s=0)
+    assert total["x_sum"] == 12 and total["x_max_abs"] == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2].split(",")[0] for line in lines] == ["1/4 batches", "2/4 batches", "3/4 batches"]
+    assert all(line.startswith("osp_jax.evaluate: 16-bit pass: ") and "ETA" in line for line in lines)
+
+
 def test_masked_kurtosis_matches_outlier_stats(run):
     """On a batch without padding, evaluate's masked statistics are metrics.outlier_stats exactly."""
     from osp_jax import metrics
