@@ -434,3 +434,17 @@ def test_cli_module_entry_point(tmp_path):
                           f"--output={tmp_path / 'out2'}", f"--tokenizer={TOKENIZER}"],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert bad.returncode != 0 and "matches no file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_progress_names_the_input_being_read(tmp_path, capsys):
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.jsonl")
+        write_jsonl(files[-1], [{"text": t} for t in DOCS])
+    progress = prep._Progress(enabled=True, files=3)
+    progress.file = 2
+    progress.update(4, 40)
+    progress.close()
+    assert capsys.readouterr().err.startswith("prepare: input 2/3, 4 docs, 40 tokens | ")
+    assert prep.main([f"--input={tmp_path}/*.jsonl", f"--output={tmp_path / 'out'}", f"--tokenizer={TOKENIZER}"]) == 0
+    assert "prepare: input 3/3, " in capsys.readouterr().err  # the last line, at the end

@@ -218,11 +218,12 @@ def _tokenized(docs: Iterator[Document], tokenizer_path: str, workers: int):
 class _Progress:
     """One stderr line with documents/s and tokens/s (redrawn on a terminal, every 10 s otherwise)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, files: int = 0):
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
         self.t0 = self.last = time.monotonic()
         self.docs = self.tokens = 0
+        self.files, self.file = files, 0  # inputs in all, and the one being read
 
     def update(self, docs: int, tokens: int) -> None:
         self.docs += docs
@@ -234,7 +235,8 @@ class _Progress:
 
     def _print(self, end: str) -> None:
         dt = max(time.monotonic() - self.t0, 1e-9)
-        sys.stderr.write(f"prepare: {self.docs:,} docs, {self.tokens:,} tokens | "
+        where = f"input {self.file}/{self.files}, " if self.files > 1 else ""
+        sys.stderr.write(f"prepare: {where}{self.docs:,} docs, {self.tokens:,} tokens | "
                          f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tokens/s{end}")
         sys.stderr.flush()
 
@@ -385,10 +387,15 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
     # 2. Read, tokenise, write.
     skips = SkipLog()
     writers = {s: _ShardWriter(output, s, shard_bytes) for s in SPLITS}
-    progress = _Progress(enabled=not quiet)
+    progress = _Progress(enabled=not quiet, files=len(input_files))
+
+    def documents():
+        for progress.file, inp in enumerate(input_files, 1):
+            yield from sources.read_documents(inp, text_field, skips, split_field)
+
     ok = False
     try:
-        docs = sources.iter_documents(input_files, text_field, skips, split_field)
+        docs = documents()
         for doc, ids in _tokenized(docs, tmp_tok, workers):
             writers[split_of(doc)].write(ids.tobytes(), len(ids))
             progress.update(1, len(ids))
