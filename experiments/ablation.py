@@ -341,20 +341,10 @@ def report(args, preset, info: dict, sweep: list, chosen: dict, results: dict, c
           f"(symmetric; \"MSE clip\": each channel's clip ratio searched over 1.0-0.5 for the least weight "
           f"error), A per token and KV in groups of 128 (asymmetric).", ""]
 
-    L += ["### Learning-rate sweep", "",
-          f"Each rate on {info['sweep_steps']} steps ({info['sweep_fraction']:.2f} of the run, cosine to that "
-          "end); the same rate for the AdamW and the Muon group (Muon's update is RMS-matched). Final validation "
-          f"loss on {info['eval_batches']} fixed batches.", "",
-          "| arm | " + " | ".join(f"lr {lr:g}" for lr in info["lrs"]) + " | chosen |",
-          "|---|" + "---:|" * len(info["lrs"]) + "---:|"]
-    for name, label in info["swept"]:
-        cells = []
-        for lr in info["lrs"]:
-            v = next((s["val_loss"] for s in sweep if s["arm"] == name and s["lr"] == lr), None)
-            cells.append(_fmt(v, ".4f") + (" (diverged)" if v is not None and not math.isfinite(v) else ""))
-        edge = chosen[name] in (min(info["lrs"]), max(info["lrs"])) and len(info["lrs"]) > 1
-        L.append(f"| {label} | " + " | ".join(cells) + f" | {chosen[name]:g}{' (edge of grid)' if edge else ''} |")
-    L.append("")
+    if len(info["lrs"]) < 2:  # --lrs with one value: no sweep was run
+        L += ["### Learning rate", "", f"No sweep: every arm trained at lr {info['lrs'][0]:g} (`--lrs`).", ""]
+    else:
+        L += _sweep_table(info, sweep, chosen)
 
     L += ["### Ablation table", "",
           "Excess kurtosis and max |activation| of the residual stream (embedding output and every layer's "
@@ -501,6 +491,25 @@ def write_section(doc: str, preset: str, body: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _sweep_table(info, sweep, chosen) -> list[str]:
+    """The report's learning-rate sweep: validation loss of every swept arm at every rate."""
+    L = ["### Learning-rate sweep", "",
+          f"Each rate on {info['sweep_steps']} steps ({info['sweep_fraction']:.2f} of the run, cosine to that "
+          "end); the same rate for the AdamW and the Muon group (Muon's update is RMS-matched). Final validation "
+          f"loss on {info['eval_batches']} fixed batches.", "",
+          "| arm | " + " | ".join(f"lr {lr:g}" for lr in info["lrs"]) + " | chosen |",
+          "|---|" + "---:|" * len(info["lrs"]) + "---:|"]
+    for name, label in info["swept"]:
+        cells = []
+        for lr in info["lrs"]:
+            v = next((s["val_loss"] for s in sweep if s["arm"] == name and s["lr"] == lr), None)
+            cells.append(_fmt(v, ".4f") + (" (diverged)" if v is not None and not math.isfinite(v) else ""))
+        edge = chosen[name] in (min(info["lrs"]), max(info["lrs"])) and len(info["lrs"]) > 1
+        L.append(f"| {label} | " + " | ".join(cells) + f" | {chosen[name]:g}{' (edge of grid)' if edge else ''} |")
+    L.append("")
+    return L
+
+
 def resolve_doc(parser, args, name: str) -> str:
     """--doc, else OUT/NAME: a trial run with other settings must not rewrite the repository's record
     (docs/ablation.md), which takes --doc=docs/ablation.md. --report-only writes nothing under --out, so
