@@ -170,8 +170,9 @@ _SPLIT_SIZES = (("train.global_batch_size", "batch"), ("model.vocab_size", "voca
 
 def check_mesh_fits(config, mesh) -> None:
     """Raises sharding.MeshError, naming the key, its value and the mesh axes, if a size the mesh splits
-    (the batch and each accumulated micro-batch over dp*op*fsdp and the processes; heads, kv_heads, ffn_dim and vocab_size over tp; dim over
-    fsdp) does not divide evenly: found here, not as an IndivisibleError after compiling."""
+    (the batch and each accumulated micro-batch over dp*op*fsdp and the processes; heads, kv_heads,
+    ffn_dim and vocab_size over tp; dim over fsdp) does not divide evenly: found here, not as an
+    IndivisibleError after compiling."""
     rules = dict(sharding.LOGICAL_AXIS_RULES)
     for key, logical in _SPLIT_SIZES:
         axes = rules[logical] or ()
@@ -280,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_iter, val_batches, data_dir = make_data(config, mesh)
         if data_dir:
             _check_tokenizer(data_dir, workdir)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: data.source='seqio' without seqio
         raise DataError(str(e)) from e
     os.makedirs(workdir, exist_ok=True)
     model = Transformer(config.model)
@@ -562,7 +563,7 @@ def main(argv) -> None:
         _die(f"data error: {e}")
     except (FileNotFoundError, TrainingError, CheckpointError) as e:
         _die(f"{type(e).__name__}: {e}", code=1)
-    except ValueError as e:  # bad data or a vocabulary mismatch; keep the traceback for the odd real bug
+    except ValueError as e:  # anything else refused by a check; the traceback kept at debug level
         log.debug("traceback", exc_info=True)
         _die(f"{type(e).__name__}: {e}", code=1)
 
