@@ -480,6 +480,18 @@ def test_readme_optax_chain_runs_on_a_tree_with_vectors_and_an_embedding():
     params = {"embed": jnp.ones((50, 16)), "w": jnp.full((16, 32), 0.1), "b": jnp.zeros((32,))}
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
-    # b and embed took AdamW's first step (-lr for a unit gradient); w took Muon's, which is not that
+    # b took AdamW's first step (-lr for a unit gradient); w took Muon's, which is not that
     np.testing.assert_allclose(np.asarray(updates["b"]), -1e-3, rtol=1e-4)
     assert not np.allclose(np.asarray(updates["w"]), -1e-3, rtol=0.1)
+    # on osp_jax's own tree (EmbProj, untied head) the snippet's labels are the recipe's, as it says
+    from flax import linen as nn
+
+    from osp_jax.model import Transformer
+    from osp_jax.optim import param_labels
+    from tests.helpers import small_config
+
+    model = Transformer(small_config(embed_proj=True).model)
+    tree = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    labels = jax.tree_util.tree_map_with_path(scope["label"], tree)
+    assert labels == param_labels(tree, "muon")
+    assert labels["embed_proj"]["kernel"] == "muon" and labels["lm_head"]["kernel"] == "adamw"
