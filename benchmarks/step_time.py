@@ -286,7 +286,7 @@ def measure(config, *, steps: int, warmup: int, peak_tflops: float | None = None
         "vocab_size": m.vocab_size,
         "dtype": m.dtype, "remat": m.remat, "scan_layers": m.scan_layers, "loss_chunk": m.loss_chunk,
         "loss_fused": m.loss_fused, "precast_weights": m.precast_weights,
-        "attention": pick_backend(m.attention),
+        "attention": pick_backend(m.attention, dtype=m.dtype),
         "max_segments": m.max_segments, "pack_mask": config.data.pack_mask, "docs_per_window": docs_per_window,
         "mesh": dict(mesh.shape),
         "batch": batch_size, "seq_len": seq_len, "grad_accum": config.optimizer.grad_accum_steps,
