@@ -56,8 +56,8 @@ BIN_FILE, BIN_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 RECIPE_FILE = "import_recipe.py"
 # What a training run keeps in its workdir (docs/CONTRACTS.md): an export never writes into these.
-RUN_ENTRIES = ("checkpoints", "tensorboard", "config.json", "metrics.jsonl", "data_metadata.json", "tokenizer.json",
-               RECIPE_FILE)
+RUN_ENTRIES = ("checkpoints", "tensorboard", "config.json", "metrics.jsonl", "metrics.abandoned.jsonl",
+               "data_metadata.json", "tokenizer.json", "tokenizer.model", RECIPE_FILE)
 _ROW_BLOCK_BYTES = 1 << 28  # float64 rows multiplied at once in the EmbProj merge (256 MiB)
 _MAX_HEADER_BYTES = 100 << 20
 

@@ -139,9 +139,9 @@ def _jsonable(value):
 
 
 def set_aside_rows_after(path: str, step: int) -> int:
-    """Moves the rows of metrics.jsonl at `path` whose step is past `step` (and any line that is not a
-    JSON record, e.g. cut off by a crash) to metrics.abandoned.jsonl beside it, appended, never
-    dropped; returns how many moved. The kept rows are rewritten atomically."""
+    """Moves the rows of metrics.jsonl at `path` whose step is past `step`, and any line that is not a
+    JSON record with an integer `step` (cut off by a crash, say), to metrics.abandoned.jsonl beside it,
+    appended, never dropped; returns how many moved. The kept rows are rewritten atomically."""
     if not os.path.isfile(path):
         return 0
     keep, moved = [], []
