@@ -515,7 +515,11 @@ def resolve_doc(parser, args, name: str) -> str:
     (docs/ablation.md), which takes --doc=docs/ablation.md. --report-only writes nothing under --out, so
     it needs --doc."""
     if args.doc:
-        return os.path.abspath(args.doc)
+        doc = os.path.abspath(args.doc)
+        if not os.path.exists(doc):  # e.g. --doc=docs/ablation.md given outside the repository's root
+            print(f"{parser.prog}: --doc={args.doc} is {doc}, which does not exist yet: a new report starts there",
+                  file=sys.stderr)
+        return doc
     if args.report_only:
         parser.error("--report-only writes nothing under --out: pass --doc=FILE (docs/ablation.md rebuilds the record)")
     return os.path.join(args.out, name)

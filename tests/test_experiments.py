@@ -139,7 +139,7 @@ def test_epochs_report_only_reports_what_is_on_disk_and_trains_nothing(tmp_path)
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing trained, evaluated or written
 
 
-def test_reports_go_under_out_unless_doc_names_the_record(tmp_path):
+def test_reports_go_under_out_unless_doc_names_the_record(tmp_path, capsys):
     """A trial run must not rewrite docs/ablation.md's measured sections (the default did): without
     --doc the report is OUT/ablation.md, its plots beside it; --report-only, which writes nothing
     under --out, must name its --doc."""
@@ -151,7 +151,11 @@ def test_reports_go_under_out_unless_doc_names_the_record(tmp_path):
     doc = abl.resolve_doc(parser, argparse.Namespace(doc=None, out=out, report_only=False), "ablation.md")
     assert doc == os.path.join(out, "ablation.md")
     assert abl._beside_doc(doc, "docs/ablation_gpu_124m") == os.path.join(out, "ablation_gpu_124m")
-    record = abl.resolve_doc(parser, argparse.Namespace(doc="docs/ablation.md", out=out, report_only=True), "x")
-    assert record == os.path.abspath("docs/ablation.md")
+    record = abl.resolve_doc(parser, argparse.Namespace(doc=str(ROOT / "docs/ablation.md"), out=out, report_only=True),
+                             "x")
+    assert record == str(ROOT / "docs/ablation.md")
+    assert "does not exist yet" not in capsys.readouterr().err
+    abl.resolve_doc(parser, argparse.Namespace(doc=str(tmp_path / "new.md"), out=out, report_only=False), "x")
+    assert "does not exist yet: a new report starts there" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         abl.resolve_doc(parser, argparse.Namespace(doc=None, out=out, report_only=True), "ablation.md")
