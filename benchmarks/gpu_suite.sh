@@ -206,8 +206,8 @@ unrolled_more() {
 # OSP vs AdamW at 0.5 M tokens a step with the fastest single-step settings (+ extra step_time flags)
 compare_fastest() {
   more_memory
-  $UNROLLED --set model.remat=dots_attn --config=configs/osp_1b4.py --batch=256 --grad-accum=16 --steps=3 \
-    --warmup=1 "$@" --compare
+  $UNROLLED --set model.remat=dots_attn --config=configs/osp_1b4.py --batch=256 --grad-accum=16 \
+    --steps="${COMPARE_STEPS:-10}" --warmup=2 "$@" --compare  # 10 steps of ~9 s each, per recipe
 }
 
 compare_best() {
@@ -260,7 +260,7 @@ compare_levers() {
 
 compare() {
   $PY benchmarks/step_time.py --config=configs/osp_1b4.py --batch=256 --seq-len=2048 \
-    --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-3}" --warmup=1 --set model.remat="${REMAT:-dots}" \
+    --grad-accum="${ACCUM:-32}" --steps="${COMPARE_STEPS:-10}" --warmup=2 --set model.remat="${REMAT:-dots}" \
     --compare --output="$OUT/step_time.jsonl"
 }
 

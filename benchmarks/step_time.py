@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> None:
     args.warmup = 3 if args.warmup is None else args.warmup
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("step_time: --steps must be >= 1 and --warmup >= 0")
+    if args.steps < 10 and not args.smoke:
+        print(f"step_time: warning: a median of {args.steps} steps; the performance issue's figures are medians of "
+              ">= 10 timed steps after warm-up", file=sys.stderr)
 
     if args.compare:
         record = compare(args)
