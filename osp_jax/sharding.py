@@ -12,6 +12,7 @@ Mesh axes ("dp", "op", "fsdp", "tp"):
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import jax
@@ -76,9 +77,53 @@ def make_mesh(sizes: dict, devices=None) -> Mesh:
     """A mesh over all (or the given) devices, axes in MESH_AXES order, Auto sharding mode."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
+    auto = (AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+        except NotImplementedError as e:
+            # A TPU topology whose physical axes no product matches an axis size (fsdp=16 on a v4-512,
+            # 4 x 8 x 8 chips): jax.make_mesh will not split a physical axis; this will, at some cost
+            # in the locality of that axis's collectives.
+            from jax.experimental import mesh_utils
+
+            logging.warning("mesh %s does not map onto the devices' physical axes (%s); splitting them",
+                            dict(zip(MESH_AXES, shape)), e)
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def data_shard(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): which block of the global batch's rows this process feeds, of how many equal
+    blocks. Usually (process_index, process_count); fewer blocks when an axis the batch is not split
+    over (tp, say) spans processes: those processes hold the same rows and must read the same data, or
+    each device of a tp group would see other rows. MeshError if a process's rows are not one block."""
+    n = math.prod(mesh.shape[a] for a in BATCH_AXES)  # rows in units of the batch's shards
+    rows: dict[int, set] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((n, 1)).items():
+        rows.setdefault(device.process_index, set()).add(index[0].indices(n)[:2])
+    return _data_shard(rows, jax.process_index(), n)
+
+
+def _data_shard(rows: dict[int, set], me: int, global_batch_size: int) -> tuple[int, int]:
+    """`rows`: process -> the (start, stop) row ranges of its devices' batch shards."""
+    blocks = {}
+    for process, ranges in rows.items():
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        covered = set()
+        for start, stop in ranges:
+            covered.update(range(start, stop))
+        if len(covered) != hi - lo:
+            raise MeshError(f"process {process}'s devices hold batch rows {sorted(ranges)}, not one block: "
+                            "order the mesh so that each process's devices are neighbours on the batch axes")
+        blocks[process] = (lo, hi)
+    distinct = sorted(set(blocks.values()))
+    size = global_batch_size // len(distinct)
+    if distinct != [(i * size, (i + 1) * size) for i in range(len(distinct))]:
+        raise MeshError(f"the processes' batch rows {distinct} do not split the batch of {global_batch_size} "
+                        "into equal blocks")
+    return distinct.index(blocks[me]), len(distinct)
 
 
 def logical_to_mesh(logical_specs, rules=LOGICAL_AXIS_RULES):

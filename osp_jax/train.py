@@ -179,9 +179,10 @@ def check_mesh_fits(config, mesh) -> None:
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         parts = int(np.prod([mesh.shape[a] for a in axes]))
         split = " * ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
-        if logical == "batch" and jax.process_count() > 1:
-            parts = int(np.lcm(parts, jax.process_count()))
-            split += f" and {jax.process_count()} processes"
+        feeds = sharding.data_shard(mesh)[1] if logical == "batch" else 1
+        if feeds > 1:  # the processes feeding distinct rows (fewer than all when tp spans processes)
+            parts = int(np.lcm(parts, feeds))
+            split += f" and {feeds} processes"
         section, name = key.split(".")
         value = config[section][name]
         if value % parts:
@@ -215,12 +216,15 @@ def make_data(config, mesh):
     from osp_jax.data import pipeline
 
     t, d = config.train, config.data
+    # Processes whose devices hold the same batch rows (a tp group across hosts) read the same data.
+    shard, shards = sharding.data_shard(mesh)
+    feed = dict(process_index=shard, process_count=shards)
     if d.source == "seqio":
         from osp_jax.data.seqio_source import make_seqio_iterator
         train_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                         seed=t.seed, split="train", vocab_size=config.model.vocab_size)
+                                         seed=t.seed, split="train", vocab_size=config.model.vocab_size, **feed)
         val_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                       seed=t.seed, split="validation")
+                                       seed=t.seed, split="validation", **feed)
         return train_iter, [next(val_iter) for _ in range(t.eval_batches)], None
     data_dir = pipeline.resolve_data_dir(d.path)
     meta = pipeline.load_metadata(data_dir)
@@ -236,10 +240,10 @@ def make_data(config, mesh):
             raise ValueError(f"train.eval_data={t.eval_data}: {e}") from None
     _log_epochs(t.steps * t.global_batch_size * t.seq_len, int(meta["splits"]["train"]["tokens"]), d.path)
     train_iter = pipeline.make_iterator(data_dir, "train", seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                        seed=t.seed, worker_count=d.worker_count, prefetch_buffer=d.prefetch)
+                                        seed=t.seed, worker_count=d.worker_count, prefetch_buffer=d.prefetch, **feed)
     val_iter = pipeline.make_iterator(val_dir, "validation", seq_len=t.seq_len,
                                       global_batch_size=t.global_batch_size, seed=t.seed, shuffle=False,
-                                      num_epochs=None)
+                                      num_epochs=None, **feed)
     val_batches = [next(val_iter) for _ in range(t.eval_batches)]
     return train_iter, val_batches, data_dir
 
@@ -257,9 +261,12 @@ def _log_epochs(run_tokens: int, split_tokens: int, path: str) -> float:
     return epochs
 
 
-def to_global(batch: dict, batch_sharding) -> dict:
-    """Host batch (this process's rows) -> one global jax.Array per key."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in batch.items()}
+def to_global(batch: dict, batch_sharding, global_batch_size: int) -> dict:
+    """Host batch (this process's rows) -> one global jax.Array per key, of `global_batch_size` rows
+    (stated, not inferred: processes that share rows each give all of them)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v),
+                                                      (global_batch_size,) + np.shape(v)[1:])
+            for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the loop
@@ -331,7 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         outlier_fn = jax.jit(lambda p, b: metrics_lib.outlier_stats(
             hidden_states(p, b, model=model, pack_mask=config.data.pack_mask), b["segment_ids"] > 0),
             in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
-        val_global = [to_global(b, batch_sharding) for b in val_batches]
+        val_global = [to_global(b, batch_sharding, t.global_batch_size) for b in val_batches]
 
         writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, start_step=start)
         throughput = metrics_lib.Throughput(fpt, t.steps, tokens_per_step,
@@ -351,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     checkpointer.wait()
                     stopped = True
                     break
-                batch = to_global(next(train_iter), batch_sharding)
+                batch = to_global(next(train_iter), batch_sharding, t.global_batch_size)
                 if step == start and is_main:
                     log.info("compiling the train step (the first step waits for it)")
                 state, device_metrics = step_fn(state, batch)

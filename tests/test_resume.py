@@ -168,6 +168,25 @@ def test_two_processes_train_checkpoint_resume_and_agree_on_preemption(tmp_path)
     assert steps[-1] > 11 and steps[-1] % 2 == 0, steps
 
 
+def test_tensor_parallelism_across_two_processes_trains_as_one_process_does(tmp_path):
+    """tp=2 over two processes of one CPU device each: the two hold the same batch rows, so both must
+    read the same data (each read half of the batch before, and the step ran on 4 rows of 8)."""
+    def launch(workdir, processes):
+        port = _free_port()
+        dist = lambda i: dict(OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES=str(processes),
+                              OSP_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+        return [start_cli(workdir, *SMALL, "--config.train.steps=3", "--config.mesh.tp=2", "--config.mesh.fsdp=1",
+                          devices=2 // processes, **(dist(i) if processes > 1 else {})) for i in range(processes)]
+
+    runs = {"one": launch(tmp_path / "one", 1), "two": launch(tmp_path / "two", 2)}
+    for procs in runs.values():
+        for p in procs:
+            _finish(p)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
 class _poisoned_batches:
     """An endless iterator of one batch; `bad` makes every loss NaN (jnp.take fills out-of-range ids with NaN)."""
 

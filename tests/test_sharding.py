@@ -28,6 +28,35 @@ def test_mesh_fill_and_errors():
     assert dict(mesh.shape) == {"dp": 1, "op": 2, "fsdp": 4, "tp": 1}
 
 
+def test_a_mesh_jax_will_not_map_onto_the_topology_splits_physical_axes(monkeypatch, caplog):
+    """jax.make_mesh refuses fsdp=16 on a v4-512 (4 x 8 x 8 chips: no product of physical axes is 16),
+    the README's pod mesh; make_mesh then splits a physical axis, with a warning, instead of a traceback."""
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 2 of size 16")
+
+    monkeypatch.setattr(jax, "make_mesh", refuse)
+    mesh = sharding.make_mesh({"dp": 2, "op": 1, "fsdp": 4, "tp": 1})
+    assert dict(mesh.shape) == {"dp": 2, "op": 1, "fsdp": 4, "tp": 1}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+    assert "splitting them" in caplog.text
+
+
+def test_processes_holding_the_same_rows_read_the_same_data():
+    """Which block of the batch each process feeds: its own one when the batch is split over its devices;
+    the same one for processes a tp group spans (each fed its own half before: a tp pair saw other
+    rows); an error when a process's rows are not one block."""
+    two = {0: {(0, 4), (4, 8)}, 1: {(8, 12), (12, 16)}}
+    assert sharding._data_shard(two, 0, 16) == (0, 2) and sharding._data_shard(two, 1, 16) == (1, 2)
+    tp_across = {0: {(0, 16)}, 1: {(0, 16)}}  # mesh tp=2, one device a process: both hold every row
+    assert sharding._data_shard(tp_across, 1, 16) == (0, 1)
+    mixed = {p: {(8 * (p // 2), 8 * (p // 2 + 1))} for p in range(4)}  # dp=2 x tp=2 over 4 processes
+    assert [sharding._data_shard(mixed, p, 16) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    with pytest.raises(sharding.MeshError, match="not one block"):
+        sharding._data_shard({0: {(0, 4), (8, 12)}, 1: {(4, 8), (12, 16)}}, 0, 16)
+    mesh = sharding.make_mesh({"dp": 2, "op": 1, "fsdp": 2, "tp": 2})
+    assert sharding.data_shard(mesh) == (0, 1)  # one process feeds everything
+
+
 def test_rule_table_names_every_logical_axis_once():
     names = [rule[0] for rule in sharding.LOGICAL_AXIS_RULES]
     assert len(names) == len(set(names))

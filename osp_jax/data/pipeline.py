@@ -1,7 +1,9 @@
 """The Grain input pipeline: prepared ArrayRecord shards -> packed, batched numpy token windows.
 
     ArrayRecordDataSource(split shards)
-      -> [process_index::process_count]   every process reads a disjoint set of documents
+      -> [process_index::process_count]   every data shard reads a disjoint set of documents (a shard is
+                                          a process, or the processes a tp group spans, which hold the
+                                          same rows: sharding.data_shard)
       -> shuffle(seed) -> repeat(epochs)  documents reshuffled each epoch (grain folds the epoch in)
       -> decode                           uint16/uint32 bytes -> token ids (EOS already at each end)
       -> PackedWindows(seq_len + 1)       concat-and-chunk: no token lost or repeated
