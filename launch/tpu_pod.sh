@@ -97,6 +97,15 @@ done
 [[ -n $zone ]] || die "--zone is required"
 ((reuse)) || [[ -n $accelerator_type ]] || die "--accelerator-type is required to create the slice (or pass --reuse)"
 [[ $remote_dir != /* ]] || die "--remote-dir must be relative to \$HOME, got '$remote_dir'"
+# Training runs in the staged source, which the next launch replaces (rm -rf): a relative workdir would
+# put the checkpoints on each worker's own disk, inside it.
+for a in "${train_args[@]+"${train_args[@]}"}"; do
+  case $a in
+    --workdir=/* | --workdir=*://*) ;;  # train itself says what it makes of a URL
+    --workdir=*) die "--workdir must be an absolute path on storage every worker mounts, got '${a#--workdir=}'" ;;
+    --workdir) die "write --workdir=PATH (one word) after --" ;;
+  esac
+done
 
 # Quotes one word for a POSIX shell (the workers' shell, or a paste of a dry-run line): as is when
 # safe, else in single quotes. Readable where printf %q would backslash every space.

@@ -122,6 +122,14 @@ def test_tpu_missing_required_option_exits_2(drop):
     assert "+ " not in proc.stdout
 
 
+def test_tpu_relative_workdir_is_refused():
+    """Training runs in the staged source, which the next launch deletes: a relative workdir would put
+    every worker's checkpoints on its own disk, inside it."""
+    proc = sh(TPU, *TPU_REQUIRED, "--dry-run", "--", "--workdir=runs/x", check=False)
+    assert proc.returncode == 2 and "--workdir must be an absolute path" in proc.stderr and "+ " not in proc.stdout
+    assert sh(TPU, *TPU_REQUIRED, "--dry-run", "--", "--workdir=/gcs/b/x").returncode == 0
+
+
 def test_tpu_env_name_must_be_a_shell_variable():
     proc = sh(TPU, *TPU_REQUIRED, "--env", "WANDB-KEY=x", "--dry-run", "--", "-x", check=False)
     assert proc.returncode == 2 and "WANDB-KEY=x" in proc.stderr
