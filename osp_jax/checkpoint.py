@@ -285,6 +285,50 @@ def _same_on_all_processes(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
 
 
+def check_shared_directory(directory: str, wait_s: float = 10.0) -> None:
+    """With several processes, raises CheckpointError unless `directory` is one directory that every
+    process sees (process 0 writes a file there; every other process must find it within `wait_s`).
+    A workdir on each host's own disk would otherwise save each process's part of a checkpoint on its
+    own host, and a resume would find different steps on different hosts (and hang in a collective)."""
+    if jax.process_count() == 1:
+        return
+    import time
+
+    from jax.experimental import multihost_utils
+
+    os.makedirs(directory, exist_ok=True)
+    nonce = _same_on_all_processes(int.from_bytes(os.urandom(6), "little"))
+    probe = os.path.join(directory, f".shared-check-{nonce}")
+    if jax.process_index() == 0:
+        with open(probe, "w") as f:
+            f.write("osp_jax: written by process 0 to check that every process sees this directory\n")
+    multihost_utils.sync_global_devices(f"osp_jax shared check {nonce}")
+    deadline = time.monotonic() + wait_s
+    while not (seen := os.path.exists(probe)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    blind = np.flatnonzero(multihost_utils.process_allgather(np.asarray([int(seen)], np.int32)).reshape(-1) == 0)
+    multihost_utils.sync_global_devices(f"osp_jax shared check {nonce} read")
+    if jax.process_index() == 0:
+        os.remove(probe)
+    if blind.size:
+        raise CheckpointError(f"{directory} is not one shared directory: process(es) {blind.tolist()} cannot see "
+                              "a file process 0 wrote there; mount the same storage at the same path on every host")
+
+
+def agreed_latest_step(checkpointer: "Checkpointer") -> int | None:
+    """The newest complete step, the same on every process, or CheckpointError naming what each saw."""
+    latest = checkpointer.latest_step()
+    if jax.process_count() == 1:
+        return latest
+    from jax.experimental import multihost_utils
+
+    seen = multihost_utils.process_allgather(np.asarray([-1 if latest is None else latest], np.int64)).reshape(-1)
+    if len(set(seen.tolist())) > 1:
+        raise CheckpointError(f"the processes see different newest checkpoints in {checkpointer.directory} "
+                              f"({dict(enumerate(int(s) for s in seen))}; -1: none): is it one shared directory?")
+    return latest
+
+
 def _candidates(directory: epath.Path, step: int | None) -> list[int]:
     """Complete steps to try, newest first, starting at `step` (or the latest)."""
     steps = _complete_steps(directory)

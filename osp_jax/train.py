@@ -272,7 +272,7 @@ def to_global(batch: dict, batch_sharding, global_batch_size: int) -> dict:
 # ---------------------------------------------------------------- the loop
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
-    from osp_jax.checkpoint import Checkpointer
+    from osp_jax.checkpoint import Checkpointer, agreed_latest_step, check_shared_directory
 
     config_lib.validate(config)
     for name, path in (("--workdir", workdir), ("config.data.path", config.data.path)):
@@ -301,9 +301,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_iter = train_iter if hasattr(train_iter, "get_state") else None
     if ckpt_iter is None:
         log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
+    check_shared_directory(workdir)  # several processes: one directory, seen by all, or an error (no hang)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every or t.steps,
                                 keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-    resuming = checkpointer.latest_step() is not None
+    try:
+        resuming = agreed_latest_step(checkpointer) is not None
+    except BaseException:
+        checkpointer.close()
+        raise
     if resuming:
         try:
             start, state = restore_state(checkpointer, config, tx, shardings, mesh, data_iterator=ckpt_iter)

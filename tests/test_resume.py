@@ -187,6 +187,20 @@ def test_tensor_parallelism_across_two_processes_trains_as_one_process_does(tmp_
     np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
 
 
+def test_processes_that_do_not_share_the_workdir_stop_with_an_error(tmp_path):
+    """Each process given its own directory (a workdir on each host's own disk): both stop, naming the
+    problem, instead of saving a checkpoint in parts on different disks (or hanging in a resume)."""
+    port = _free_port()
+    procs = [start_cli(tmp_path / f"host{i}", *SMALL, "--config.train.steps=2", "--config.mesh.fsdp=-1", devices=1,
+                       OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES="2", OSP_PROCESS_ID=str(i),
+                       JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo") for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], [o[-2000:] for o in outs]
+    assert "is not one shared directory: process(es) [1] cannot see" in outs[0], outs[0][-2000:]
+    assert not any((tmp_path / f"host{i}" / "checkpoints").exists() and
+                   any((tmp_path / f"host{i}" / "checkpoints").iterdir()) for i in range(2))
+
+
 class _poisoned_batches:
     """An endless iterator of one batch; `bad` makes every loss NaN (jnp.take fills out-of-range ids with NaN)."""
 
