@@ -5,6 +5,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=TERM@300      # SIGTERM to the trainers 5 minutes before the time limit: they save and exit
 # Multi-node GPU training with SLURM: `srun python -m osp_jax.train ...`, one process per node (it
 # drives all the node's GPUs) or, with --per-gpu, one per GPU. The coordinator settings are exported
 # explicitly (OSP_*), although jax would also auto-detect SLURM, so that a run's set-up is visible.
