@@ -267,7 +267,7 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def _all_processes_ok(ok: bool) -> bool:
+def all_processes_ok(ok: bool) -> bool:
     """True if every process got `ok`; all processes must take the same branch around collectives."""
     if jax.process_count() == 1:
         return ok
@@ -357,7 +357,7 @@ def _try_steps(directory: epath.Path, candidates: list[int], read_one, collectiv
     """
     if not candidates:
         raise CheckpointError(f"no complete checkpoint in {directory}")
-    agree = _all_processes_ok if collective else bool
+    agree = all_processes_ok if collective else bool
     tried = []
     for i, step in enumerate(candidates):
         step = _same_on_all_processes(step) if collective else step
@@ -564,7 +564,7 @@ class Checkpointer:
                 restored = self._mngr.restore(s, args=args)
             except Exception as e:  # noqa: BLE001 - re-raised below once every process knows
                 err = e
-            if not _all_processes_ok(err is None):
+            if not all_processes_ok(err is None):
                 raise err or CheckpointError(f"step {s}: another process could not read its part")
             meta = restored.meta or {}
             _verify(restored.state, meta.get("checksums"), s)
@@ -595,7 +595,7 @@ class Checkpointer:
     def _move_aside(self, steps: list[int]) -> None:
         """Renames each step directory in `steps` to ``<step>.unreadable-<UTC time>`` (process 0, logged),
         then reloads Orbax's step list."""
-        if _all_processes_ok(not steps):
+        if all_processes_ok(not steps):
             return
         if jax.process_index() == 0:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -272,7 +272,7 @@ def to_global(batch: dict, batch_sharding, global_batch_size: int) -> dict:
 # ---------------------------------------------------------------- the loop
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
-    from osp_jax.checkpoint import Checkpointer, agreed_latest_step, check_shared_directory
+    from osp_jax.checkpoint import Checkpointer, all_processes_ok, agreed_latest_step, check_shared_directory
 
     config_lib.validate(config)
     for name, path in (("--workdir", workdir), ("config.data.path", config.data.path)):
@@ -284,12 +284,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_attention_backend(config)
     mesh = sharding.make_mesh(config.mesh)
     check_mesh_fits(config, mesh)
+    failed = None
     try:
         train_iter, val_batches, data_dir = make_data(config, mesh)
         if data_dir:
             _check_tokenizer(data_dir, workdir)
     except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: data.source='seqio' without seqio
-        raise DataError(str(e)) from e
+        failed = DataError(str(e))
+        failed.__cause__ = e
+    # Every process stops if one cannot read its data: the others would wait for it in a collective.
+    if not all_processes_ok(failed is None):
+        raise failed or DataError("another process could not set up its data (its log says why)")
     os.makedirs(workdir, exist_ok=True)
     model = Transformer(config.model)
     tx, schedules = make_optimizer(config, mesh)

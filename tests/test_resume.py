@@ -201,6 +201,20 @@ def test_processes_that_do_not_share_the_workdir_stop_with_an_error(tmp_path):
                    any((tmp_path / f"host{i}" / "checkpoints").iterdir()) for i in range(2))
 
 
+def test_a_process_that_cannot_read_its_data_stops_them_all(tmp_path):
+    """Process 1's data is missing: it stops with a data error, and process 0, which would wait for it
+    in the first collective, stops too, saying why, instead of hanging."""
+    port = _free_port()
+    procs = [start_cli(tmp_path / "run", *SMALL, "--config.train.steps=2", "--config.mesh.fsdp=-1",
+                       *(["--config.data.path=/nowhere"] if i else []), devices=1,
+                       OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES="2", OSP_PROCESS_ID=str(i),
+                       JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo") for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
+    assert "data error: another process could not set up its data" in outs[0], outs[0][-2000:]
+    assert "data error: " in outs[1] and "/nowhere" in outs[1], outs[1][-2000:]
+
+
 class _poisoned_batches:
     """An endless iterator of one batch; `bad` makes every loss NaN (jnp.take fills out-of-range ids with NaN)."""
 
