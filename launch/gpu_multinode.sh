@@ -109,13 +109,20 @@ export OSP_NUM_PROCESSES=$((nnodes * tasks_per_node))
 # Overlap collectives with compute; anything already in XLA_FLAGS is kept (and wins, coming last).
 export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true${XLA_FLAGS:+ $XLA_FLAGS}"
 
-# Each task sets its own rank (and, per GPU, its one visible GPU: the LOCALID-th of those SLURM
-# gave the step, or LOCALID itself), then execs the trainer with the train args untouched.
+# Each task sets its own rank (and, per GPU, its one visible GPU: the one SLURM bound to the task if
+# it bound one, else the LOCALID-th of those it gave the step, else LOCALID itself), then execs the
+# trainer with the train args untouched.
 # shellcheck disable=SC2016  # expanded by each task's bash, not here
 task='export OSP_PROCESS_ID=$SLURM_PROCID'
 if ((per_gpu)); then
   # shellcheck disable=SC2016
-  task+='; IFS=, read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES:-}"; export CUDA_VISIBLE_DEVICES=${gpus[$SLURM_LOCALID]:-$SLURM_LOCALID}'
+  task+='; IFS=, read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES:-}"; if ((${#gpus[@]} == 1)); then :;'
+  # shellcheck disable=SC2016
+  task+=' elif ((${#gpus[@]} > SLURM_LOCALID)); then export CUDA_VISIBLE_DEVICES=${gpus[$SLURM_LOCALID]};'
+  # shellcheck disable=SC2016
+  task+=' elif ((${#gpus[@]} == 0)); then export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID;'
+  # shellcheck disable=SC2016
+  task+=' else echo "task $SLURM_PROCID: local id $SLURM_LOCALID but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES" >&2; exit 2; fi'
 fi
 task+='; exec "$@"'
 

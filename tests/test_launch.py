@@ -297,9 +297,12 @@ def test_gpu_xla_flags_are_known_to_xla():
     assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("per_gpu", [False, True])
-def test_gpu_real_run_against_fake_slurm(tmp_path, per_gpu):
-    """Not a dry run: a fake srun starts every task with its SLURM_PROCID/SLURM_LOCALID."""
+@pytest.mark.parametrize("per_gpu,visible", [(False, "0,1,2,3,4,5,6,7"), (True, "0,1,2,3,4,5,6,7"), (True, "5"),
+                                             (True, "0,1")])
+def test_gpu_real_run_against_fake_slurm(tmp_path, per_gpu, visible):
+    """Not a dry run: a fake srun starts every task with its SLURM_PROCID/SLURM_LOCALID. Per GPU, a task
+    keeps the one GPU SLURM bound to it ("5": --gpus-per-task=1, where LOCALID 3 named a GPU it cannot
+    see), takes the LOCALID-th of the node's, or stops when LOCALID is past the GPUs it sees."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_exe(bin_dir / "scontrol", r"""#!/usr/bin/env bash
@@ -320,14 +323,18 @@ echo "$OSP_COORDINATOR_ADDRESS $OSP_NUM_PROCESSES ${CUDA_VISIBLE_DEVICES-unset}"
 """)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path),
                     SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_NNODES="2",
-                    CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
+                    CUDA_VISIBLE_DEVICES=visible)
     flags = ["--per-gpu"] if per_gpu else []
-    sh(GPU, *flags, "--python", str(bin_dir / "fakepython"), "--", *TRAIN_ARGS, env=env)
+    proc = sh(GPU, *flags, "--python", str(bin_dir / "fakepython"), "--", *TRAIN_ARGS, env=env, check=False)
+    if visible == "0,1":  # 8 tasks a node, 2 GPUs seen: task 2 has none of its own
+        assert proc.returncode != 0 and "local id 2 but CUDA_VISIBLE_DEVICES=0,1" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
 
     n = 16 if per_gpu else 2
     for rank in range(n):
         assert (tmp_path / f"args.{rank}").read_text().split("\0")[:-1] == ["-m", "osp_jax.train", *TRAIN_ARGS]
         addr, nproc, cuda = (tmp_path / f"env.{rank}").read_text().split()
         assert addr == "gpu-a01:12355" and nproc == str(n)
-        assert cuda == (str(rank % 8) if per_gpu else "0,1,2,3,4,5,6,7")
+        assert cuda == (visible if not per_gpu or visible == "5" else str(rank % 8))
     assert not (tmp_path / f"args.{n}").exists()
