@@ -212,12 +212,13 @@ def lower_train_step(config, mesh):
 
 # ---------------------------------------------------------------- data
 def make_data(config, mesh):
-    """The training iterator and a fixed list of validation batches (host numpy)."""
+    """The training iterator and a fixed list of validation batches (host numpy): this process's data
+    shard of `mesh` (sharding.data_shard; without a mesh, its own process's)."""
     from osp_jax.data import pipeline
 
     t, d = config.train, config.data
     # Processes whose devices hold the same batch rows (a tp group across hosts) read the same data.
-    shard, shards = sharding.data_shard(mesh)
+    shard, shards = sharding.data_shard(mesh) if mesh is not None else (jax.process_index(), jax.process_count())
     feed = dict(process_index=shard, process_count=shards)
     if d.source == "seqio":
         from osp_jax.data.seqio_source import make_seqio_iterator
