@@ -95,35 +95,35 @@ def make_mesh(sizes: dict, devices=None) -> Mesh:
 
 
 def data_shard(mesh: Mesh) -> tuple[int, int]:
-    """(index, count): which block of the global batch's rows this process feeds, of how many equal
-    blocks. Usually (process_index, process_count); fewer blocks when an axis the batch is not split
-    over (tp, say) spans processes: those processes hold the same rows and must read the same data, or
-    each device of a tp group would see other rows. MeshError if a process's rows are not one block."""
+    """(index, count): the data shard this process reads, of how many. (process_index, process_count)
+    when every process holds rows of its own; fewer shards when an axis the batch is not split over (tp,
+    say) spans processes: those hold the same rows and must read the same data, or each device of a tp
+    group would see other rows. A process's rows need not be one block (a TPU host's chips are spread
+    over the mesh): jax places its local rows in row order."""
+    shards = data_shards(mesh)
+    return shards[jax.process_index()], len(set(shards))
+
+
+def data_shards(mesh: Mesh) -> list[int]:
+    """The data shard of every process (the same answer on each: computed from the mesh alone)."""
     n = math.prod(mesh.shape[a] for a in BATCH_AXES)  # rows in units of the batch's shards
     rows: dict[int, set] = {}
     for device, index in batch_sharding(mesh).devices_indices_map((n, 1)).items():
-        rows.setdefault(device.process_index, set()).add(index[0].indices(n)[:2])
-    return _data_shard(rows, jax.process_index(), n)
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(n)[:2]))
+    return _data_shards(rows, n)
 
 
-def _data_shard(rows: dict[int, set], me: int, global_batch_size: int) -> tuple[int, int]:
-    """`rows`: process -> the (start, stop) row ranges of its devices' batch shards."""
-    blocks = {}
-    for process, ranges in rows.items():
-        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-        covered = set()
-        for start, stop in ranges:
-            covered.update(range(start, stop))
-        if len(covered) != hi - lo:
-            raise MeshError(f"process {process}'s devices hold batch rows {sorted(ranges)}, not one block: "
-                            "order the mesh so that each process's devices are neighbours on the batch axes")
-        blocks[process] = (lo, hi)
-    distinct = sorted(set(blocks.values()))
-    size = global_batch_size // len(distinct)
-    if distinct != [(i * size, (i + 1) * size) for i in range(len(distinct))]:
-        raise MeshError(f"the processes' batch rows {distinct} do not split the batch of {global_batch_size} "
-                        "into equal blocks")
-    return distinct.index(blocks[me]), len(distinct)
+def _data_shards(rows: dict[int, set], n: int) -> list[int]:
+    """`rows`: process -> the batch rows its devices hold (of `n`). Processes holding the same rows share
+    a shard; distinct holdings must be disjoint, equal in size and cover the batch (MeshError)."""
+    holdings = {p: frozenset(r) for p, r in rows.items()}
+    distinct = sorted(set(holdings.values()), key=min)
+    if sum(map(len, distinct)) != n or len(set().union(*distinct)) != n or len({len(d) for d in distinct}) != 1:
+        raise MeshError(f"the processes' batch rows {[sorted(d) for d in distinct]} do not split the batch's "
+                        f"{n} shards into equal, disjoint parts")
+    if len(distinct) == len(holdings):  # every process its own rows: its own shard, as always
+        return [p for p in sorted(holdings)]
+    return [distinct.index(holdings[p]) for p in sorted(holdings)]
 
 
 def logical_to_mesh(logical_specs, rules=LOGICAL_AXIS_RULES):

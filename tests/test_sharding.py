@@ -42,19 +42,20 @@ def test_a_mesh_jax_will_not_map_onto_the_topology_splits_physical_axes(monkeypa
 
 
 def test_processes_holding_the_same_rows_read_the_same_data():
-    """Which block of the batch each process feeds: its own one when the batch is split over its devices;
-    the same one for processes a tp group spans (each fed its own half before: a tp pair saw other
-    rows); an error when a process's rows are not one block."""
-    two = {0: {(0, 4), (4, 8)}, 1: {(8, 12), (12, 16)}}
-    assert sharding._data_shard(two, 0, 16) == (0, 2) and sharding._data_shard(two, 1, 16) == (1, 2)
-    tp_across = {0: {(0, 16)}, 1: {(0, 16)}}  # mesh tp=2, one device a process: both hold every row
-    assert sharding._data_shard(tp_across, 1, 16) == (0, 1)
-    mixed = {p: {(8 * (p // 2), 8 * (p // 2 + 1))} for p in range(4)}  # dp=2 x tp=2 over 4 processes
-    assert [sharding._data_shard(mixed, p, 16) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
-    with pytest.raises(sharding.MeshError, match="not one block"):
-        sharding._data_shard({0: {(0, 4), (8, 12)}, 1: {(4, 8), (12, 16)}}, 0, 16)
+    """The data shard of each process: its own when it holds rows of its own (in any order: a TPU
+    host's chips are spread over the mesh); a shared one for processes a tp group spans (each fed its own
+    half before: a tp pair saw other rows); an error when the holdings do not split the batch."""
+    two = {0: {0, 1}, 1: {2, 3}}
+    assert sharding._data_shards(two, 4) == [0, 1]
+    spread = {0: {0, 2}, 1: {1, 3}}  # rows {0, 4, 8, 12} of a v4 host: still its own shard
+    assert sharding._data_shards(spread, 4) == [0, 1]
+    assert sharding._data_shards({0: {0, 1}, 1: {0, 1}}, 2) == [0, 0]  # tp=2, one device a process
+    mixed = {p: {2 * (p // 2), 2 * (p // 2) + 1} for p in range(4)}  # dp=2 x tp=2 over 4 processes
+    assert sharding._data_shards(mixed, 4) == [0, 0, 1, 1]
+    with pytest.raises(sharding.MeshError, match="equal, disjoint"):
+        sharding._data_shards({0: {0, 1, 2}, 1: {2, 3}}, 4)
     mesh = sharding.make_mesh({"dp": 2, "op": 1, "fsdp": 2, "tp": 2})
-    assert sharding.data_shard(mesh) == (0, 1)  # one process feeds everything
+    assert sharding.data_shard(mesh) == (0, 1) and sharding.data_shards(mesh) == [0]  # one process
 
 
 def test_rule_table_names_every_logical_axis_once():
