@@ -285,31 +285,48 @@ def _same_on_all_processes(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
 
 
-def check_shared_directory(directory: str, wait_s: float = 10.0) -> None:
-    """With several processes, raises CheckpointError unless `directory` is one directory that every
-    process sees (process 0 writes a file there; every other process must find it within `wait_s`).
-    A workdir on each host's own disk would otherwise save each process's part of a checkpoint on its
-    own host, and a resume would find different steps on different hosts (and hang in a collective)."""
+def make_shared_directory(directory: str, wait_s: float = 10.0) -> None:
+    """Makes `directory`; with several processes, raises CheckpointError (on every process: none is left
+    waiting in a collective) unless every process could make it and it is one directory they all see
+    (process 0 writes a file there; every other process must find it within `wait_s`). A workdir on
+    each host's own disk would otherwise save each process's part of a checkpoint on its own host, and
+    a resume would find different steps on different hosts (and hang in a collective)."""
     if jax.process_count() == 1:
+        os.makedirs(directory, exist_ok=True)
         return
     import time
 
     from jax.experimental import multihost_utils
 
-    os.makedirs(directory, exist_ok=True)
+    def agree(action, what: str) -> None:
+        try:
+            action()
+            error = None
+        except OSError as e:
+            error = e
+        if not all_processes_ok(error is None):
+            raise CheckpointError(f"{directory}: {what} failed " + (f"here: {error}" if error else
+                                                                    "on another process (its log says why)"))
+
+    agree(lambda: os.makedirs(directory, exist_ok=True), "making the directory")
     nonce = _same_on_all_processes(int.from_bytes(os.urandom(6), "little"))
     probe = os.path.join(directory, f".shared-check-{nonce}")
-    if jax.process_index() == 0:
-        with open(probe, "w") as f:
-            f.write("osp_jax: written by process 0 to check that every process sees this directory\n")
-    multihost_utils.sync_global_devices(f"osp_jax shared check {nonce}")
+
+    def write():
+        if jax.process_index() == 0:
+            with open(probe, "w") as f:
+                f.write("osp_jax: written by process 0 to check that every process sees this directory\n")
+
+    agree(write, "writing a file in it")  # also the barrier: the others look only after it is written
     deadline = time.monotonic() + wait_s
     while not (seen := os.path.exists(probe)) and time.monotonic() < deadline:
         time.sleep(0.5)
     blind = np.flatnonzero(multihost_utils.process_allgather(np.asarray([int(seen)], np.int32)).reshape(-1) == 0)
-    multihost_utils.sync_global_devices(f"osp_jax shared check {nonce} read")
     if jax.process_index() == 0:
-        os.remove(probe)
+        try:
+            os.remove(probe)
+        except OSError as e:  # harmless: a uniquely named file
+            log.warning("could not remove %s: %s", probe, e)
     if blind.size:
         raise CheckpointError(f"{directory} is not one shared directory: process(es) {blind.tolist()} cannot see "
                               "a file process 0 wrote there; mount the same storage at the same path on every host")
@@ -317,12 +334,20 @@ def check_shared_directory(directory: str, wait_s: float = 10.0) -> None:
 
 def agreed_latest_step(checkpointer: "Checkpointer") -> int | None:
     """The newest complete step, the same on every process, or CheckpointError naming what each saw."""
-    latest = checkpointer.latest_step()
     if jax.process_count() == 1:
-        return latest
+        return checkpointer.latest_step()
     from jax.experimental import multihost_utils
 
-    seen = multihost_utils.process_allgather(np.asarray([-1 if latest is None else latest], np.int64)).reshape(-1)
+    try:
+        latest = checkpointer.latest_step()
+        mine = -1 if latest is None else latest
+    except OSError as e:  # raised here alone, the others would wait in the gather below
+        log.error("listing %s failed: %s", checkpointer.directory, e)
+        mine = -2
+    seen = multihost_utils.process_allgather(np.asarray([mine], np.int64)).reshape(-1)
+    if -2 in seen.tolist():
+        raise CheckpointError(f"listing {checkpointer.directory} failed on process(es) "
+                              f"{np.flatnonzero(seen == -2).tolist()} (their logs say why)")
     if len(set(seen.tolist())) > 1:
         raise CheckpointError(f"the processes see different newest checkpoints in {checkpointer.directory} "
                               f"({dict(enumerate(int(s) for s in seen))}; -1: none): is it one shared directory?")
@@ -465,6 +490,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint keep={keep!r}: expected an integer >= 1")
         self.directory = _absolute(directory)
         self.save_every, self.keep = int(save_every), int(keep)
+        # Each process's data shard (sharding.data_shards), if the caller says: saved with the iterator
+        # states, which a resume restores only onto the same layout.
+        self.data_shards: list[int] | None = None
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep,
@@ -511,6 +539,7 @@ class Checkpointer:
             "time": time.time(),
             "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "process_count": jax.process_count(),
+            **({"data_shards": list(self.data_shards)} if self.data_shards is not None else {}),
             "device_count": jax.device_count(),
             "osp_jax_version": _version(),
             "jax_version": jax.__version__,
@@ -622,6 +651,13 @@ class Checkpointer:
                 "the iterator is left as it is (each process's position in the data cannot be mapped)",
                 step, saved, jax.process_count(),
             )
+            return
+        # Before data_shards were saved, each process read the shard of its own index.
+        layout = meta.get("data_shards", list(range(int(saved))) if saved is not None else None)
+        if self.data_shards is not None and layout is not None and list(layout) != list(self.data_shards):
+            log.warning("checkpoint step %d holds data-iterator states for the processes' data shards %s, but "
+                        "this job's are %s (another mesh): the iterator is left as it is, so processes that "
+                        "share rows stay in step", step, list(layout), list(self.data_shards))
             return
         if any(p.name.startswith("process_") for p in data_dir.iterdir()):
             self._mngr.restore(step, args=ocp.args.Composite(data=_GrainRestore(_StateAdapter(data_iterator))))

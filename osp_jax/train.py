@@ -273,7 +273,7 @@ def to_global(batch: dict, batch_sharding, global_batch_size: int) -> dict:
 # ---------------------------------------------------------------- the loop
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the last logged metrics."""
-    from osp_jax.checkpoint import Checkpointer, all_processes_ok, agreed_latest_step, check_shared_directory
+    from osp_jax.checkpoint import Checkpointer, agreed_latest_step, all_processes_ok, make_shared_directory
 
     config_lib.validate(config)
     for name, path in (("--workdir", workdir), ("config.data.path", config.data.path)):
@@ -293,10 +293,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: data.source='seqio' without seqio
         failed = DataError(str(e))
         failed.__cause__ = e
+    except Exception as e:  # noqa: BLE001 - any other failure is re-raised as is, after the agreement
+        failed = e
     # Every process stops if one cannot read its data: the others would wait for it in a collective.
     if not all_processes_ok(failed is None):
         raise failed or DataError("another process could not set up its data (its log says why)")
-    os.makedirs(workdir, exist_ok=True)
+    # Several processes: made by all, one directory seen by all, or an error on every process (no hang).
+    make_shared_directory(workdir)
     model = Transformer(config.model)
     tx, schedules = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
@@ -307,9 +310,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_iter = train_iter if hasattr(train_iter, "get_state") else None
     if ckpt_iter is None:
         log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
-    check_shared_directory(workdir)  # several processes: one directory, seen by all, or an error (no hang)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every or t.steps,
                                 keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    checkpointer.data_shards = sharding.data_shards(mesh)
     try:
         resuming = agreed_latest_step(checkpointer) is not None
     except BaseException:

@@ -115,6 +115,33 @@ def test_plain_iterator_state_round_trips(workdir):
     assert fresh.n == 41
 
 
+def test_iterator_state_is_restored_only_onto_the_same_data_shards(workdir, caplog):
+    """Iterator states are per process; processes that share a data shard (a tp group across hosts) must
+    stay in step, so a resume onto another layout of shards (another mesh) leaves the iterators as they
+    are. A checkpoint from before the layout was saved counts as each process its own shard."""
+    class Counter:
+        def __init__(self, n=0):
+            self.n = n
+
+        def get_state(self):
+            return {"n": np.int64(self.n)}
+
+        def set_state(self, s):
+            self.n = s["n"]
+
+    with Checkpointer(find_checkpoint_dir(workdir), save_every=1, keep=3, async_save=False) as ckpt:
+        ckpt.data_shards = [0]
+        ckpt.save(1, make_state(), data_iterator=Counter(41))
+        ckpt.data_shards = None  # written as before data_shards existed
+        ckpt.save(2, make_state(), data_iterator=Counter(42))
+        for step, layout, want in ((1, [0], 41), (1, [1], 0), (2, [0], 42), (2, [3], 0)):
+            fresh = Counter()
+            ckpt.data_shards = layout
+            ckpt.restore(abstract_of(make_state(), _mesh(1)), step=step, data_iterator=fresh)
+            assert fresh.n == want, (step, layout)
+    assert "this job's are [1] (another mesh)" in caplog.text
+
+
 def test_keep_two_keeps_the_last_two(workdir):
     state = make_state()
     with Checkpointer(find_checkpoint_dir(workdir), save_every=2, keep=2, async_save=False) as ckpt:
