@@ -116,6 +116,8 @@ export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true${XLA_FLAGS:+ $X
 task='export OSP_PROCESS_ID=$SLURM_PROCID'
 if ((per_gpu)); then
   # shellcheck disable=SC2016
+  task+='; : "${SLURM_LOCALID:?is not set: the task must run under srun}"'
+  # shellcheck disable=SC2016
   task+='; IFS=, read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES:-}"; if ((${#gpus[@]} == 1)); then :;'
   # shellcheck disable=SC2016
   task+=' elif ((${#gpus[@]} > SLURM_LOCALID)); then export CUDA_VISIBLE_DEVICES=${gpus[$SLURM_LOCALID]};'
