@@ -101,9 +101,9 @@ done
 # put the checkpoints on each worker's own disk, inside it.
 for a in "${train_args[@]+"${train_args[@]}"}"; do
   case $a in
-    --workdir=/* | --workdir=*://*) ;;  # train itself says what it makes of a URL
-    --workdir=*) die "--workdir must be an absolute path on storage every worker mounts, got '${a#--workdir=}'" ;;
-    --workdir) die "write --workdir=PATH (one word) after --" ;;
+    --workdir=/* | -workdir=/* | --workdir=*://* | -workdir=*://*) ;;  # train says what it makes of a URL
+    --workdir=* | -workdir=*) die "--workdir must be an absolute path on storage every worker mounts, got '${a#*=}'" ;;
+    --workdir | -workdir) die "write --workdir=PATH (one word) after --" ;;
   esac
 done
 

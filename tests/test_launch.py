@@ -128,6 +128,8 @@ def test_tpu_relative_workdir_is_refused():
     proc = sh(TPU, *TPU_REQUIRED, "--dry-run", "--", "--workdir=runs/x", check=False)
     assert proc.returncode == 2 and "--workdir must be an absolute path" in proc.stderr and "+ " not in proc.stdout
     assert sh(TPU, *TPU_REQUIRED, "--dry-run", "--", "--workdir=/gcs/b/x").returncode == 0
+    proc = sh(TPU, *TPU_REQUIRED, "--dry-run", "--", "-workdir=runs/x", check=False)  # absl's one-dash form
+    assert proc.returncode == 2 and "got 'runs/x'" in proc.stderr
 
 
 def test_tpu_env_name_must_be_a_shell_variable():
