@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("xla", "cudnn", "splash")
+# The accelerator kernel `auto` picks on each platform, and so the platforms each kernel runs on.
+PLATFORM_KERNELS = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 
 
 # cuDNN's fused attention takes half-precision inputs only (fp8 aside).
@@ -29,10 +31,17 @@ def pick_backend(name: str = "auto", platform: str | None = None, dtype=None) ->
             raise ValueError(f"attention backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
         return name
     platform = platform or jax.default_backend()
-    backend = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+    backend = PLATFORM_KERNELS.get(platform, "xla")
     if backend == "cudnn" and dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES:
         return "xla"
     return backend
+
+
+def runnable_here(name: str, platform: str | None = None) -> bool:
+    """Whether backend `name` (or auto) runs on `platform` (default: JAX's): a kernel only where it was
+    written for, XLA and auto anywhere."""
+    platform = platform or jax.default_backend()
+    return name not in PLATFORM_KERNELS.values() or PLATFORM_KERNELS.get(platform) == name
 
 
 def attention(q, k, v, segment_ids=None, *, backend: str = "auto", max_segments: int = 0):

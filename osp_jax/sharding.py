@@ -122,7 +122,7 @@ def _data_shards(rows: dict[int, set], n: int) -> list[int]:
         raise MeshError(f"the processes' batch rows {[sorted(d) for d in distinct]} do not split the batch's "
                         f"{n} shards into equal, disjoint parts")
     if len(distinct) == len(holdings):  # every process its own rows: its own shard, as always
-        return [p for p in sorted(holdings)]
+        return sorted(holdings)
     return [distinct.index(holdings[p]) for p in sorted(holdings)]
 
 

@@ -42,19 +42,17 @@ class DataError(ValueError):
     tokenizer. Found before anything is written to the workdir."""
 
 
-# The platform each accelerator-only attention backend needs (model.attention; auto picks what runs).
-_BACKEND_PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu",)}
-
-
 def check_attention_backend(config) -> None:
     """Raises config.ConfigError if model.attention names a kernel this machine cannot run."""
+    from osp_jax import attention
+
     wanted = config.model.attention
-    platform = jax.default_backend()
-    if wanted in _BACKEND_PLATFORMS and platform not in _BACKEND_PLATFORMS[wanted]:
+    if not attention.runnable_here(wanted):
+        needs = "/".join(sorted({p.upper() for p, k in attention.PLATFORM_KERNELS.items() if k == wanted} - {"CUDA"}))
         raise config_lib.ConfigError(
-            f"config.model.attention={wanted!r} is not allowed on this machine: it needs a "
-            f"{'/'.join(_BACKEND_PLATFORMS[wanted]).upper()} and JAX's backend here is {platform}; use 'auto' "
-            "(splash on TPU, cuDNN on GPU, XLA elsewhere) or 'xla'")
+            f"config.model.attention={wanted!r} is not allowed on this machine: it needs a {needs} and JAX's "
+            f"backend here is {jax.default_backend()}; use 'auto' (splash on TPU, cuDNN on GPU, XLA elsewhere) "
+            "or 'xla'")
 
 
 # ---------------------------------------------------------------- shardings

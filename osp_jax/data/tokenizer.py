@@ -44,18 +44,18 @@ def run_tokenizer_sha256(workdir: str, name: str = "tokenizer.json") -> tuple[st
     (named by its data_metadata.json, else `name`), else (file None) the `tokenizer_sha256` that
     data_metadata.json records; (None, None) when the run keeps neither. ValueError if data_metadata.json
     is not JSON."""
-    meta = _run_data_metadata(workdir)
-    path = os.path.join(workdir, os.path.basename(str(meta.get("tokenizer") or name)))
-    if os.path.isfile(path):
+    path = run_tokenizer_path(workdir, names=(name,))
+    if path is not None:
         return file_sha256(path), path
+    meta = _run_data_metadata(workdir)
     return (str(meta["tokenizer_sha256"]) if meta.get("tokenizer_sha256") else None), None
 
 
-def run_tokenizer_path(workdir: str) -> str | None:
-    """The tokenizer file train copied into WORKDIR (named by its data_metadata.json; else a
-    tokenizer.json or SentencePiece tokenizer.model there), or None."""
+def run_tokenizer_path(workdir: str, names=("tokenizer.json", "tokenizer.model")) -> str | None:
+    """The tokenizer file train copied into WORKDIR (named by its data_metadata.json; without one, the
+    first of `names` there), or None."""
     named = _run_data_metadata(workdir).get("tokenizer")
-    names = [os.path.basename(str(named))] if named else ["tokenizer.json", "tokenizer.model"]
+    names = [os.path.basename(str(named))] if named else names
     return next((os.path.join(workdir, n) for n in names if os.path.isfile(os.path.join(workdir, n))), None)
 
 
