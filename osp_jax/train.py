@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import sys
 
 import jax
@@ -28,6 +27,7 @@ from osp_jax import metrics as metrics_lib
 from osp_jax import sharding
 from osp_jax.model import Transformer, abstract_params, count_params, flops_per_token, relayout_layers
 from osp_jax.optim import make_optimizer
+from osp_jax.preemption import PreemptionNotice
 from osp_jax.step import TrainState, eval_step, hidden_states, init_state, train_step
 
 log = logging.getLogger("osp_jax")
@@ -355,7 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, start_step=start)
         throughput = metrics_lib.Throughput(fpt, t.steps, tokens_per_step,
                                             metrics_lib.peak_flops_per_device(t.peak_tflops), jax.device_count())
-        preempted = _install_sigterm_handler()
+        notice = PreemptionNotice(every=t.log_every).__enter__()  # left in the `finally` below
         last: dict = {}
         last_step = None      # the step `last` was logged at
         pending = None        # (step, device metrics) of the previous step: read one step late
@@ -364,11 +364,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stopped = False
         try:
             while step < t.steps:
-                if _preemption_agreed(preempted["flag"], step, t.log_every):
+                if notice.reached(step):
                     log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                     checkpointer.save(step, state, data_iterator=ckpt_iter, config=config.to_dict(), force=True)
                     checkpointer.wait()
-                    stopped = True
+                    stopped = notice.stopped = True
                     break
                 batch = to_global(next(train_iter), batch_sharding, t.global_batch_size)
                 if step == start and is_main:
@@ -412,7 +412,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       force=step == t.steps)
         finally:
             with contextlib.ExitStack() as cleanup:  # each runs (last first), even if wait() raises
-                cleanup.callback(_restore_sigterm_handler, preempted, stopped)
+                cleanup.callback(notice.__exit__, None, None, None)
                 cleanup.callback(writer.close)
                 cleanup.callback(checkpointer.close)
                 checkpointer.wait()  # re-raises a failed asynchronous save
@@ -446,50 +446,6 @@ def _evaluate(eval_fn, params, batches) -> float:
         total += float(out["loss_sum"])
         tokens += float(out["tokens"])
     return total / max(tokens, 1.0)
-
-
-def _preemption_agreed(flag: bool, step: int, every: int) -> bool:
-    """All processes must save at the same step: with several, they agree every `every` steps
-    (a tiny all-gather), and any one process's SIGTERM stops them all."""
-    if jax.process_count() == 1:
-        return flag
-    if step % every:
-        return False
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def _install_sigterm_handler() -> dict:
-    """SIGTERM (a preemption notice) sets a flag; the loop saves at the current step and exits 0.
-
-    Returns the flag holder with the handler it replaced, which `_restore_sigterm_handler` puts back:
-    after `train` returns, SIGTERM means again what it meant before (a script that trains several
-    runs stays killable between and after them).
-    """
-    state = {"flag": False, "previous": None, "installed": False}
-
-    def handler(signum, frame):
-        state["flag"] = True
-
-    try:
-        state["previous"] = signal.signal(signal.SIGTERM, handler)
-        state["installed"] = True
-    except ValueError:  # not the main thread (e.g. called from a test runner thread)
-        pass
-    return state
-
-
-def _restore_sigterm_handler(state: dict, stopped: bool) -> None:
-    """Puts the previous SIGTERM handler back. A notice that came after the last step was saved (so
-    the loop did not stop for it) is delivered again to that handler, so it is not lost."""
-    if not state["installed"]:
-        return
-    previous = state["previous"] if state["previous"] is not None else signal.SIG_DFL
-    signal.signal(signal.SIGTERM, previous)
-    if state["flag"] and not stopped:
-        log.warning("SIGTERM arrived after the last step; passing it on")
-        signal.raise_signal(signal.SIGTERM)
 
 
 def _check_tokenizer(data_dir: str, workdir: str) -> None:

@@ -1,4 +1,5 @@
 """Never lose a run: exact resume after SIGKILL, SIGTERM saves, NaN steps, restore onto another mesh."""
+import re
 import signal
 import socket
 import time
@@ -139,33 +140,45 @@ def _free_port() -> int:
 
 def test_two_processes_train_checkpoint_resume_and_agree_on_preemption(tmp_path):
     """Two processes on localhost (gloo, 2 CPU devices each) form one 4-device job. A SIGTERM that
-    reaches only one of them still makes both save at the same step and exit 0."""
+    reaches only one of them still makes both save the same step and exit 0: through jax's preemption
+    service at the next step, whatever log_every is; without the service, at a multiple of log_every."""
     workdir = tmp_path / "run"
 
-    def launch(steps, *flags):
+    def launch(steps, *flags, **env):
         port = _free_port()
         return [start_cli(workdir, *SMALL, f"--config.train.steps={steps}", "--config.mesh.fsdp=-1", *flags,
                           devices=2, OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES="2",
-                          OSP_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+                          OSP_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **env)
                 for i in range(2)]
+
+    def preempt(procs, after_step):
+        """SIGTERM to process 1 once step `after_step` is saved; returns the step each process stopped at."""
+        _wait_for(lambda: (workdir / "checkpoints" / str(after_step)).is_dir(), procs[0])
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [_finish(p, timeout=300) for p in procs]
+        assert all("resumed from step" in o for o in outs), outs[0][-3000:]
+        return [int(re.search(r"SIGTERM: saving a checkpoint at step (\d+)", o).group(1)) for o in outs]
 
     for p in launch(6):
         _finish(p, timeout=600)
-    for p in launch(8):
-        _finish(p, timeout=600)
     ckpts = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=6, keep=3)
-    assert ckpts.all_steps() == [6, 8], ckpts.all_steps()
-    assert sorted(_losses(workdir)) == list(range(1, 9))
+    assert ckpts.all_steps() == [6], ckpts.all_steps()
+    assert sorted(_losses(workdir)) == list(range(1, 7))
 
-    # Preemption notice to process 1 only; process 0 learns of it at the next agreement (every 2 steps).
-    procs = launch(100000, "--config.train.log_every=2", "--config.train.checkpoint_every=1000",
-                   "--config.optimizer.decay_steps=12")
-    _wait_for(lambda: max(_losses(workdir)) >= 11, procs[0])
-    procs[1].send_signal(signal.SIGTERM)
-    for p in procs:
-        _finish(p, timeout=300)
-    steps = ckpts.all_steps()
-    assert steps[-1] > 11 and steps[-1] % 2 == 0, steps
+    # Resumed from step 6. jax's preemption service: both stop within a few steps of the notice, and
+    # log_every (1000) plays no part.
+    stops = preempt(launch(100000, "--config.train.log_every=1000", "--config.train.checkpoint_every=10",
+                           "--config.optimizer.decay_steps=40"), after_step=10)
+    assert stops[0] == stops[1] and 10 < stops[0] < 1000, stops
+    assert ckpts.all_steps()[-1] == stops[0], ckpts.all_steps()
+
+    # Without the service: the Python handler's flag, agreed at the next multiple of log_every.
+    start = stops[0]
+    stops = preempt(launch(100000, "--config.train.log_every=3", f"--config.train.checkpoint_every={start + 2}",
+                           "--config.optimizer.decay_steps=40", JAX_ENABLE_PREEMPTION_SERVICE="false"),
+                    after_step=start + 2)
+    assert stops[0] == stops[1] and stops[0] > start + 2 and stops[0] % 3 == 0, stops
+    assert ckpts.all_steps()[-1] == stops[0], ckpts.all_steps()
 
 
 def test_tensor_parallelism_across_two_processes_trains_as_one_process_does(tmp_path):
@@ -333,7 +346,7 @@ def test_sigterm_handler_is_put_back_after_training_and_a_late_notice_is_passed_
     import os
     import threading
 
-    from osp_jax import train as train_lib
+    from osp_jax.preemption import PreemptionNotice
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be set from the main thread")
@@ -341,15 +354,14 @@ def test_sigterm_handler_is_put_back_after_training_and_a_late_notice_is_passed_
     outer = lambda signum, frame: seen.append(signum)  # noqa: E731
     before = signal.signal(signal.SIGTERM, outer)
     try:
-        state = train_lib._install_sigterm_handler()
-        os.kill(os.getpid(), signal.SIGTERM)  # while training: only the flag is set
-        assert state["flag"] and seen == []
-        train_lib._restore_sigterm_handler(state, stopped=False)  # the loop ended without stopping for it
+        with PreemptionNotice() as notice:  # the loop ends without stopping for the notice
+            os.kill(os.getpid(), signal.SIGTERM)  # while training: only the flag is set
+            assert notice.mode == "signal" and notice.flag and notice.reached(3) and seen == []
         assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is outer
 
-        state = train_lib._install_sigterm_handler()
-        os.kill(os.getpid(), signal.SIGTERM)
-        train_lib._restore_sigterm_handler(state, stopped=True)  # the loop saved and stopped: handled
+        with PreemptionNotice() as notice:
+            os.kill(os.getpid(), signal.SIGTERM)
+            notice.stopped = True  # the loop saved and stopped: handled
         assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is outer
     finally:
         signal.signal(signal.SIGTERM, before)
