@@ -358,10 +358,12 @@ def write_tokenizer(out_dir: str, tok: TokenizerInfo, model_max_length: int) -> 
     special = {k: v for k, v in (("bos_token", tok.token(tok.bos_id)), ("eos_token", tok.token(tok.eos_id)),
                                  ("pad_token", tok.token(tok.pad_id))) if v is not None}
     # PreTrainedTokenizerFast: transformers reads tokenizer.json as it is, with no model-specific rules
-    # (a LlamaTokenizer would add a BOS the model never saw in training).
+    # (a LlamaTokenizer would add a BOS the model never saw in training). split_special_tokens: a
+    # special token's string inside text ("<|endoftext|>" in a file of code) is plain text, as osp_jax
+    # encoded it in training, not the token itself; put special tokens in by id.
     _write_json(os.path.join(out_dir, "tokenizer_config.json"),
                 {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(model_max_length),
-                 "clean_up_tokenization_spaces": False, **special})
+                 "clean_up_tokenization_spaces": False, "split_special_tokens": True, **special})
     _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
     return list(TOKENIZER_FILES)
 

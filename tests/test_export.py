@@ -205,11 +205,18 @@ def test_parity_would_catch_a_rope_layout_mistake(tmp_path, tokenizer_file):
 def test_tokenizer_loads_with_auto_tokenizer(small_run, tmp_path, tokenizer_file):
     import tokenizers
 
+    from osp_jax.data.tokenizer import load_tokenizer
+
     out = str(tmp_path / "hf")
     ex.export(small_run, out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "the lazy fox says hello"
     assert tok(text).input_ids == tokenizers.Tokenizer.from_file(tokenizer_file).encode(text).ids  # no BOS added
+    # A special token's string inside a document is text, as in training: not the EOS that ends it.
+    code = 'SEP = "<|endoftext|>"  # split on <|pad|>'
+    ours = load_tokenizer(tokenizer_file).encode(code)
+    assert tok(code).input_ids == ours and 0 not in ours and 1 not in ours
+    assert tok.decode(ours) == code
     assert (tok.eos_token, tok.bos_token, tok.pad_token) == ("<|endoftext|>", "<|endoftext|>", "<|pad|>")
     assert (tok.eos_token_id, tok.pad_token_id) == (0, 1)
     gen = json.load(open(os.path.join(out, "generation_config.json")))
