@@ -2,7 +2,7 @@
 import pathlib
 import re
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "osp_jax" / "__init__.py").read_text()).group(1)
@@ -15,8 +15,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["osp_jax", "osp_jax.*"]),
-    package_data={"osp_jax": ["data/builtin/*"]},
+    # namespace discovery: data/builtin (the built-in corpus and tokenizer) is a data-only package
+    packages=find_namespace_packages(include=["osp_jax", "osp_jax.*"], exclude=["*.__pycache__"]),
+    package_data={"osp_jax.data.builtin": ["*"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.6",
