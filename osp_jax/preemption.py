@@ -20,6 +20,7 @@ import signal
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,7 @@ class PreemptionNotice:
         if self.mode == "signal":
             return self.flag
         if self.mode == "service":
-            from jax.experimental import multihost_utils
-
             return bool(multihost_utils.reached_preemption_sync_point(int(step)))
         if step % self.every:
             return False
-        from jax.experimental import multihost_utils
-
         return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))

@@ -361,14 +361,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = None        # (step, device metrics) of the previous step: read one step late
         skipped_total = 0
         step = start
-        stopped = False
         try:
             while step < t.steps:
                 if notice.reached(step):
                     log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                     checkpointer.save(step, state, data_iterator=ckpt_iter, config=config.to_dict(), force=True)
                     checkpointer.wait()
-                    stopped = notice.stopped = True
+                    notice.stopped = True
                     break
                 batch = to_global(next(train_iter), batch_sharding, t.global_batch_size)
                 if step == start and is_main:
@@ -412,13 +411,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       force=step == t.steps)
         finally:
             with contextlib.ExitStack() as cleanup:  # each runs (last first), even if wait() raises
-                cleanup.callback(notice.__exit__, None, None, None)
+                cleanup.push(notice)  # its __exit__
                 cleanup.callback(writer.close)
                 cleanup.callback(checkpointer.close)
                 checkpointer.wait()  # re-raises a failed asynchronous save
     if last and is_main:
         logged = (f"loss {last['loss']:.4f}" + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else ""))
-        if stopped:
+        if notice.stopped:
             log.info("stopped by SIGTERM at step %d, saved; last logged at step %d: %s; checkpoints in %s", step,
                      last_step, logged, checkpointer.directory)
         else:
