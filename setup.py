@@ -27,6 +27,7 @@ setup(
         "grain>=0.2.10",
         "array_record>=0.7",
         "tensorstore>=0.1.70",
+        "etils[epath]>=1.5",  # osp_jax.cli and checkpoint: one path type for local and gs:// files
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "numpy>=1.26",
@@ -34,7 +35,6 @@ setup(
         "tensorboardX>=2.6",
         "zstandard>=0.22",
         "pyarrow>=15",
-        "tqdm>=4.60",
         "matplotlib>=3.7",  # osp_jax.plot and evaluate --plot: part of the product, not an extra
     ],
     extras_require={

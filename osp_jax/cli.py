@@ -1,0 +1,130 @@
+"""What the command lines share: one-line errors with exit code 2, and JSON files read and written whole.
+
+Every CLI (`train`, `evaluate`, `export`, `data.prepare`, `plot`) reports a problem the user can fix (a
+flag, a config key, a missing or unreadable file, a path that cannot be written) as one line on stderr,
+`python -m osp_jax.X: error: ...`, and exits with status 2, before any expensive work. No traceback.
+
+Paths go through `etils.epath`, so a `gs://` path is read and written like a local one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+from etils import epath
+
+EXIT_OK = 0
+EXIT_USER = 2          # bad input: a flag, a config key, a file, a path
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem the user can fix: reported as one line naming it, exit code 2."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line, without the quotes a KeyError adds."""
+    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+    return text or type(e).__name__
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (loaders often wrap the real reason)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def say(prog: str, message: str) -> None:
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+
+def die(prog: str, message: str, code: int = EXIT_USER) -> NoReturn:
+    """Prints `prog: message` on stderr and exits with `code`."""
+    say(prog, message)
+    sys.exit(code)
+
+
+def guarded(prog: str, fn: Callable[[], Any], labels: Mapping[type, str]) -> int:
+    """Runs `fn()` and returns the exit status: 0, or 2 when it raises one of the exception types of
+    `labels` (the first that matches, in order), printed as `prog: LABEL: message`; 130 on Ctrl-C.
+    Any other exception is a bug and keeps its traceback."""
+    try:
+        fn()
+    except KeyboardInterrupt:
+        say(prog, "interrupted")
+        return EXIT_INTERRUPTED
+    except tuple(labels) as e:
+        label = next(text for kind, text in labels.items() if isinstance(e, kind))
+        say(prog, f"{label}: {one_line(e)}")
+        return EXIT_USER
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON files
+
+
+def finite_or_none(value):
+    """`value` with every non-finite float (NaN, inf) replaced by None, at any depth: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def is_local(path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes `text` so that a reader sees the old file or the new one, never a part: a local file
+    through a temporary sibling and a rename; an object store's upload is atomic by itself."""
+    path = epath.Path(path)
+    if not is_local(path):
+        path.write_text(text, encoding="utf-8")
+        return
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj, *, sort_keys: bool = False) -> None:
+    """`obj` as indented strict JSON (non-finite numbers as null), written atomically."""
+    text = json.dumps(finite_or_none(obj), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
+
+
+def read_json(path, what: str = "file", error: type[Exception] = UserError) -> dict:
+    """The JSON object in `path`; raises `error` naming `what`, the path and why it cannot be read
+    (missing, not UTF-8, not JSON, not an object)."""
+    path = epath.Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM is tolerated, as editors write one
+        value = json.loads(text)
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory, expected a JSON file") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or one_line(e)}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text") from None
+    except ValueError as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise error(f"{what} {path} holds a JSON {type(value).__name__}, expected an object")
+    return value
