@@ -29,8 +29,11 @@ class UserError(Exception):
 
 
 def one_line(e: BaseException) -> str:
-    """An exception's message on one line, without the quotes a KeyError adds."""
-    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+    """An exception's message on one line, without the quotes a KeyError adds (another message may end
+    in a quoted name: its quote stays)."""
+    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+    if isinstance(e, KeyError):
+        text = text.strip("'\"")
     return text or type(e).__name__
 
 
@@ -42,7 +45,8 @@ def root_cause(e: BaseException) -> BaseException:
 
 
 def say(prog: str, message: str) -> None:
-    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    """`prog: message` on stderr; the message alone when `prog` is empty (data.prepare's lines)."""
+    print(f"{prog}: {message}" if prog else message, file=sys.stderr, flush=True)
 
 
 def die(prog: str, message: str, code: int = EXIT_USER) -> NoReturn:
@@ -86,9 +90,19 @@ def is_local(path) -> bool:
     return "://" not in os.fspath(path)
 
 
+def fsync(path) -> None:
+    """Flushes a local file, or a directory's entries (so that a rename into it survives a crash), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path, text: str) -> None:
-    """Writes `text` so that a reader sees the old file or the new one, never a part: a local file
-    through a temporary sibling and a rename; an object store's upload is atomic by itself."""
+    """Writes `text` so that a reader sees the old file or the new one, never a part, even after a crash:
+    a local file through a temporary sibling, flushed to disk, and a rename; an object store's upload
+    is atomic by itself."""
     path = epath.Path(path)
     if not is_local(path):
         path.write_text(text, encoding="utf-8")
@@ -96,10 +110,12 @@ def write_text_atomic(path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.write_text(text, encoding="utf-8")
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync(path.parent)
 
 
 def write_json(path, obj, *, sort_keys: bool = False) -> None:

@@ -30,20 +30,19 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
-from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
+from etils import epath
 
+from osp_jax import cli
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
 from osp_jax import quant as quant_lib
+from osp_jax.data.sources import DataError
 from osp_jax.model import LINEAR_INPUTS, Transformer
-from osp_jax.step import window_layout
+from osp_jax.step import eval_step, linear_inputs  # noqa: F401 - linear_inputs: re-exported, was defined here
 
 PROG = "osp_jax.evaluate"
 PROGRESS_EVERY_S = 10.0
@@ -56,32 +55,6 @@ class EvalError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------
 # Data: lists of host batches {inputs, targets, segment_ids, positions, weights}.
-
-
-def _windows_from_stream(tokens: np.ndarray, seq_len: int, eos_id: int) -> dict[str, np.ndarray]:
-    """Non-overlapping windows of seq_len + 1 tokens, with segment ids and positions restarting after
-    every EOS (as the packing pipeline does)."""
-    w = seq_len + 1
-    n = len(tokens) // w
-    win = tokens[: n * w].reshape(n, w).astype(np.int32)
-    starts = np.zeros_like(win, dtype=bool)
-    starts[:, 0] = True
-    starts[:, 1:] = win[:, :-1] == eos_id
-    seg = np.cumsum(starts, axis=1).astype(np.int32)
-    idx = np.broadcast_to(np.arange(w), win.shape)
-    last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-    pos = (idx - last_start).astype(np.int32)
-    return {"inputs": win[:, :-1], "targets": win[:, 1:], "segment_ids": seg[:, :-1], "positions": pos[:, :-1]}
-
-
-def _batched(windows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    n = windows["inputs"].shape[0]
-    for i in range(0, n, batch_size):
-        batch = {k: v[i:i + batch_size] for k, v in windows.items()}
-        short = batch_size - batch["inputs"].shape[0]
-        if short:  # pad to a full batch so one compiled function serves every batch
-            batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-        yield batch
 
 
 def _text_batches(path: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int):
@@ -101,15 +74,20 @@ def _text_batches(path: str, workdir: str, vocab_size: int, seq_len: int, batch_
     if tok.vocab_size > vocab_size:
         raise EvalError(f"the tokenizer {tok_path} has vocabulary {tok.vocab_size} but the model's vocab_size "
                         f"is {vocab_size}")
-    stream = pipeline.text_file_tokens(path, tok)
-    if len(stream) < seq_len + 1:
-        raise EvalError(f"{path} has {len(stream)} tokens, fewer than one sequence: --seq-len={seq_len} "
+    docs = pipeline.text_file_documents(path, tok)
+    tokens = sum(len(d) for d in docs)
+    if tokens < seq_len + 1:
+        raise EvalError(f"{path} has {tokens} tokens, fewer than one sequence: --seq-len={seq_len} "
                         f"needs at least {seq_len + 1}")
-    return _batched(_windows_from_stream(stream, seq_len, tok.eos_id), batch_size)
+    # One EOS-separated stream in windows of seq_len + 1, as training packs it; the tail that does not
+    # fill a window is not scored.
+    pad_id = tok.eos_id if tok.pad_id is None else tok.pad_id
+    return iter(pipeline.batched_windows(docs, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id,
+                                         drop_remainder=True))
 
 
 def _warn(msg: str) -> None:
-    print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)
+    cli.say(PROG, f"warning: {msg}")
 
 
 def check_tokenizer(data: str, data_dir: str, meta: dict, workdir: str) -> None:
@@ -179,61 +157,16 @@ def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batc
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pure per-batch functions.
+# Per-batch statistics: `osp_jax.step.eval_step`, the one train's validation loss uses too.
 
-
-def linear_inputs(intermediates) -> dict:
-    """`observe`d per-token (kurtosis, max |x|) of the linear layers' inputs -> {name: (kurtosis,
-    max_abs)}, each (layers, batch, seq), from the scanned stack or from layers_0, layers_1, ..."""
-    found: dict = {}
-
-    def visit(tree, layer):
-        for key, value in tree.items():
-            if key in LINEAR_INPUTS:
-                ((kurt, max_abs),) = value
-                found.setdefault(key, []).append((layer, kurt, max_abs))
-            elif isinstance(value, Mapping):
-                visit(value, int(key.split("_", 1)[1]) if key.startswith("layers_") else layer)
-
-    visit(intermediates, None)
-    out = {}
-    for key, items in found.items():
-        if len(items) == 1 and items[0][0] is None:  # scanned: already stacked over layers
-            out[key] = items[0][1:]
-        else:
-            items.sort(key=lambda t: t[0])
-            out[key] = (jnp.stack([t[1] for t in items]), jnp.stack([t[2] for t in items]))
-    return out
-
-
-def batch_stats(params, batch, *, model: Transformer, pack_mask: bool, outliers: bool = False) -> dict:
-    """Summed loss and scored-token count; with `outliers`, per-layer kurtosis sums and max |activation|
-    of the residual stream and of every linear layer's input (what the activation quantiser sees)."""
-    out = model.apply({"params": params}, batch["inputs"], **window_layout(batch, pack_mask), return_hidden=outliers,
-                      mutable=["intermediates"] if outliers else False)
-    inputs = {}
-    if outliers:
-        out, state = out
-        inputs = linear_inputs(state.get("intermediates", {}))
-    logits, hidden = out if outliers else (out, None)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-    w = batch["weights"]
-    stats = {"loss_sum": jnp.sum(losses * w), "tokens": jnp.sum(w)}
-    if outliers:  # metrics.excess_kurtosis per token, masked so padding does not count
-        stats["kurtosis_sum"] = jnp.sum(metrics_lib.excess_kurtosis(hidden) * w, axis=(1, 2))
-        per_token_max = jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=-1)
-        stats["max_abs"] = jnp.max(jnp.where(w > 0, per_token_max, 0.0), axis=(1, 2))
-        for name, (kurt, max_abs) in inputs.items():
-            stats[f"{name}.kurtosis_sum"] = jnp.sum(kurt * w, axis=(1, 2))
-            stats[f"{name}.max_abs"] = jnp.max(jnp.where(w > 0, max_abs, 0.0), axis=(1, 2))
-    return stats
+batch_stats = eval_step  # the name evaluate gave it before step.eval_step measured outliers
 
 
 @functools.lru_cache(maxsize=16)
 def _stats_fn(model_json: str, spec: quant_lib.QuantSpec | None, pack_mask: bool, outliers: bool):
-    """One jitted `batch_stats` per model/quantisation setting, kept so repeated evaluations reuse it."""
+    """One jitted `eval_step` per model/quantisation setting, kept so repeated evaluations reuse it."""
     model = Transformer(ml_collections.ConfigDict(json.loads(model_json)), quant=spec)
-    return jax.jit(functools.partial(batch_stats, model=model, pack_mask=pack_mask, outliers=outliers))
+    return jax.jit(functools.partial(eval_step, model=model, pack_mask=pack_mask, outliers=outliers))
 
 
 def _run(fn, params, batches, what: str = "", every_s: float | None = None) -> dict:
@@ -246,16 +179,10 @@ def _run(fn, params, batches, what: str = "", every_s: float | None = None) -> d
         now = time.perf_counter()
         if i > 1 and now - last >= every_s:
             per = (now - t0) / (i - 1)
-            print(f"{PROG}: {what}: {i - 1}/{len(batches)} batches, {per:.2f} s/batch, ETA "
-                  f"{metrics_lib.format_duration(per * (len(batches) - i + 1))}", file=sys.stderr, flush=True)
+            cli.say(PROG, f"{what}: {i - 1}/{len(batches)} batches, {per:.2f} s/batch, ETA "
+                          f"{metrics_lib.format_duration(per * (len(batches) - i + 1))}")
             last = now
-        out = jax.device_get(fn(params, b))
-        for k, v in out.items():
-            v = np.asarray(v, np.float64)
-            if k not in total:
-                total[k] = v
-            else:
-                total[k] = np.maximum(total[k], v) if k.endswith("max_abs") else total[k] + v
+        metrics_lib.accumulate(total, jax.device_get(fn(params, b)))
     return total
 
 
@@ -274,18 +201,17 @@ def load_checkpoint(workdir: str, step: int | None):
     """(step, params, validated config) from WORKDIR, or EvalError."""
     from osp_jax.checkpoint import CheckpointError, restore_params_only
 
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
         raise EvalError(f"--workdir={workdir}: no such directory")
     try:
         found, params, cfg = restore_params_only(workdir, step=step)
     except CheckpointError as e:
         raise EvalError(f"--workdir={workdir}: {e}") from None
     if cfg is None:
-        path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(path):
+        path = epath.Path(workdir) / "config.json"
+        if not path.exists():
             raise EvalError(f"checkpoint step {found} in {workdir} has no config, and there is no {path}")
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = cli.read_json(path, "config", error=EvalError)
     try:
         config = config_lib.from_dict(cfg)
     except config_lib.ConfigError as e:
@@ -314,9 +240,12 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
     batches = load_batches(data, workdir, vocab_size=config.model.vocab_size, seq_len=seq_len,
                            batch_size=batch_size, max_tokens=max_tokens)
 
-    # Evaluation runs in float32 with the exact XLA attention, whatever the run trained with.
+    # Evaluation runs in float32 with the exact XLA attention, whatever the run trained with. The 16-bit
+    # pass needs the whole logits (they come with the hidden states); with loss_chunk 0 the quantised
+    # pass computes its loss from them the same way (and any --seq-len works).
     model_cfg = config.model.copy_and_resolve_references()
     model_cfg.dtype, model_cfg.param_dtype, model_cfg.attention, model_cfg.remat = "float32", "float32", "xla", "none"
+    model_cfg.loss_chunk = 0
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)  # host copy, for folding
     pack_mask = bool(config.data.pack_mask)
 
@@ -415,24 +344,11 @@ def plot(r: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _finite_or_none(value):
-    """`value` with every non-finite float (NaN, inf) replaced by None, at any depth."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
 def _write_json(path: str, record: dict) -> None:
-    """Strict JSON: a non-finite number (a NaN loss, an overflowing perplexity) is written as null."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite_or_none(record), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    """Strict JSON (`cli.write_json`: a NaN loss, an overflowing perplexity are written as null), into a
+    folder made if missing."""
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cli.write_json(path, record)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -451,21 +367,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (0 ok, 2 user error)."""
-    args = _parser().parse_args(argv)
-    from osp_jax.data.sources import DataError
+# A user's mistake, one line and exit 2; ValueError is not here: one the checks above did not turn into
+# an EvalError is a bug, with its traceback.
+USER_ERRORS = {EvalError: "error", DataError: "error", FileNotFoundError: "error", config_lib.ConfigError: "error"}
 
-    try:
-        bits = quant_lib.parse_bits(args.bits)  # checked before the (slow) checkpoint load
-    except ValueError as e:
-        return _fail(e)
-    try:
-        result = evaluate(args.workdir, args.data, step=args.step, bits=bits, hadamard=args.hadamard,
-                          clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                          seq_len=args.seq_len)
-    except (EvalError, DataError, FileNotFoundError, config_lib.ConfigError) as e:
-        return _fail(e)
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    args = _parser().parse_args(argv)
+    return cli.guarded(PROG, lambda: _main(args), USER_ERRORS)
+
+
+def _main(args: argparse.Namespace) -> None:
+    result = evaluate(args.workdir, args.data, step=args.step, bits=args.bits, hadamard=args.hadamard,
+                      clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                      seq_len=args.seq_len)  # --bits is checked first, before the (slow) checkpoint load
     print(format_table(result), flush=True)
     if args.output:
         _write_json(args.output, result)
@@ -473,12 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}", flush=True)
-    return 0
-
-
-def _fail(err: BaseException) -> int:
-    print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-    return 2
 
 
 if __name__ == "__main__":

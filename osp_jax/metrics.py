@@ -48,17 +48,43 @@ def excess_kurtosis(hidden: jax.Array) -> jax.Array:
     return jax.nn.relu(ratio - 3.0)
 
 
+def token_outliers(hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token (excess kurtosis, max |x|) over the last axis, in float32: what every outlier statistic
+    of osp_jax is built from."""
+    return excess_kurtosis(hidden), jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=-1)
+
+
+def outlier_sums(kurtosis: jax.Array, max_abs: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+    """Per layer, from per-token statistics (layers, batch, seq) and token weights (batch, seq): the
+    weighted kurtosis sum and the max |x| over the tokens of positive weight. Sums and maxima, so the
+    statistics of several batches combine exactly (`accumulate`); divide by the weights' sum for means."""
+    weights = weights.astype(jnp.float32)
+    return {"kurtosis_sum": jnp.sum(kurtosis * weights, axis=(1, 2)),
+            "max_abs": jnp.max(jnp.where(weights > 0, max_abs, 0.0), axis=(1, 2))}
+
+
+def accumulate(total: dict, stats: dict) -> dict:
+    """`total` with one batch's `stats` added, host-side in float64: sums add, `*max_abs` keys take the
+    maximum."""
+    for k, v in stats.items():
+        v = np.asarray(v, np.float64)
+        if k not in total:
+            total[k] = v
+        else:
+            total[k] = np.maximum(total[k], v) if k.endswith("max_abs") else total[k] + v
+    return total
+
+
 def outlier_stats(hidden: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """From hidden states (layers + 1, batch, seq, dim): kurtosis and max |activation| per layer, over the
     tokens `mask` (batch, seq) keeps (all when None; train passes segment ids > 0, so padding does not count)."""
     if mask is None:
         mask = jnp.ones(hidden.shape[1:3], jnp.float32)
     mask = mask.astype(jnp.float32)
-    per_layer = jnp.sum(excess_kurtosis(hidden) * mask, axis=(1, 2)) / jnp.maximum(mask.sum(), 1.0)
-    per_token_max = jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=-1)
-    max_abs = jnp.max(jnp.where(mask > 0, per_token_max, 0.0), axis=(1, 2))
+    sums = outlier_sums(*token_outliers(hidden), mask)
+    per_layer = sums["kurtosis_sum"] / jnp.maximum(mask.sum(), 1.0)
     return {"kurtosis_per_layer": per_layer, "kurtosis": per_layer.mean(),
-            "max_abs_per_layer": max_abs, "max_abs": max_abs.max()}
+            "max_abs_per_layer": sums["max_abs"], "max_abs": sums["max_abs"].max()}
 
 
 def peak_flops_per_device(override_tflops: float | None = None) -> float | None:

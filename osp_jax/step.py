@@ -1,10 +1,11 @@
 """Pure step functions: the train state, one optimizer step, one evaluation step.
 
-Nothing here touches the host, the mesh or the file system; train.py jits these with shardings.
+Nothing here touches the host, the mesh or the file system; train.py and evaluate.py jit these.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -13,7 +14,8 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from osp_jax.model import Transformer, precast_weights
+from osp_jax import metrics as metrics_lib
+from osp_jax.model import LINEAR_INPUTS, Transformer, precast_weights
 
 
 class TrainState(NamedTuple):
@@ -128,10 +130,60 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, model: Transformer, pack_mask: bool = True) -> dict:
-    """Summed loss and token count (padding excluded), so batches of any size average exactly."""
-    losses, mask = token_losses(model, params, batch, pack_mask)
-    return {"loss_sum": (losses * mask).sum(), "tokens": mask.sum()}
+def token_weights(batch: dict):
+    """Each target's weight in the evaluation loss (float32): the batch's own `weights` where it carries
+    them (evaluate's, cut at --max-tokens), else 1 on every real token and 0 on padding (segment id 0)."""
+    if "weights" in batch:
+        return batch["weights"].astype(jnp.float32)
+    return _loss_mask(batch)
+
+
+def eval_step(params, batch: dict, *, model: Transformer, pack_mask: bool = True, outliers: bool = False) -> dict:
+    """Summed float32 loss and scored-token count (`token_weights`), so batches of any size combine exactly.
+
+    With `outliers`, from the same forward pass, the `metrics.outlier_sums` of the residual stream
+    (after the embedding and every layer: `kurtosis_sum`, `max_abs`, (layers + 1,)) and of every linear
+    layer's input as the activation quantiser sees it (`qkv_in.kurtosis_sum`, ..., (layers,)).
+    """
+    weights = token_weights(batch)
+    if not outliers:
+        losses = _apply_with_targets(model, params, batch, pack_mask)
+        return {"loss_sum": (losses * weights).sum(), "tokens": weights.sum()}
+    (logits, hidden), state = model.apply({"params": params}, batch["inputs"], **window_layout(batch, pack_mask),
+                                          return_hidden=True, mutable=["intermediates"])
+    # The model returns per-token losses or logits with hidden states, never both: this is its own loss
+    # (`model.chunked_cross_entropy` in one chunk) on the logits it returned.
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    stats = {"loss_sum": (losses * weights).sum(), "tokens": weights.sum(),
+             **metrics_lib.outlier_sums(*metrics_lib.token_outliers(hidden), weights)}
+    for name, (kurtosis, max_abs) in linear_inputs(state.get("intermediates", {})).items():
+        sums = metrics_lib.outlier_sums(kurtosis, max_abs, weights)
+        stats.update({f"{name}.{k}": v for k, v in sums.items()})
+    return stats
+
+
+def linear_inputs(intermediates) -> dict:
+    """`model.observe`d per-token (kurtosis, max |x|) of the linear layers' inputs -> {name: (kurtosis,
+    max_abs)}, each (layers, batch, seq), from the scanned stack or from layers_0, layers_1, ..."""
+    found: dict = {}
+
+    def visit(tree, layer):
+        for key, value in tree.items():
+            if key in LINEAR_INPUTS:
+                ((kurt, max_abs),) = value
+                found.setdefault(key, []).append((layer, kurt, max_abs))
+            elif isinstance(value, Mapping):
+                visit(value, int(key.split("_", 1)[1]) if key.startswith("layers_") else layer)
+
+    visit(intermediates, None)
+    out = {}
+    for key, items in found.items():
+        if len(items) == 1 and items[0][0] is None:  # scanned: already stacked over layers
+            out[key] = items[0][1:]
+        else:
+            items.sort(key=lambda t: t[0])
+            out[key] = (jnp.stack([t[1] for t in items]), jnp.stack([t[2] for t in items]))
+    return out
 
 
 def hidden_states(params, batch: dict, *, model: Transformer, pack_mask: bool = True):

@@ -276,7 +276,32 @@ def test_worker_processes(data_dir):
     assert_batches_equal(got, list(pipeline.make_dataset(data_dir, "train", **kw)))
 
 
-def test_seqio_adapter():
-    pytest.importorskip("seqio")
-    from osp_jax.data.seqio_source import make_seqio_iterator
-    assert callable(make_seqio_iterator)
+def _stream_windows(tokens, seq_len, eos_id):
+    """Reference, independent of the pipeline: non-overlapping windows of seq_len + 1 of one token stream
+    (the tail dropped), segment ids and positions restarting at the window start and after every EOS."""
+    w = seq_len + 1
+    n = len(tokens) // w
+    win = tokens[: n * w].reshape(n, w).astype(np.int32)
+    starts = np.zeros_like(win, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = win[:, :-1] == eos_id
+    seg = np.cumsum(starts, axis=1).astype(np.int32)
+    idx = np.broadcast_to(np.arange(w), win.shape)
+    pos = (idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)).astype(np.int32)
+    return {"inputs": win[:, :-1], "targets": win[:, 1:], "segment_ids": seg[:, :-1], "positions": pos[:, :-1]}
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 16, 300])
+def test_batched_windows_of_documents_in_memory(seq_len):
+    """evaluate's --data=FILE path: documents held in memory, packed as training packs them, the tail that
+    fills no window dropped, the last batch padded with rows of segment id 0."""
+    rng = np.random.default_rng(seq_len)
+    docs = [np.append(rng.integers(1, 50, int(n)), 0).astype(np.int32) for n in rng.integers(0, 40, 30)]
+    want = _stream_windows(np.concatenate(docs), seq_len, eos_id=0)
+    batches = list(pipeline.batched_windows(docs, seq_len=seq_len, batch_size=4, pad_id=0, drop_remainder=True))
+    assert all(b[k].shape == (4, seq_len) for b in batches for k in pipeline.FIELDS)
+    got = {k: np.concatenate([b[k] for b in batches]) for k in pipeline.FIELDS}
+    n = len(want["inputs"])
+    assert (got["segment_ids"][n:] == 0).all() and len(got["inputs"]) - n < 4
+    for k in pipeline.FIELDS:
+        np.testing.assert_array_equal(got[k][:n], want[k], err_msg=k)

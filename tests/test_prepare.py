@@ -328,6 +328,15 @@ def test_fatal_errors(tmp_path, capsys, case):
         assert not [n for n in os.listdir(out) if n.startswith(".tmp-") or n.endswith(".array_record")]
 
 
+def test_error_lines_keep_the_message_whole():
+    """The shared CLI plumbing prints one line; it strips the quotes str() adds to a KeyError only, not
+    the closing quote of a message that ends in a quoted name."""
+    from osp_jax import cli
+
+    assert cli.one_line(sources.DataError("a.parquet has\n  no column 'text'")) == "a.parquet has no column 'text'"
+    assert cli.one_line(KeyError("model.dim")) == "model.dim"
+
+
 def test_truncated_compressed_file_is_named(tmp_path):
     data = gzip.compress(b"".join((json.dumps({"text": t}) + "\n").encode() for t in DOCS))
     (tmp_path / "a.jsonl.gz").write_bytes(data[: len(data) // 2])

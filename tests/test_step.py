@@ -130,3 +130,46 @@ def test_without_pack_mask_a_window_is_one_stream():
     packed, _ = token_losses(model, params, batch, pack_mask=True)
     np.testing.assert_allclose(np.asarray(packed)[:, :first], np.asarray(stream)[:, :first], rtol=1e-6)
     assert not np.allclose(np.asarray(packed)[:, first:], np.asarray(stream)[:, first:])
+
+
+def _f64_losses(model, params, batch):
+    """Per-token cross-entropy in float64 from the model's float32 logits."""
+    logits = np.asarray(model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                                    segment_ids=batch["segment_ids"]), np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    return lse - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_eval_step_is_one_loss_for_train_and_evaluate(weights):
+    """Train's validation loss (segment ids > 0 scored) and evaluate's (its own `weights`, cut at
+    --max-tokens), with and without the outlier statistics (which take the loss from the logits): one
+    function, equal to a float64 reference; sums and counts, so batches combine exactly."""
+    from osp_jax import metrics
+    from osp_jax.step import eval_step
+
+    cfg = _config(loss_chunk=8)
+    model = Transformer(cfg.model)
+    batch = _batch(cfg, n=3)
+    batch["segment_ids"] = batch["segment_ids"].at[2, 10:].set(0)  # padding: never scored
+    params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+    mask = np.asarray(batch["segment_ids"] > 0, np.float64)
+    if weights:
+        mask[0, 5:] = 0.0
+        batch["weights"] = jnp.asarray(mask, jnp.float32)
+    want = (_f64_losses(model, params, batch) * mask).sum()
+    plain = jax.jit(functools.partial(eval_step, model=model))(params, batch)
+    full = jax.jit(functools.partial(eval_step, model=model, outliers=True))(params, batch)
+    for got in (plain, full):
+        assert float(got["tokens"]) == mask.sum()
+        np.testing.assert_allclose(float(got["loss_sum"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(plain["loss_sum"]), float(full["loss_sum"]), rtol=1e-6)
+    # The outlier sums divided by the count are train's per-layer means over the same tokens.
+    _, hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                            segment_ids=batch["segment_ids"], return_hidden=True)
+    ref = metrics.outlier_stats(hidden, jnp.asarray(mask))
+    np.testing.assert_allclose(full["kurtosis_sum"] / full["tokens"], ref["kurtosis_per_layer"], rtol=1e-5)
+    np.testing.assert_array_equal(full["max_abs"], ref["max_abs_per_layer"])
+    linear = sorted(k.split(".")[0] for k in full if k.endswith(".max_abs"))
+    assert linear == ["down_in", "gate_up_in", "o_in", "qkv_in"]

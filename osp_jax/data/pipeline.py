@@ -27,17 +27,21 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
-import json
 import os
 import sys
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
+from osp_jax import cli
+from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
 from osp_jax.data import tokenizer as tokenizer_lib
+# Raw text files, tokenised for evaluate: they moved to tokenizer.py; these names stay importable here.
+from osp_jax.data.tokenizer import iter_text_file_tokens, text_file_documents, text_file_tokens  # noqa: F401
 
 
 class PipelineError(sources.DataError, ValueError):
@@ -99,15 +103,11 @@ def resolve_data_dir(path: str) -> str:
 
 def load_metadata(data_dir: str) -> dict:
     """metadata.json of a prepared directory (see osp_jax.data.prepare)."""
-    p = os.path.join(data_dir, "metadata.json")
-    try:
-        with open(p) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
+    p = epath.Path(data_dir) / "metadata.json"
+    if not p.exists():
         raise FileNotFoundError(f"{data_dir} has no metadata.json: not a directory written by "
-                                "`python -m osp_jax.data.prepare` (or it is still being written)") from None
-    except ValueError as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from None
+                                "`python -m osp_jax.data.prepare` (or it is still being written)")
+    meta = cli.read_json(p, "metadata", error=PipelineError)
     for k in ("vocab_size", "eos_id", "dtype", "splits"):
         if k not in meta:
             raise ValueError(f"{p} lacks the key {k!r}: written by an incompatible prepare version?")
@@ -129,13 +129,29 @@ def check_vocab(metadata: dict, vocab_size: int) -> str | None:
 
 # ----------------------------------------------------------------------------------------------------
 # Packing
+#
+# Why not Grain's own packers (grain 0.2.18, checked 2026-12):
+# - `experimental.FirstFitPackIterDataset` pads bins instead of splitting documents, and refuses one
+#   longer than a window ("must be truncated to max length"): tokens would be lost, not packed.
+# - `experimental.ConcatThenSplitIterDataset({"tokens": seq_len + 1})` cuts the same windows with the
+#   same segment ids and positions; only the end of finite data differs (it pads with 0, not pad_id,
+#   and keeps the last real input whose target is padding), which a map could fix. Its state does not
+#   survive the JSON our checkpoints store it as: a state saved where a window ends exactly at a
+#   document's end holds `remainder_slices: {"tokens": (-1, -1)}`, JSON gives back the list
+#   [-1, -1], grain tests `!= (-1, -1)` (a tuple), takes the list for a remainder and slices the next
+#   document to [-1:-1]: the restored iterator skips data (5 documents, windows of 5: the restored
+#   iterator yields [] where [[8, 0, 9, 0, 0]] remained). It also restores by re-reading the last
+#   window's documents, and its state layout differs from the {"parent", "offset"} that checkpoints
+#   saved so far hold. So the packing below stays: its state is the parent's state before the current
+#   document and the offset inside it, plain JSON that restores without replay.
 
 
 class _PackedWindowsIterator(grain.DatasetIterator):
-    def __init__(self, parent, seq_len: int, pad_id: int):
+    def __init__(self, parent, seq_len: int, pad_id: int, drop_remainder: bool = False):
         super().__init__(parent)
         self._w = seq_len + 1
         self._pad = pad_id
+        self._drop_remainder = drop_remainder
         self._arange = np.arange(self._w, dtype=np.int32)
         self._doc = None          # the document being consumed
         self._off = 0             # how many of its tokens were already emitted
@@ -169,7 +185,7 @@ class _PackedWindowsIterator(grain.DatasetIterator):
             pos[filled:filled + take] = self._arange[:take]
             filled += take
             self._off += take
-        if filled == 0:
+        if filled == 0 or (filled < w and self._drop_remainder):
             raise StopIteration
         seg_in = seg[:-1]
         if filled < w:  # the end of a finite run: pad, and mask the inputs whose target is padding
@@ -197,20 +213,36 @@ class _PackedWindowsIterator(grain.DatasetIterator):
 
 
 class PackedWindows(grain.IterDataset):
-    """Concatenates 1-D token arrays and cuts the stream into windows of seq_len + 1 (see module doc)."""
+    """Concatenates 1-D token arrays and cuts the stream into windows of seq_len + 1 (see module doc).
+    At the end of finite data the last window is padded, or, with `drop_remainder`, dropped."""
 
-    def __init__(self, parent, seq_len: int, pad_id: int = 0):
+    def __init__(self, parent, seq_len: int, pad_id: int = 0, drop_remainder: bool = False):
         super().__init__(parent)
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len}: expected a positive integer")
         self._seq_len = seq_len
         self._pad_id = pad_id
+        self._drop_remainder = drop_remainder
 
     def __iter__(self):
-        return _PackedWindowsIterator(self._parent.__iter__(), self._seq_len, self._pad_id)
+        return _PackedWindowsIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._drop_remainder)
 
     def __str__(self) -> str:
         return f"PackedWindows(seq_len={self._seq_len})"
+
+
+def batched_windows(documents, *, seq_len: int, batch_size: int, pad_id: int, finite: bool = True,
+                    drop_remainder: bool = False) -> grain.IterDataset:
+    """Documents (1-D token arrays, EOS at each end: a grain.IterDataset, or a sequence held in memory)
+    -> PackedWindows -> batches of `batch_size`; with `finite` data the last batch is padded to full size
+    (segment ids 0), and with `drop_remainder` a last window the data cannot fill is dropped."""
+    if not isinstance(documents, grain.IterDataset):  # in memory: reading threads would only contend
+        documents = grain.MapDataset.source(list(documents)).to_iter_dataset(grain.ReadOptions(num_threads=0))
+    ds = PackedWindows(documents, seq_len, pad_id, drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if finite:
+        ds = ds.map(functools.partial(_pad_batch, batch_size=batch_size, pad_id=pad_id))
+    return ds
 
 
 def _decode(record: bytes, dtype: str) -> np.ndarray:
@@ -274,10 +306,7 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     ds = ds.repeat(num_epochs)
     ds = ds.map(functools.partial(_decode, dtype=meta["dtype"]))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
-    ds = PackedWindows(ds, seq_len, pad_id)
-    ds = ds.batch(batch_size, drop_remainder=False)
-    if num_epochs is not None:
-        ds = ds.map(functools.partial(_pad_batch, batch_size=batch_size, pad_id=pad_id))
+    ds = batched_windows(ds, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id, finite=num_epochs is not None)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
@@ -295,15 +324,10 @@ def _open_shards(data_dir: str, split: str, info: dict):
                              f"`python -m osp_jax.data.prepare` again with --output={data_dir} and --force "
                              "(for the 'builtin' cache, delete the directory)")
 
-    paths = []
-    for s in info["shards"]:
-        p = os.path.join(data_dir, s["file"])
-        if not os.path.isfile(p):
-            raise damaged(f"shard {s['file']} is missing")
-        size = os.path.getsize(p)
-        if size != s.get("file_bytes", size):  # file_bytes: recorded since prepare checks shard sizes
-            raise damaged(f"shard {s['file']} has {size} bytes, metadata.json says {s['file_bytes']}")
-        paths.append(p)
+    paths = [os.path.join(data_dir, s["file"]) for s in info["shards"]]
+    for p, s in zip(paths, info["shards"]):
+        if why := shards_lib.size_problem(p, s):
+            raise damaged(why)
     try:
         source = grain.sources.ArrayRecordDataSource(paths)
     except RuntimeError as e:  # array_record's errors, some without text
@@ -394,46 +418,3 @@ def _close_at_exit(ref) -> None:
 
 def _noop() -> None:
     pass
-
-
-# ----------------------------------------------------------------------------------------------------
-# Raw text files (for evaluate)
-
-
-def _as_tokenizer(tokenizer) -> tokenizer_lib.Tokenizer:
-    if isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer_lib.load_tokenizer(os.fspath(tokenizer))
-    return tokenizer
-
-
-def iter_text_file_tokens(path: str, tokenizer, *, text_field: str = "text",
-                          batch_docs: int = 64) -> Iterator[np.ndarray]:
-    """Token arrays (int32, EOS appended) of each document of a .jsonl[.gz|.xz|.zst] / .txt / .parquet
-    file (or glob); `tokenizer` is a path or a loaded tokenizer. Malformed records are skipped with a
-    warning naming file:line; a missing file raises osp_jax.data.DataError."""
-    tok = _as_tokenizer(tokenizer)
-    skips = sources.SkipLog()
-    chunk: list[str] = []
-
-    def flush():
-        for ids in tok.encode_batch(chunk):
-            a = np.empty(len(ids) + 1, np.int32)
-            a[:-1] = ids
-            a[-1] = tok.eos_id
-            yield a
-        chunk.clear()
-
-    for doc in sources.iter_documents(sources.expand_inputs(path), text_field, skips, split_field=None):
-        chunk.append(doc.text)
-        if len(chunk) >= batch_docs:
-            yield from flush()
-    if chunk:
-        yield from flush()
-
-
-def text_file_tokens(path: str, tokenizer, *, text_field: str = "text") -> np.ndarray:
-    """One EOS-separated int32 token stream of every document in the file(s)."""
-    parts = list(iter_text_file_tokens(path, tokenizer, text_field=text_field))
-    if not parts:
-        raise sources.DataError(f"{path}: no valid documents")
-    return np.concatenate(parts)

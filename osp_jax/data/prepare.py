@@ -24,11 +24,10 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import functools
 import hashlib
-import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
@@ -37,7 +36,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from osp_jax import cli
+from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
+from osp_jax.data.shards import token_dtype  # noqa: F401 - re-exported: it was defined here
 from osp_jax.data.sources import DataError, Document, SkipLog
 from osp_jax.data import tokenizer as tokenizer_lib
 
@@ -46,16 +48,9 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_SHARD_MB = 256
-_SHARD_RE = re.compile(r"^(train|validation)-\d{5}-of-\d{5}\.array_record$")
-_TMP_PREFIX = ".tmp-"
 # Documents (or characters) handed to the tokenizer at once: large enough to amortise the call.
 _CHUNK_DOCS = 256
 _CHUNK_CHARS = 4 << 20
-
-
-def token_dtype(vocab_size: int) -> str:
-    """The record dtype: uint16 holds every id when all ids are below vocab_size <= 65536."""
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -70,84 +65,10 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _fsync(path: str) -> None:
-    """Flushes a file, or a directory's entries (so a rename into it survives a crash), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(directory: str, name: str) -> str:
-    return os.path.join(directory, f"{_TMP_PREFIX}{os.getpid()}-{name}")
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = _tmp_name(os.path.dirname(path) or ".", os.path.basename(path))
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(path) or ".")
-
-
-class _ShardWriter:
-    """Writes one split's records into .tmp- shards, starting a new shard past `shard_bytes`."""
-
-    def __init__(self, directory: str, split: str, shard_bytes: int):
-        self.directory, self.split, self.shard_bytes = directory, split, shard_bytes
-        self.shards: list[dict] = []  # {"tmp", "documents", "tokens", "bytes"}
-        self._writer = None
-        self.documents = 0
-        self.tokens = 0
-
-    def write(self, record: bytes, n_tokens: int) -> None:
-        if self._writer is None or self.shards[-1]["bytes"] >= self.shard_bytes:
-            self._open()
-        self._writer.write(record)
-        cur = self.shards[-1]
-        cur["documents"] += 1
-        cur["tokens"] += n_tokens
-        cur["bytes"] += len(record)
-        self.documents += 1
-        self.tokens += n_tokens
-
-    def _open(self) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        self._close_current()
-        tmp = _tmp_name(self.directory, f"{self.split}-{len(self.shards):05d}.array_record")
-        # group_size:1 makes every record its own chunk: what random access (Grain) wants.
-        self._writer = ArrayRecordWriter(tmp, "group_size:1")
-        self.shards.append({"tmp": tmp, "documents": 0, "tokens": 0, "bytes": 0})
-
-    def _close_current(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            _fsync(self.shards[-1]["tmp"])
-            self._writer = None
-
-    def finish(self) -> list[dict]:
-        """Closes the last shard; returns shard entries with their final file names."""
-        self._close_current()
-        n = len(self.shards)
-        for i, s in enumerate(self.shards):
-            s["file"] = f"{self.split}-{i:05d}-of-{n:05d}.array_record"
-        return self.shards
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            if self._writer is not None:
-                self._writer.close()
-        for s in self.shards:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(s["tmp"])
+    """Kept for old imports: `cli.write_text_atomic` of UTF-8 `data` (metadata.json goes through
+    `cli.write_json`)."""
+    cli.write_text_atomic(path, data.decode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,21 +85,9 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode_texts(texts: list[str]) -> list[np.ndarray]:
-    """Token arrays with EOS appended; raises DataError for an id at or past the tokenizer's
-    vocab_size (the size metadata records, and what the uint16/uint32 choice rests on)."""
+    """`tokenizer.encode_documents` with this process's tokenizer, as the records' dtype."""
     tok = _WORKER_TOKENIZER
-    dtype = np.dtype(token_dtype(tok.vocab_size)).newbyteorder("<")
-    out = []
-    for ids in tok.encode_batch(texts):
-        top = max(ids, default=0)
-        if top >= tok.vocab_size:
-            raise DataError(f"tokenizer {tok.path} produced id {top}, outside its vocabulary of "
-                            f"{tok.vocab_size}")
-        a = np.empty(len(ids) + 1, dtype)
-        a[:-1] = ids
-        a[-1] = tok.eos_id
-        out.append(a)
-    return out
+    return tokenizer_lib.encode_documents(tok, texts, shards_lib.token_dtype(tok.vocab_size))
 
 
 def _chunks(docs: Iterator[Document]) -> Iterator[list[Document]]:
@@ -262,9 +171,8 @@ def _tokenizer_source(spec: str) -> dict:
 
 def _load_existing(output: str) -> dict | None:
     try:
-        with open(os.path.join(output, "metadata.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return cli.read_json(os.path.join(output, "metadata.json"), "metadata")
+    except cli.UserError:  # missing or unreadable: not reusable, rebuilt
         return None
 
 
@@ -278,26 +186,8 @@ def _reusable(meta: dict | None, want: dict, output: str) -> bool:
     tok = os.path.join(output, meta.get("tokenizer") or "")
     if not (os.path.isfile(tok) and tokenizer_lib.file_sha256(tok) == meta.get("tokenizer_sha256")):
         return False
-    return all(_shard_intact(os.path.join(output, s["file"]), s)
+    return all(shards_lib.intact(os.path.join(output, s["file"]), s)
                for sp in meta.get("splits", {}).values() for s in sp.get("shards", []))
-
-
-def _shard_intact(path: str, shard: dict) -> bool:
-    """Whether a shard is as written: its size against metadata's file_bytes, or (metadata written before
-    file_bytes was recorded) its record count against documents."""
-    if not os.path.isfile(path):
-        return False
-    if "file_bytes" in shard:
-        return os.path.getsize(path) == shard["file_bytes"]
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    try:
-        reader = ArrayRecordReader(path)
-        n = reader.num_records()
-        reader.close()  # a damaged file raises here
-    except RuntimeError:
-        return False
-    return n == shard["documents"]
 
 
 @contextlib.contextmanager
@@ -340,100 +230,45 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
             say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
             return _load_existing(output)
         for name in os.listdir(output):  # we hold the lock: any .tmp- file is from a crashed run
-            if name.startswith(_TMP_PREFIX):
+            if shards_lib.TMP_PREFIX in name:  # ours, and cli.write_text_atomic's .NAME.tmp-
                 os.remove(os.path.join(output, name))
         return _prepare_locked(input_files, output, want, text_field=text_field, split_field=split_field,
                                workers=workers, shard_bytes=int(shard_size_mb * 2**20), say=say,
                                quiet=quiet)
 
 
+def _split_of(doc: Document, val_fraction: float) -> str:
+    if doc.split is not None:
+        return doc.split
+    return "validation" if is_validation(doc.text, val_fraction) else "train"
+
+
 def _prepare_locked(input_files, output, want, *, text_field, split_field, workers, shard_bytes, say,
                     quiet) -> dict:
     t0 = time.monotonic()
     val_fraction = want["options"]["val_fraction"]
-    src = want["tokenizer_source"]
-
-    def split_of(doc: Document) -> str:
-        if doc.split is not None:
-            return doc.split
-        return "validation" if is_validation(doc.text, val_fraction) else "train"
-
-    # 1. The tokenizer: trained on the training documents, or the given file; a copy goes into DIR.
-    tmp_tok = None
-    if "train_vocab" in src:
-        say(f"prepare: training a byte-level BPE with vocabulary {src['train_vocab']} on the inputs")
-        n_train = [0]
-
-        def train_texts():
-            for d in sources.iter_documents(input_files, text_field, SkipLog(warn=lambda m: None), split_field):
-                if split_of(d) == "train":
-                    n_train[0] += 1
-                    yield d.text
-
-        tok = tokenizer_lib.train_bpe(train_texts(), src["train_vocab"])
-        if n_train[0] == 0:
-            raise DataError(f"no valid training documents in {len(input_files)} input(s) to train a "
-                            "tokenizer on")
-        tok_name = "tokenizer.json"
-        tmp_tok = _tmp_name(output, tok_name)
-        tok.save(tmp_tok)
-    else:
-        tok_name = "tokenizer.json" if tokenizer_lib.load_tokenizer(src["path"]).kind == "hf" else "tokenizer.model"
-        tmp_tok = _tmp_name(output, tok_name)
-        shutil.copyfile(src["path"], tmp_tok)
-    tok = tokenizer_lib.load_tokenizer(tmp_tok)
-    dtype = token_dtype(tok.vocab_size)
-
-    # 2. Read, tokenise, write.
-    skips = SkipLog()
-    writers = {s: _ShardWriter(output, s, shard_bytes) for s in SPLITS}
-    progress = _Progress(enabled=not quiet, files=len(input_files))
-
-    def documents():
-        for progress.file, inp in enumerate(input_files, 1):
-            yield from sources.read_documents(inp, text_field, skips, split_field)
-
-    ok = False
+    split_of = functools.partial(_split_of, val_fraction=val_fraction)
+    tok_name, tmp_tok = _stage_tokenizer(want["tokenizer_source"], input_files, output, say=say,
+                                         text_field=text_field, split_field=split_field, split_of=split_of)
     try:
-        docs = documents()
-        for doc, ids in _tokenized(docs, tmp_tok, workers):
-            writers[split_of(doc)].write(ids.tobytes(), len(ids))
-            progress.update(1, len(ids))
-        progress.close()
-        total = sum(w.documents for w in writers.values())
-        if total == 0:
-            raise DataError(f"no valid documents in {len(input_files)} input(s) "
-                            f"({', '.join(f.path for f in input_files[:3])}{', ...' if len(input_files) > 3 else ''}); "
-                            f"skipped: {skips.as_dict() or 'none'}")
-        if writers["train"].documents == 0:
-            raise DataError(f"all {total} documents went to validation: lower --val-fraction or fix the "
-                            "records' split field")
-        shards = {s: w.finish() for s, w in writers.items()}
-        ok = True
-    finally:
-        if not ok:
-            for w in writers.values():
-                w.abort()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp_tok)
+        tok = tokenizer_lib.load_tokenizer(tmp_tok)
+        writers, shards, skips = _write_splits(input_files, output, tmp_tok, text_field=text_field,
+                                               split_field=split_field, split_of=split_of, workers=workers,
+                                               shard_bytes=shard_bytes, quiet=quiet)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_tok)
+        raise
     if writers["validation"].documents == 0 and val_fraction > 0:
         log(f"warning: no document fell into validation (val-fraction {val_fraction}, "
             f"{writers['train'].documents} documents)")
 
-    # 3. Publish: drop the old metadata first, so a crash from here on leaves DIR visibly incomplete.
+    # Publish: drop the old metadata first, so a crash from here on leaves DIR visibly incomplete.
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(output, "metadata.json"))
-    keep = set()
-    for split_shards in shards.values():
-        for s in split_shards:
-            os.replace(s.pop("tmp"), os.path.join(output, s["file"]))
-            s["file_bytes"] = os.path.getsize(os.path.join(output, s["file"]))
-            keep.add(s["file"])
+    shards_lib.publish(output, shards)
     os.replace(tmp_tok, os.path.join(output, tok_name))
-    for name in os.listdir(output):  # shards of an earlier, different run
-        if _SHARD_RE.match(name) and name not in keep:
-            os.remove(os.path.join(output, name))
-    _fsync(output)
+    cli.fsync(output)
 
     elapsed = time.monotonic() - t0
     meta = {
@@ -445,7 +280,7 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
         "tokenizer": tok_name,
         "tokenizer_sha256": tokenizer_lib.file_sha256(os.path.join(output, tok_name)),
         "tokenizer_kind": tok.kind,
-        "dtype": dtype,
+        "dtype": shards_lib.token_dtype(tok.vocab_size),
         "splits": {s: {"documents": writers[s].documents, "tokens": writers[s].tokens, "shards": shards[s]}
                    for s in SPLITS},
         "skipped": skips.as_dict(),
@@ -455,13 +290,70 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(elapsed, 3),
     }
-    atomic_write_bytes(os.path.join(output, "metadata.json"),
-                       (json.dumps(meta, indent=2) + "\n").encode())
+    cli.write_json(os.path.join(output, "metadata.json"), meta)  # last: its presence means DIR is complete
     tr, va = meta["splits"]["train"], meta["splits"]["validation"]
     say(f"prepare: wrote {output}: train {tr['documents']:,} docs / {tr['tokens']:,} tokens in "
         f"{len(tr['shards'])} shard(s), validation {va['documents']:,} docs / {va['tokens']:,} tokens; "
         f"skipped {sum(meta['skipped'].values())} {meta['skipped'] or ''} ({elapsed:.1f} s)")
     return meta
+
+
+def _stage_tokenizer(src: dict, input_files, output: str, *, say, text_field, split_field,
+                     split_of) -> tuple[str, str]:
+    """(final name, .tmp- path) of the tokenizer DIR will keep: trained on the training documents, or a
+    copy of the given file."""
+    if "train_vocab" not in src:
+        tok_name = "tokenizer.json" if tokenizer_lib.load_tokenizer(src["path"]).kind == "hf" else "tokenizer.model"
+        tmp_tok = shards_lib.tmp_name(output, tok_name)
+        shutil.copyfile(src["path"], tmp_tok)
+        return tok_name, tmp_tok
+    say(f"prepare: training a byte-level BPE with vocabulary {src['train_vocab']} on the inputs")
+    n_train = [0]
+
+    def train_texts():
+        for d in sources.iter_documents(input_files, text_field, SkipLog(warn=lambda m: None), split_field):
+            if split_of(d) == "train":
+                n_train[0] += 1
+                yield d.text
+
+    tok = tokenizer_lib.train_bpe(train_texts(), src["train_vocab"])
+    if n_train[0] == 0:
+        raise DataError(f"no valid training documents in {len(input_files)} input(s) to train a tokenizer on")
+    tmp_tok = shards_lib.tmp_name(output, "tokenizer.json")
+    tok.save(tmp_tok)
+    return "tokenizer.json", tmp_tok
+
+
+def _write_splits(input_files, output: str, tokenizer_path: str, *, text_field, split_field, split_of, workers,
+                  shard_bytes, quiet) -> tuple[dict, dict, SkipLog]:
+    """Reads, tokenises and writes every document into .tmp- shards of its split: (writers, shards, skips)
+    by split. On any failure its .tmp- shards are removed."""
+    skips = SkipLog()
+    writers = {s: shards_lib.ShardWriter(output, s, shard_bytes) for s in SPLITS}
+    progress = _Progress(enabled=not quiet, files=len(input_files))
+
+    def documents():
+        for progress.file, inp in enumerate(input_files, 1):
+            yield from sources.read_documents(inp, text_field, skips, split_field)
+
+    try:
+        for doc, ids in _tokenized(documents(), tokenizer_path, workers):
+            writers[split_of(doc)].write(ids.tobytes(), len(ids))
+            progress.update(1, len(ids))
+        progress.close()
+        total = sum(w.documents for w in writers.values())
+        if total == 0:
+            names = ", ".join(f.path for f in input_files[:3]) + (", ..." if len(input_files) > 3 else "")
+            raise DataError(f"no valid documents in {len(input_files)} input(s) ({names}); "
+                            f"skipped: {skips.as_dict() or 'none'}")
+        if writers["train"].documents == 0:
+            raise DataError(f"all {total} documents went to validation: lower --val-fraction or fix the "
+                            "records' split field")
+        return writers, {s: w.finish() for s, w in writers.items()}, skips
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,21 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; returns the exit status (0 ok, 2 user error: one line `error: ...`, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    return cli.guarded("", lambda: _main(args), {DataError: "error", cli.UserError: "error"})
+
+
+def _main(args: argparse.Namespace) -> None:
     try:
         prepare(args.input, args.output, args.tokenizer, val_fraction=args.val_fraction,
                 text_field=args.text_field, split_field=args.split_field or None, workers=args.workers,
                 shard_size_mb=args.shard_size_mb, quiet=args.quiet, force=args.force)
-    except DataError as e:
-        log(f"error: {e}")
-        return 2
     except OSError as e:  # e.g. an output directory that cannot be written
-        log(f"error: {e.filename or ''}: {e.strerror or e}" if e.filename else f"error: {e}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    return 0
+        raise cli.UserError(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
 
 
 if __name__ == "__main__":

@@ -2,15 +2,20 @@
 
 `load_tokenizer(path)` returns an object with `encode`, `encode_batch`, `decode`, `vocab_size`,
 `eos_id`, `pad_id`, `path` and `sha256`. `train_bpe` trains the byte-level BPE this project ships.
-Nothing here imports jax or grain, so the prepare CLI starts fast.
+`encode_documents` makes the records of documents (ids, EOS appended), and `text_file_documents` those
+of a text file (evaluate's --data=FILE). Nothing here imports jax or grain, so the prepare CLI starts fast.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
+from etils import epath
+
+from osp_jax import cli
+from osp_jax.data import sources
 from osp_jax.data.sources import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -60,14 +65,10 @@ def run_tokenizer_path(workdir: str, names=("tokenizer.json", "tokenizer.model")
 
 
 def _run_data_metadata(workdir: str) -> dict:
-    meta_path = os.path.join(workdir, "data_metadata.json")
-    if not os.path.isfile(meta_path):
+    meta_path = epath.Path(workdir) / "data_metadata.json"
+    if not meta_path.exists():
         return {}
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    return cli.read_json(meta_path, "the run's data metadata", error=ValueError)
 
 
 class Tokenizer:
@@ -231,3 +232,54 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Documents as token records
+
+
+def encode_documents(tok: Tokenizer, texts: Sequence[str], dtype="int32") -> list[np.ndarray]:
+    """Each text's token ids with EOS appended, as little-endian `dtype`: the records prepare writes, the
+    documents evaluate packs. TokenizerError for an id at or past `tok.vocab_size` (what metadata
+    records, and what prepare's uint16/uint32 choice rests on)."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    out = []
+    for ids in tok.encode_batch(texts):
+        top = max(ids, default=0)
+        if top >= tok.vocab_size:
+            raise TokenizerError(f"tokenizer {tok.path} produced id {top}, outside its vocabulary of "
+                                 f"{tok.vocab_size}")
+        a = np.empty(len(ids) + 1, dtype)
+        a[:-1] = ids
+        a[-1] = tok.eos_id
+        out.append(a)
+    return out
+
+
+def iter_text_file_tokens(path: str, tokenizer, *, text_field: str = "text",
+                          batch_docs: int = 64) -> Iterator[np.ndarray]:
+    """Token arrays (int32, EOS appended) of each document of a .jsonl[.gz|.xz|.zst] / .txt / .parquet
+    file (or glob); `tokenizer` is a path or a loaded tokenizer. Malformed records are skipped with a
+    warning naming file:line; a missing file raises osp_jax.data.DataError."""
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    chunk: list[str] = []
+    for doc in sources.iter_documents(sources.expand_inputs(path), text_field, sources.SkipLog(), split_field=None):
+        chunk.append(doc.text)
+        if len(chunk) >= batch_docs:
+            yield from encode_documents(tok, chunk)
+            chunk = []
+    if chunk:
+        yield from encode_documents(tok, chunk)
+
+
+def text_file_documents(path: str, tokenizer, *, text_field: str = "text") -> list[np.ndarray]:
+    """The token arrays (EOS at each end) of every document in the file(s); DataError when there is none."""
+    docs = list(iter_text_file_tokens(path, tokenizer, text_field=text_field))
+    if not docs:
+        raise DataError(f"{path}: no valid documents")
+    return docs
+
+
+def text_file_tokens(path: str, tokenizer, *, text_field: str = "text") -> np.ndarray:
+    """One EOS-separated int32 token stream of every document in the file(s)."""
+    return np.concatenate(text_file_documents(path, tokenizer, text_field=text_field))
