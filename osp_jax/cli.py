@@ -71,6 +71,26 @@ def guarded(prog: str, fn: Callable[[], Any], labels: Mapping[type, str]) -> int
     return EXIT_OK
 
 
+def absl_flags_parser(prog: str, label: str = "config error") -> Callable[[list[str]], list[str]]:
+    """A `flags_parser` for absl's `app.run`: what absl leaves as a traceback or a bare "FATAL" (a
+    malformed flag, an unknown or misspelt `--config.KEY` of ml_collections' config flags, a value of
+    the wrong type) becomes one line, `prog: LABEL: ...`, with exit code 2."""
+    from absl import flags
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            die(prog, f"{label}: {e}")
+        except (AttributeError, KeyError) as e:  # config_flags: a key the config does not have
+            overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+            die(prog, f"{label}: unknown config key {one_line(e).replace(chr(39), '')} (in {overrides})")
+        except (TypeError, ValueError) as e:
+            die(prog, f"{label}: {one_line(e)} (in {' '.join(argv[1:])})")
+
+    return parse
+
+
 # ---------------------------------------------------------------------------------------------------
 # JSON files
 
@@ -99,23 +119,33 @@ def fsync(path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Writes `text` so that a reader sees the old file or the new one, never a part, even after a crash:
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Writes `data` so that a reader sees the old file or the new one, never a part, even after a crash:
     a local file through a temporary sibling, flushed to disk, and a rename; an object store's upload
     is atomic by itself."""
     path = epath.Path(path)
     if not is_local(path):
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(data)
         return
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """`text` as UTF-8, written atomically (`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def copy_atomic(src, dst) -> None:
+    """Copies the file `src` to `dst`, written atomically (`write_bytes_atomic`): for small files."""
+    write_bytes_atomic(dst, epath.Path(src).read_bytes())
 
 
 def write_json(path, obj, *, sort_keys: bool = False) -> None:

@@ -8,9 +8,15 @@ max |activation| of the residual stream (where `train.outlier_every` recorded th
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
+
+from etils import epath
+
+from osp_jax import cli
+
+PROG = "osp_jax.plot"
 
 PANELS = (("loss", "training loss"), ("val_loss", "validation loss"), ("kurtosis", "excess kurtosis (mean over layers)"),
           ("max_abs", "max |activation|"), ("learning_rate", "learning rate"), ("tokens_per_sec", "tokens / s"))
@@ -18,20 +24,19 @@ PANELS = (("loss", "training loss"), ("val_loss", "validation loss"), ("kurtosis
 
 def read_metrics(workdir: str) -> list[dict]:
     """Records of metrics.jsonl; a step logged twice (a resumed run) keeps its last record."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
     by_step = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                print(f"{path}:{line_no}: not JSON, skipped (a line cut off by a crash?)", file=sys.stderr)
-                continue
-            by_step[record["step"]] = record
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            cli.say(PROG, f"{path}:{line_no}: not JSON, skipped (a line cut off by a crash?)")
+            continue
+        by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -41,7 +46,7 @@ def plot(workdirs: list[str], output: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {os.path.basename(os.path.normpath(w)) or w: read_metrics(w) for w in workdirs}
+    runs = {epath.Path(w).name or w: read_metrics(w) for w in workdirs}
     present = [(key, title) for key, title in PANELS
                if any(r.get(key) is not None for records in runs.values() for r in records)]
     cols = 2
@@ -62,26 +67,25 @@ def plot(workdirs: list[str], output: str) -> None:
     if len(runs) > 1:
         axes.flat[0].legend()
     fig.tight_layout()
-    fig.savefig(output, dpi=110)
+    image = io.BytesIO()  # drawn whole, then written at once: no half-written file, and gs:// works
+    fig.savefig(image, format=epath.Path(output).suffix[1:] or None, dpi=110)
     plt.close(fig)
+    cli.write_bytes_atomic(output, image.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="osp_jax.plot", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a training workdir (has metrics.jsonl)")
     parser.add_argument("--compare", default="", help="more workdirs to draw on the same axes, comma-separated")
     parser.add_argument("--output", default=None, help="PNG to write (default WORKDIR/curves.png)")
     args = parser.parse_args(argv)
     workdirs = [args.workdir] + [w for w in args.compare.split(",") if w]
-    output = args.output or os.path.join(args.workdir, "curves.png")
-    try:
-        plot(workdirs, output)
-    except (FileNotFoundError, ImportError) as e:
-        print(f"osp_jax.plot: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {output}")
-    return 0
+    output = args.output or str(epath.Path(args.workdir) / "curves.png")
+    status = cli.guarded(PROG, lambda: plot(workdirs, output), {FileNotFoundError: "error", ImportError: "error"})
+    if status == cli.EXIT_OK:
+        print(f"wrote {output}")
+    return status
 
 
 if __name__ == "__main__":

@@ -72,10 +72,10 @@ def test_url_workdir_is_refused_before_anything_is_written(tmp_path):
 def test_a_run_past_one_epoch_is_flagged(caplog):
     import logging
 
-    from osp_jax import train as train_lib
+    from osp_jax import run_setup
 
     with caplog.at_level(logging.INFO, logger="osp_jax"):
-        assert train_lib._log_epochs(3_000, 1_000, "DATA") == 3.0
+        assert run_setup.log_epochs(3_000, 1_000, "DATA") == 3.0
     (record,) = [r for r in caplog.records if "epochs of DATA" in r.getMessage()]
     assert record.levelno == logging.WARNING and "memorisation" in record.getMessage()
 
@@ -123,6 +123,7 @@ def test_cli_batch_that_does_not_divide_over_the_mesh_exits_2(tmp_path):
 def test_a_workdir_tokenizer_that_is_not_the_datas_is_refused(tmp_path):
     import pytest
 
+    from osp_jax import run_setup
     from osp_jax import train as train_lib
     from osp_jax.data import pipeline
     from tests.helpers import load_recipe
@@ -138,11 +139,11 @@ def test_a_workdir_tokenizer_that_is_not_the_datas_is_refused(tmp_path):
         train_lib.train(cfg, str(workdir))
     assert sorted(os.listdir(workdir)) == ["tokenizer.json"]
     (workdir / "tokenizer.json").write_bytes(open(os.path.join(data_dir, "tokenizer.json"), "rb").read())
-    train_lib._check_tokenizer(data_dir, str(workdir))  # the same file: accepted
+    run_setup.check_tokenizer(data_dir, str(workdir))  # the same file: accepted
     (workdir / "tokenizer.json").unlink()  # no file, but the run's data_metadata.json records another one
     (workdir / "data_metadata.json").write_text(json.dumps({"tokenizer": "tokenizer.json", "tokenizer_sha256": "0"}))
     with pytest.raises(ValueError, match="the one .*data_metadata.json records"):
-        train_lib._check_tokenizer(data_dir, str(workdir))
+        run_setup.check_tokenizer(data_dir, str(workdir))
 
 
 def test_eval_data_vocabulary_is_checked(tmp_path):

@@ -1,0 +1,272 @@
+"""Setting up a training run: everything `osp_jax.train`'s loop needs, built once, in one `Run`.
+
+In order: the config checked; the mesh made and checked against the config's sizes; the data opened and its
+tokenizer checked against the run's, agreed by every process; the workdir made; model, optimizer and
+shardings; the train state restored from the latest checkpoint (onto this mesh and layer layout) or made
+fresh; config.json and the tokenizer written to the workdir; the step functions jitted; the metrics writer
+opened. Anything refused is refused before the workdir's files change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+from etils import epath
+
+from osp_jax import cli
+from osp_jax import config as config_lib
+from osp_jax import metrics as metrics_lib
+from osp_jax import sharding
+from osp_jax.model import Transformer, count_params, flops_per_token
+from osp_jax.optim import make_optimizer
+from osp_jax.partitioning import (check_mesh_fits, jit_eval_step, jit_init_state, jit_outlier_stats, jit_train_step,
+                                  on_mesh, state_shardings, to_global)
+from osp_jax.resume import restore_state
+from osp_jax.step import TrainState
+
+log = logging.getLogger("osp_jax")
+
+
+class DataError(ValueError):
+    """The data cannot feed this run: missing, unreadable, or tokenised for another vocabulary or
+    tokenizer. Found before anything is written to the workdir."""
+
+
+class Run(NamedTuple):
+    """What the train loop needs besides the train state, built by `set_up`. The checkpointer and the
+    writer are open: the loop closes them."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    is_main: bool                  # process 0: prints progress and writes the workdir's files
+    start_step: int
+    train_iter: Any                # host batches of this process's rows
+    ckpt_iter: Any                 # train_iter where its position can be checkpointed, else None
+    val_batches: list              # global arrays, fixed for the whole run
+    batch_sharding: jax.sharding.NamedSharding
+    step_fn: Callable              # (state, batch) -> (state, device metrics); donates the state
+    eval_fn: Callable              # (params, batch) -> {"loss_sum", "tokens"}
+    outlier_fn: Callable           # (params, batch) -> kurtosis and max |activation|
+    schedules: dict                # name -> step -> value, logged (learning rates)
+    tokens_per_step: int
+    throughput: metrics_lib.Throughput
+    checkpointer: Any              # osp_jax.checkpoint.Checkpointer
+    writer: metrics_lib.MetricWriter
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str, *,
+           make_data_fn: Callable | None = None) -> tuple[Run, TrainState]:
+    """The run of `config` in `workdir` and its train state at `Run.start_step`: restored from the latest
+    checkpoint if there is one, else fresh. `make_data_fn(config, mesh)` -> (train iterator, validation
+    batches, data dir or None) opens the data (default `make_data`). The state is apart from the run: the
+    loop's train step donates it."""
+    from osp_jax.checkpoint import make_shared_directory
+
+    t = config.train
+    is_main = jax.process_index() == 0
+    mesh = _checked_mesh(config, workdir)
+    train_iter, val_batches, data_dir = _agreed_data(config, workdir, mesh, make_data_fn or make_data)
+    # Several processes: made by all, one directory seen by all, or an error on every process (no hang).
+    make_shared_directory(workdir)
+    model = Transformer(config.model)
+    tx, schedules = make_optimizer(config, mesh)
+    shardings = state_shardings(config, model, tx, mesh)
+    # seqio streams have no iterator state: after a restore they start again from the beginning.
+    ckpt_iter = train_iter if hasattr(train_iter, "get_state") else None
+    if ckpt_iter is None:
+        log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
+    with contextlib.ExitStack() as undo:  # on a failure, closes what set-up opened; else the loop does
+        checkpointer = undo.enter_context(_checkpointer(config, workdir, mesh))
+        start, state = _restore_or_init(checkpointer, config, model, tx, shardings, mesh, ckpt_iter, workdir)
+        if is_main:  # only now: a resume that failed leaves the workdir's files as they were
+            write_config(config, workdir)
+            if data_dir:
+                keep_tokenizer(data_dir, workdir)
+        if start >= t.steps:
+            log.info("the checkpoint in %s is at step %d, train.steps=%d: nothing to do (raise train.steps to "
+                     "train on)", workdir, start, t.steps)
+        tokens_per_step = t.global_batch_size * t.seq_len
+        log.info("model: %.2f M parameters; mesh %s; %d devices; %d tokens per step",
+                 count_params(state.params) / 1e6, dict(mesh.shape), jax.device_count(), tokens_per_step)
+        batch_sharding = sharding.batch_sharding(mesh)
+        throughput = metrics_lib.Throughput(flops_per_token(config.model, t.seq_len), t.steps, tokens_per_step,
+                                            metrics_lib.peak_flops_per_device(t.peak_tflops), jax.device_count())
+        run = Run(
+            config=config, mesh=mesh, is_main=is_main, start_step=start, train_iter=train_iter,
+            ckpt_iter=ckpt_iter, val_batches=[to_global(b, batch_sharding, t.global_batch_size) for b in val_batches],
+            batch_sharding=batch_sharding, step_fn=jit_train_step(config, model, tx, shardings, mesh),
+            eval_fn=jit_eval_step(config, model, shardings, mesh),
+            outlier_fn=jit_outlier_stats(config, model, shardings, mesh), schedules=schedules,
+            tokens_per_step=tokens_per_step, throughput=throughput, checkpointer=checkpointer,
+            writer=metrics_lib.MetricWriter(str(workdir), tensorboard=t.tensorboard, start_step=start))
+        undo.pop_all()
+    return run, state
+
+
+def _checked_mesh(config, workdir: str):
+    """The config's mesh, after every check that needs no data: the config's values, local paths, the
+    attention kernel, the sizes the mesh splits."""
+    config_lib.validate(config)
+    for name, path in (("--workdir", workdir), ("config.data.path", config.data.path)):
+        if not cli.is_local(str(path)):
+            raise FileNotFoundError(f"{name}={path}: URLs are not supported yet; use a local or mounted path "
+                                    "(e.g. a Cloud Storage FUSE mount such as /gcs/BUCKET/...)")
+    check_attention_backend(config)
+    mesh = sharding.make_mesh(config.mesh)
+    check_mesh_fits(config, mesh)
+    return mesh
+
+
+def _checkpointer(config, workdir: str, mesh):
+    """WORKDIR/checkpoints: saved every train.checkpoint_every steps (0: only at the end), the newest
+    train.keep_checkpoints kept."""
+    from osp_jax.checkpoint import Checkpointer
+
+    t = config.train
+    checkpointer = Checkpointer(str(epath.Path(workdir) / "checkpoints"), save_every=t.checkpoint_every or t.steps,
+                                keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    checkpointer.data_shards = sharding.data_shards(mesh)
+    return checkpointer
+
+
+def _restore_or_init(checkpointer, config, model, tx, shardings: TrainState, mesh, ckpt_iter, workdir: str):
+    """(start step, state): the latest checkpoint's, agreed by every process, or a fresh state at step 0."""
+    from osp_jax.checkpoint import agreed_latest_step
+
+    if agreed_latest_step(checkpointer) is not None:
+        start, state = restore_state(checkpointer, config, tx, shardings, mesh, data_iterator=ckpt_iter)
+        log.info("resumed from step %d in %s", start, workdir)
+        return start, state
+    checkpointer.set_aside_torn()  # saves that never finished: their steps are saved again
+    with on_mesh(mesh):
+        return 0, jit_init_state(config, model, tx, shardings)(jax.random.key(config.train.seed))
+
+
+def check_attention_backend(config) -> None:
+    """Raises config.ConfigError if model.attention names a kernel this machine cannot run."""
+    from osp_jax import attention
+
+    wanted = config.model.attention
+    if not attention.runnable_here(wanted):
+        needs = "/".join(sorted({p.upper() for p, k in attention.PLATFORM_KERNELS.items() if k == wanted} - {"CUDA"}))
+        raise config_lib.ConfigError(
+            f"config.model.attention={wanted!r} is not allowed on this machine: it needs a {needs} and JAX's "
+            f"backend here is {jax.default_backend()}; use 'auto' (splash on TPU, cuDNN on GPU, XLA elsewhere) "
+            "or 'xla'")
+
+
+# ---------------------------------------------------------------- data
+def _agreed_data(config, workdir: str, mesh, make_data_fn: Callable):
+    """`make_data_fn(config, mesh)`, with the data's tokenizer checked against the run's. Every process
+    stops if one cannot read its data (DataError): the others would wait for it in a collective."""
+    from osp_jax.checkpoint import all_processes_ok
+
+    failed = None
+    try:
+        train_iter, val_batches, data_dir = make_data_fn(config, mesh)
+        if data_dir:
+            check_tokenizer(data_dir, workdir)
+    except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: data.source='seqio' without seqio
+        failed = DataError(str(e))
+        failed.__cause__ = e
+    except Exception as e:  # noqa: BLE001 - any other failure is re-raised as is, after the agreement
+        failed = e
+    if not all_processes_ok(failed is None):
+        raise failed or DataError("another process could not set up its data (its log says why)")
+    return train_iter, val_batches, data_dir
+
+
+def make_data(config, mesh):
+    """The training iterator and a fixed list of validation batches (host numpy): this process's data
+    shard of `mesh` (sharding.data_shard; without a mesh, its own process's)."""
+    from osp_jax.data import pipeline
+
+    t, d = config.train, config.data
+    # Processes whose devices hold the same batch rows (a tp group across hosts) read the same data.
+    shard, shards = sharding.data_shard(mesh) if mesh is not None else (jax.process_index(), jax.process_count())
+    feed = dict(process_index=shard, process_count=shards)
+    if d.source == "seqio":
+        from osp_jax.data.seqio_source import make_seqio_iterator
+        train_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                         seed=t.seed, split="train", vocab_size=config.model.vocab_size, **feed)
+        val_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                       seed=t.seed, split="validation", **feed)
+        return train_iter, [next(val_iter) for _ in range(t.eval_batches)], None
+    data_dir = pipeline.resolve_data_dir(d.path)
+    meta = pipeline.load_metadata(data_dir)
+    note = pipeline.check_vocab(meta, config.model.vocab_size)
+    if note:
+        log.info("%s", note)
+    val_dir = data_dir
+    if t.eval_data:
+        val_dir = pipeline.resolve_data_dir(t.eval_data)
+        try:
+            pipeline.check_vocab(pipeline.load_metadata(val_dir), config.model.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"train.eval_data={t.eval_data}: {e}") from None
+    log_epochs(t.steps * t.global_batch_size * t.seq_len, int(meta["splits"]["train"]["tokens"]), d.path)
+    train_iter = pipeline.make_iterator(data_dir, "train", seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                        seed=t.seed, worker_count=d.worker_count, prefetch_buffer=d.prefetch, **feed)
+    val_iter = pipeline.make_iterator(val_dir, "validation", seq_len=t.seq_len,
+                                      global_batch_size=t.global_batch_size, seed=t.seed, shuffle=False,
+                                      num_epochs=None, **feed)
+    val_batches = [next(val_iter) for _ in range(t.eval_batches)]
+    return train_iter, val_batches, data_dir
+
+
+def log_epochs(run_tokens: int, split_tokens: int, path: str) -> float:
+    """Says how many passes over the training split the run makes; warns past one, where held-out
+    loss and quantisation cost measure memorisation too (docs/ablation.md, the epochs sections)."""
+    epochs = run_tokens / max(split_tokens, 1)
+    if epochs > 1:
+        log.warning("this run is %.2f epochs of %s's training split (%s tokens): documents repeat, so "
+                    "held-out loss and 4-bit cost measure memorisation as well as learning", epochs, path,
+                    f"{split_tokens:,}")
+    else:
+        log.info("this run is %.3f epoch of %s's training split (%s tokens)", epochs, path, f"{split_tokens:,}")
+    return epochs
+
+
+# ---------------------------------------------------------------- the workdir's files
+def check_tokenizer(data_dir: str, workdir: str) -> None:
+    """Raises ValueError if the run already has a tokenizer (WORKDIR's file named by its data_metadata.json, else
+    by the data's; without the file, the sha256 data_metadata.json records) that is not the data's (sha256):
+    its ids would mean other tokens."""
+    from osp_jax.data.tokenizer import data_tokenizer_sha256, run_tokenizer_sha256
+
+    meta = cli.read_json(epath.Path(data_dir) / "metadata.json", "data metadata", error=DataError)
+    run_sha, mine = run_tokenizer_sha256(workdir, epath.Path(meta["tokenizer"]).name)
+    if run_sha is None:
+        return
+    mine = mine or f"(the one {epath.Path(workdir) / 'data_metadata.json'} records)"
+    data_sha, theirs = data_tokenizer_sha256(data_dir, meta)
+    if run_sha != data_sha:
+        raise ValueError(f"the run's tokenizer {mine} is not the data's {theirs} (their sha256 differ): "
+                         "train this data into a new --workdir, or use data prepared with the run's tokenizer")
+
+
+def keep_tokenizer(data_dir: str, workdir: str) -> None:
+    """Copies the data's tokenizer and metadata into the workdir where missing: export and evaluate read them there."""
+    data, run = epath.Path(data_dir), epath.Path(workdir)
+    meta = cli.read_json(data / "metadata.json", "data metadata", error=DataError)
+    for src, name in ((data / meta["tokenizer"], epath.Path(meta["tokenizer"]).name),
+                      (data / "metadata.json", "data_metadata.json")):
+        if not (run / name).exists():
+            cli.copy_atomic(src, run / name)
+
+
+def write_config(config, workdir: str) -> None:
+    """WORKDIR/config.json: the resolved config, which export and evaluate read. Warns naming each key that
+    differs from the config.json already there (a resumed run with changed learning rates, say)."""
+    path = epath.Path(workdir) / "config.json"
+    new = config.to_dict()
+    if path.exists():
+        old = cli.read_json(path, "the run's config")
+        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        if changed:
+            log.warning("config differs from the one in %s: %s", path, ", ".join(changed))
+    cli.write_json(path, new, sort_keys=True)
