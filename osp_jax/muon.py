@@ -487,10 +487,15 @@ def muon(learning_rate: optax.ScalarOrSchedule, beta: float = 0.95, nesterov: bo
                       mesh=mesh),
         scale_by_shape(scale_mode=scale_mode, rms_scale=rms_scale, dimension_numbers=dimension_numbers),
     ]
-    # A traced weight decay (inject_hyperparams) is always applied: it may be scheduled away from 0.
-    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-        transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-    transforms.append(optax.scale_by_learning_rate(learning_rate))
+    # The decay is always a link, so that a weight decay of 0 or not keeps the state's tree (a
+    # checkpoint saved with one resumes with the other). A Python 0 makes it a stateless identity,
+    # shaped like add_decayed_weights' empty state, which needs no params; a traced weight decay
+    # (inject_hyperparams) is always applied: it may be scheduled away from 0.
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+        decay = optax.identity() if weight_decay_mask is None else optax.masked(optax.identity(), weight_decay_mask)
+    else:
+        decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    transforms += [decay, optax.scale_by_learning_rate(learning_rate)]
     return optax.chain(*transforms)
 
 

@@ -77,5 +77,7 @@ def make_optimizer(config: ml_collections.ConfigDict, mesh=None
                              scale_mode=o.muon_scale_mode, shard_axis=NS_SHARD_AXES, mesh=mesh)
         inner = optax.multi_transform({MUON: muon, ADAMW: adamw},
                                       lambda params: param_labels(params, o.name))
-    chain = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    return optax.chain(*chain, inner), schedules
+    # Always a link (identity when off, with the same empty state), so clipping on or off keeps the
+    # optimizer state's tree: a checkpoint saved with one resumes with the other.
+    clip = optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, inner), schedules
