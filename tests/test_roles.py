@@ -115,8 +115,8 @@ def test_linear_inputs_are_the_names_the_model_records():
     cfg = _config()
     model = model_lib.Transformer(cfg.model)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    params = model.init(jax.random.key(0), tokens)["params"]
-    _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    params = _tree(cfg)  # shapes only: the model is traced, not run
+    _, state = jax.eval_shape(lambda p: model.apply({"params": p}, tokens, mutable=["intermediates"]), params)
     recorded = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(
         state["intermediates"], is_leaf=lambda x: isinstance(x, tuple))[0]}
     assert model_lib.LINEAR_INPUTS == roles.LINEAR_INPUTS == ("qkv_in", "o_in", "gate_up_in", "down_in")
@@ -196,18 +196,3 @@ def test_fold_matches_float64_reference_across_row_blocks(tied, monkeypatch):
     np.testing.assert_array_equal(roles.folded(params, cfg, roles.LM_HEAD, np.float32), head.T.astype(np.float32))
     with pytest.raises(ValueError, match="neither embedding nor lm_head"):
         roles.folded(params, cfg, roles.ATTN_Q, np.float32)
-
-
-def test_optimizer_routes_each_group_to_its_transform():
-    """End to end through make_optimizer: with muon the embedding takes AdamW's first step (about -lr
-    for a constant gradient) and a hidden matrix takes Muon's (far smaller here); muon_all gives the
-    embedding Muon's too."""
-    for name, emb_is_adam in (("muon", True), ("muon_all", False)):
-        cfg = _config()
-        cfg.optimizer.name, cfg.optimizer.schedule, cfg.optimizer.warmup_steps = name, "constant", 0
-        params = jax.tree.map(lambda s: jnp.full(s.shape, 0.1, jnp.float32), _tree(cfg))
-        tx, _ = make_optimizer(cfg)
-        updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
-        adam_like = lambda u: bool(np.allclose(np.asarray(u), -cfg.optimizer.learning_rate, rtol=0.2))
-        assert adam_like(updates["embed"]["embedding"]) == emb_is_adam, name
-        assert not adam_like(updates["layers"]["mlp"]["up"]["kernel"]), name
