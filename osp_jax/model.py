@@ -19,6 +19,7 @@ import optax
 from osp_jax import attention as attn_lib
 from osp_jax.metrics import excess_kurtosis
 from osp_jax import quant as quant_lib
+from osp_jax import roles
 from osp_jax.config import head_dim as _head_dim
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -122,8 +123,8 @@ def rope(x, positions, theta: float):
 
 
 # The inputs of the linear layers, as the activation quantiser sees them (osp_jax.quant), by the
-# names `observe` records them under.
-LINEAR_INPUTS = ("qkv_in", "o_in", "gate_up_in", "down_in")
+# names `observe` records them under (each role's `linear_input` in osp_jax.roles).
+LINEAR_INPUTS = roles.LINEAR_INPUTS
 
 
 def observe(module: nn.Module, name: str, x: jax.Array) -> None:
@@ -147,7 +148,7 @@ class Attention(nn.Module):
         hd = _head_dim(c)
         dense = lambda name, spec, shape, axes: Dense(spec, shape, axes, nn.initializers.normal(c.init_std),
                                                       dtype, pdtype, name=name)
-        observe(self, "qkv_in", x)
+        observe(self, roles.ATTN_Q.linear_input, x)
         if self.quant is not None:  # quant hook: q/k/v input, per token
             x = quant_lib.activations(x, self.quant)
         q = dense("q", "bsd,dhk->bshk", (c.dim, c.heads, hd), ("embed", "heads", "head_dim"))(x)
@@ -159,7 +160,7 @@ class Attention(nn.Module):
             k, v = quant_lib.kv(k, self.quant), quant_lib.kv(v, self.quant)
         out = attn_lib.attention(q, k, v, segment_ids, backend=c.attention, max_segments=c.max_segments)
         out = checkpoint_name(out, "attn_out")
-        observe(self, "o_in", out)
+        observe(self, roles.ATTN_O.linear_input, out)
         if self.quant is not None:  # quant hook: o input, per token over (heads, head_dim)
             out = quant_lib.activations(out, self.quant, (-2, -1))
         return dense("o", "bshk,hkd->bsd", (c.heads, hd, c.dim), ("heads", "head_dim", "embed"))(out)
@@ -177,7 +178,7 @@ class MLP(nn.Module):
         dtype, pdtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
         dense = lambda name, shape, axes: Dense("bsd,df->bsf", shape, axes, nn.initializers.normal(c.init_std),
                                                 dtype, pdtype, name=name)
-        observe(self, "gate_up_in", x)
+        observe(self, roles.MLP_GATE.linear_input, x)
         if self.quant is not None:  # quant hook: gate/up input, per token
             x = quant_lib.activations(x, self.quant)
         gate = dense("gate", (c.dim, c.ffn_dim), ("embed", "mlp"))(x)
@@ -185,7 +186,7 @@ class MLP(nn.Module):
         h = jax.nn.silu(gate) * up
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = checkpoint_name(h, "mlp_hidden")
-        observe(self, "down_in", h)
+        observe(self, roles.MLP_DOWN.linear_input, h)
         if self.quant is not None:  # quant hook: down input (optionally Hadamard-rotated), per token
             h = quant_lib.ffn_hidden(h, self.quant)
         return dense("down", (c.ffn_dim, c.dim), ("mlp", "embed"))(h)
@@ -426,9 +427,9 @@ fused_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 def precast_weights(params, model_config: ml_collections.ConfigDict):
     """`params` with the weights that only ever enter matmuls in `model.dtype` cast to it: every `Dense`
-    kernel (q/k/v/o, gate/up/down, EmbProj's two) and the token table unless it is also the LM head.
-    The norm scales stay (the norms compute in float32), and so does the LM head (`head_logits` forms
-    its gradient in float32).
+    kernel (q/k/v/o, gate/up/down, EmbProj's two) and the token table unless it is also the LM head
+    (each role's `precast` in osp_jax.roles). The norm scales stay (the norms compute in float32), and
+    so does the LM head (`head_logits` forms its gradient in float32).
 
     The model casts these weights itself where it uses them, so inside each rematerialised layer
     (which runs the casts again in the backward pass) and in every micro-batch of gradient
@@ -436,13 +437,11 @@ def precast_weights(params, model_config: ml_collections.ConfigDict):
     every value it computes is the same; the price is a copy of the weights in `model.dtype` held
     through the step (2 bytes a weight in bfloat16: 2.4 GiB for the 1.4B model)."""
     dtype = DTYPES[model_config.dtype]
+    cast_when = ("yes",) if model_config.tie_embeddings else ("yes", "untied")
 
     def cast(path, leaf):
-        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        top, name = keys[0], keys[-1]
-        if (name == "kernel" and top != "lm_head") or (name == "embedding" and not model_config.tie_embeddings):
-            return leaf.astype(dtype)
-        return leaf
+        role = roles.require(path, jnp.ndim(leaf))
+        return leaf.astype(dtype) if role is not None and role.precast in cast_when else leaf
 
     return jax.tree_util.tree_map_with_path(cast, params)
 

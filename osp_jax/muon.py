@@ -29,6 +29,8 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from osp_jax import roles
+
 # optax's own spec, so a tree written for `optax.contrib.muon` works here unchanged.
 MuonDimensionNumbers = optax.contrib.MuonDimensionNumbers
 
@@ -154,51 +156,33 @@ def newton_schulz_reference(x, steps: int = 5, coeffs=DEFAULT_NS_COEFFS) -> np.n
 # ------------------------------------------------------------------------------------------------
 
 
-def _path_names(path) -> tuple[str, ...]:
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-    return tuple(names)
-
-
-def _path_str(path) -> str:
-    return "/".join(_path_names(path)) or "<root>"
-
-
-_QKV = {("attn", "q"), ("attn", "k"), ("attn", "v")}
-
-
 def infer_dimension_numbers(params) -> Any:
-    """Dimension numbers for osp_jax's parameter tree (docs/CONTRACTS.md).
+    """Dimension numbers for osp_jax's parameter tree (docs/CONTRACTS.md), from its roles table.
 
-    Attention kernels keep heads as separate axes, so they get their own rule: `attn/{q,k,v}` map
-    `dim -> (heads, head_dim)`, `attn/o` maps `(heads, head_dim) -> dim`. Every other leaf with two
-    or more axes is `(..., fan_in, fan_out)`, its leading axes (the scanned `layers` axis) a batch of
-    independent matrices. Leaves with fewer than two axes get None: they are not matrices.
-    Takes arrays or `jax.ShapeDtypeStruct`s; `optax.MaskedNode` subtrees are kept as they are.
+    A leaf with a role (osp_jax.roles) gets that role's matrix: attention kernels keep heads as
+    separate axes, so `attn/{q,k,v}` map `dim -> (heads, head_dim)` and `attn/o` maps
+    `(heads, head_dim) -> dim`; the others are `(fan_in, fan_out)`; leading axes (the scanned `layers`
+    axis) are a batch of independent matrices. Norm scales, and leaves with fewer than two axes, get
+    None: they are not matrices. Takes arrays or `jax.ShapeDtypeStruct`s; `optax.MaskedNode` subtrees
+    are kept as they are.
 
-    A leaf of three or more axes outside osp_jax's layout (not under `layers`, not an `attn` kernel)
-    is read the same way, with a warning: someone else's multi-head kernel `(dim, heads, head_dim)`
-    or convolution `(h, w, in, out)` spans more than its last two axes and needs explicit
-    `MuonDimensionNumbers`.
+    Any other leaf (someone else's tree) is read as `(..., fan_in, fan_out)`; one of three or more
+    axes outside a `layers` stack with a warning: someone else's multi-head kernel
+    `(dim, heads, head_dim)` or convolution `(h, w, in, out)` spans more than its last two axes and
+    needs explicit `MuonDimensionNumbers`.
     """
 
     def rule(path, leaf):
         ndim = len(leaf.shape)
+        role = roles.find(path)
+        if role is not None and (role.rank is None or ndim >= role.rank):
+            axes = roles.muon_axes(role, ndim)
+            return None if axes is None or ndim < 2 else MuonDimensionNumbers(*axes)
         if ndim < 2:
             return None
-        names = _path_names(path)
-        owner = names[-3:-1]  # e.g. ("attn", "q") for .../attn/q/kernel
-        if ndim >= 3 and owner in _QKV:
-            return MuonDimensionNumbers(reduction_axis=ndim - 3, output_axis=(ndim - 2, ndim - 1))
-        if ndim >= 3 and owner == ("attn", "o"):
-            return MuonDimensionNumbers(reduction_axis=(ndim - 3, ndim - 2), output_axis=ndim - 1)
-        if ndim >= 3 and "layers" not in names:
+        if ndim >= 3 and "layers" not in roles.path_names(path):
             warnings.warn(
-                f"Muon reads leaf '{_path_str(path)}' of shape {tuple(leaf.shape)} as "
+                f"Muon reads leaf '{roles.path_str(path)}' of shape {tuple(leaf.shape)} as "
                 f"{math.prod(leaf.shape[:-2])} independent {leaf.shape[-2]} x {leaf.shape[-1]} matrices "
                 "(its last two axes). If its matrix spans other axes (a multi-head attention kernel, a "
                 "convolution), pass dimension_numbers= with a MuonDimensionNumbers for it.", stacklevel=2)
@@ -240,11 +224,11 @@ class _MatrixView(NamedTuple):
         ndim = len(shape)
         if dims is None or ndim < 2:
             raise ValueError(
-                f"Muon leaf '{_path_str(path)}' has shape {shape} and dimension numbers {dims}: Muon "
+                f"Muon leaf '{roles.path_str(path)}' has shape {shape} and dimension numbers {dims}: Muon "
                 "needs a matrix (rank >= 2 with dimension numbers). Route this leaf to AdamW instead.")
         reduction, output = _as_axes(dims.reduction_axis, ndim), _as_axes(dims.output_axis, ndim)
         if not reduction or not output or set(reduction) & set(output):
-            raise ValueError(f"Muon leaf '{_path_str(path)}' with shape {shape}: reduction axes "
+            raise ValueError(f"Muon leaf '{roles.path_str(path)}' with shape {shape}: reduction axes "
                              f"{reduction} and output axes {output} must be non-empty and disjoint.")
         batch = tuple(a for a in range(ndim) if a not in reduction and a not in output)
         perm = batch + reduction + output
@@ -503,10 +487,15 @@ def muon(learning_rate: optax.ScalarOrSchedule, beta: float = 0.95, nesterov: bo
                       mesh=mesh),
         scale_by_shape(scale_mode=scale_mode, rms_scale=rms_scale, dimension_numbers=dimension_numbers),
     ]
-    # A traced weight decay (inject_hyperparams) is always applied: it may be scheduled away from 0.
-    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-        transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-    transforms.append(optax.scale_by_learning_rate(learning_rate))
+    # The decay is always a link, so that a weight decay of 0 or not keeps the state's tree (a
+    # checkpoint saved with one resumes with the other). A Python 0 makes it a stateless identity,
+    # shaped like add_decayed_weights' empty state, which needs no params; a traced weight decay
+    # (inject_hyperparams) is always applied: it may be scheduled away from 0.
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+        decay = optax.identity() if weight_decay_mask is None else optax.masked(optax.identity(), weight_decay_mask)
+    else:
+        decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    transforms += [decay, optax.scale_by_learning_rate(learning_rate)]
     return optax.chain(*transforms)
 
 

@@ -12,39 +12,24 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
+from osp_jax import roles
 from osp_jax.muon import muon as muon_transform
 
-MUON, ADAMW = "muon", "adamw"
-_EMBEDDING_PATHS = ("embed/embedding", "lm_head/kernel")
-
-
-def _path(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+MUON, ADAMW = roles.MUON, roles.ADAMW
 
 
 def param_labels(params, name: str):
-    """Which optimizer updates each leaf: 'muon' or 'adamw'."""
-
-    def label(path, leaf):
-        p = _path(path)
-        if name == "adamw" or p.endswith("scale") or jnp.ndim(leaf) < 2:
-            return ADAMW
-        if p in _EMBEDDING_PATHS and name != "muon_all":
-            return ADAMW
-        return MUON
-
-    return jax.tree_util.tree_map_with_path(label, params)
+    """Which optimizer updates each leaf for `optimizer.name` = `name`: 'muon' or 'adamw', from its
+    role (osp_jax.roles). A matrix without a role is an error naming its path, never a guess."""
+    return roles.labels(params, name)
 
 
 def _decay_mask(params):
-    """AdamW decays matrices (embedding, head), never norm scales."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) >= 2 and not _path(path).endswith("scale"),
-                                            params)
+    """AdamW decays matrices (embedding, head), never norm scales (osp_jax.roles)."""
+    return roles.decay_mask(params)
 
 
 def schedule(peak: float, config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
@@ -92,5 +77,7 @@ def make_optimizer(config: ml_collections.ConfigDict, mesh=None
                              scale_mode=o.muon_scale_mode, shard_axis=NS_SHARD_AXES, mesh=mesh)
         inner = optax.multi_transform({MUON: muon, ADAMW: adamw},
                                       lambda params: param_labels(params, o.name))
-    chain = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    return optax.chain(*chain, inner), schedules
+    # Always a link (identity when off, with the same empty state), so clipping on or off keeps the
+    # optimizer state's tree: a checkpoint saved with one resumes with the other.
+    clip = optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, inner), schedules

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from osp_jax import roles
+
 NO_QUANT = 16            # a bit width of 16 means "leave this in full precision"
 MIN_BITS = 2
 CLIP_GRID = tuple(float(r) for r in np.linspace(1.0, 0.5, 11))  # weight clip ratios tried by the MSE search
@@ -259,13 +261,9 @@ def _rebuild(tree, fn, prefix=()):
 
 def weight_in_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
     """Input axes of the kernel at `path` (reduced by per-output-channel scales), or None if the leaf
-    is not quantised (embedding table, norm scales). The scanned `layers` axis is never reduced."""
-    if path[-1] != "kernel":
-        return None
-    first = 1 if path[0] == "layers" else 0        # scanned layers: axis 0 is independent
-    if path[-2] == "o":                              # (heads, head_dim, dim): output = dim
-        return tuple(range(first, ndim - 1))
-    return (first,)                                  # (dim, heads, hd), (in, out): the first axis is the input
+    is not quantised (embedding table, norm scales): its role's (osp_jax.roles). The scanned `layers`
+    axis is never reduced. A matrix without a role is an error naming it."""
+    return roles.quant_in_axes(roles.require(path, ndim), ndim)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "in_axes", "clip_search"))
@@ -289,7 +287,7 @@ def quantize_weights(params, bits: int, clip_search: bool = False):
 def rotate_ffn(params):
     """Down-projection kernels (..., ffn, dim) replaced by H^T W: pairs with QuantSpec(hadamard_ffn=True)."""
     def fn(path, w):
-        if path[-3:] != ("mlp", "down", "kernel"):
+        if roles.find(path) is not roles.MLP_DOWN:
             return w
         w64 = np.asarray(w, np.float64)
         # H^T W = (W^T H)^T: the transform runs along the ffn axis.
@@ -300,18 +298,12 @@ def rotate_ffn(params):
 
 def fold_embproj(params, model_config) -> tuple[Any, Any]:
     """(params, model config) of the same function as a plain Llama: EmbProj multiplied into the
-    embedding table and LM head (in float64), and the head untied, as export does."""
+    embedding table and LM head (in float64, `roles.folded`, as export does), and the head untied."""
     c = model_config.copy_and_resolve_references()
+    dtype = np.asarray(params["embed"]["embedding"]).dtype
     out = {k: v for k, v in params.items() if k not in ("embed_proj", "head_proj")}
-    table = np.asarray(params["embed"]["embedding"])
-    dtype = table.dtype
-    table64 = table.astype(np.float64)
-    head = table64.T if c.tie_embeddings else np.asarray(params["lm_head"]["kernel"], np.float64)
-    if c.embed_proj:
-        table64 = table64 @ np.asarray(params["embed_proj"]["kernel"], np.float64)
-        head = np.asarray(params["head_proj"]["kernel"], np.float64) @ head
-    out["embed"] = {"embedding": table64.astype(dtype)}
-    out["lm_head"] = {"kernel": head.astype(dtype)}
+    out["embed"] = {"embedding": roles.folded(params, c, roles.EMBEDDING, dtype)}
+    out["lm_head"] = {"kernel": np.ascontiguousarray(roles.folded(params, c, roles.LM_HEAD, dtype).T)}
     c.embed_proj = False
     c.tie_embeddings = False
     return out, c

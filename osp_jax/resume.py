@@ -21,10 +21,9 @@ STATE_SHAPE = {
     **{f"model.{k}": (lambda m, o, k=k: m[k]) for k in
        ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "norm_scale", "embed_proj", "tie_embeddings")},
     "model.head_dim": lambda m, o: m["head_dim"] or m["dim"] // m["heads"],
+    # Clipping and Muon's weight decay are links of the chain whether on or off (optim.make_optimizer):
+    # turning them on or off leaves the state's shape as it is.
     "optimizer.name": lambda m, o: o["name"],
-    # Clipping, and Muon's weight decay, on or off: a link more or less in the optimizer's chain.
-    "optimizer.clip_norm": lambda m, o: o["clip_norm"] > 0,
-    "optimizer.muon_weight_decay": lambda m, o: o["name"] != "adamw" and o["muon_weight_decay"] != 0,
 }
 
 

@@ -326,6 +326,29 @@ def test_import_reads_bin_and_matches_safetensors(tmp_path, tokenizer_file):
         np.testing.assert_array_equal(a, b)
 
 
+def test_unrolled_and_consumed_trees_export_the_same_files(tmp_path, tokenizer_file):
+    """The unrolled layout (`layers_<i>`) exports the same bytes as the scanned stack, sharded, also when
+    export consumes the tree (each leaf released once its tensors exist: consume=True empties it). Every
+    file gets the mode an ordinary write gives (safetensors' own is 0600)."""
+    from osp_jax.model import relayout_layers
+
+    config = make_config("single", True, True, False)
+    params = make_params(config, 5)
+    tok = ex.TokenizerInfo(tokenizer_file, eos_id=0, bos_id=0, pad_id=1)
+    scanned, unrolled_out = str(tmp_path / "scanned"), str(tmp_path / "unrolled")
+    ex.write_hf(params, config, tok, scanned, max_shard_size=20_000)
+    unrolled_cfg = make_config("single", True, True, False, scan_layers=False)
+    unrolled = relayout_layers(jax.tree.map(np.array, params), False, config.model.layers)
+    assert "layers_1" in unrolled
+    ex.write_hf(unrolled, unrolled_cfg, tok, unrolled_out, max_shard_size=20_000, consume=True)
+    files = read_dir(scanned)
+    assert "model.safetensors.index.json" in files and files == read_dir(unrolled_out)
+    assert jax.tree.leaves(unrolled) == [] and jax.tree.leaves(params)  # only the consumed tree is emptied
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(os.path.join(scanned, f)).st_mode & 0o777 for f in files} == {0o666 & ~umask}
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
@@ -498,12 +521,15 @@ def test_import_names_a_missing_or_unreadable_weight_file(small_run, tmp_path, c
 
 
 def test_safetensors_writer_reads_back_with_the_safetensors_package(tmp_path):
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     specs = [ex.TensorSpec("a", (3, 4), lambda: a), ex.TensorSpec("b", (5,), lambda: np.ones(5, np.float32))]
-    ex.write_safetensors(str(tmp_path / "x.safetensors"), specs, np.dtype(np.float32), "F32")
+    ex.write_safetensors(str(tmp_path / "x.safetensors"), specs, np.dtype(np.float32))
     back = load_file(str(tmp_path / "x.safetensors"))
+    with safe_open(str(tmp_path / "x.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers writes and expects
     np.testing.assert_array_equal(back["a"], a)
     np.testing.assert_array_equal(ex.read_safetensors(str(tmp_path / "x.safetensors"))["b"], np.ones(5))
     assert ex.parse_size("5GB") == 5 * 10**9 and ex.parse_size("2GiB") == 2 * 2**30 and ex.parse_size("123") == 123
