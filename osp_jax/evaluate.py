@@ -39,6 +39,7 @@ from etils import epath
 from osp_jax import cli
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
+from osp_jax import ptq
 from osp_jax import quant as quant_lib
 from osp_jax.data.sources import DataError
 from osp_jax.model import LINEAR_INPUTS, Transformer
@@ -254,12 +255,8 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
         fp = _run(_stats_fn(as_json(model_cfg), None, pack_mask, True), jax.device_put(params), batches,
                   "16-bit pass")
 
-        q_params, q_cfg = quant_lib.fold_embproj(params, model_cfg)
-        if hadamard_ffn:
-            q_params = quant_lib.rotate_ffn(q_params)
-        q_params = quant_lib.quantize_weights(q_params, bits.w, clip_search)
-        spec = quant_lib.QuantSpec(a_bits=bits.a, kv_bits=bits.kv, hadamard_ffn=hadamard_ffn)
-        qt = _run(_stats_fn(as_json(q_cfg), spec, pack_mask, False), jax.device_put(q_params), batches,
+        q = ptq.quantize_model(params, model_cfg, bits, hadamard_ffn=hadamard_ffn, clip_search=clip_search)
+        qt = _run(_stats_fn(as_json(q.model_config), q.spec, pack_mask, False), jax.device_put(q.params), batches,
                   f"{bits} pass")
 
     tokens = float(fp["tokens"])
