@@ -8,13 +8,14 @@ Layout of one step, ``WORKDIR/checkpoints/<step>/`` (written by ``ocp.Checkpoint
     meta/     step, time, process count, versions and a checksum of every state leaf (JSON, primary host only)
     commit_success.txt, _CHECKPOINT_METADATA
 
-A step is written in place and counts as complete once Orbax's finalisation check passes (`steps`), so a torn
-or partly copied directory is never chosen. Each save checks that the state is finite before writing anything
-and records a checksum of every leaf, which a restore recomputes (`checksums`): a mismatch or an unreadable file
-makes the restore fall back to the previous complete step, and the newer ones it skipped (and unfinished saves)
-are renamed ``<step>.unreadable-<UTC time>`` so that those steps are saved again; nothing is ever deleted
-(`recovery`). A step whose saved tree does not fit the state asked for (another model or optimizer config) is no
-corruption: restore stops there with CheckpointMismatch.
+Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it at the end (on gs://, into ``<step>``
+directly), with ``commit_success.txt`` last; a step counts as complete only by Orbax's commit-file finalisation
+check (`steps`), so a torn or partly copied directory is never chosen. Each save checks that the state is finite
+before writing anything and records a checksum of every leaf, which a restore recomputes (`checksums`): a
+mismatch or an unreadable file makes the restore fall back to the previous complete step, and the newer ones it
+skipped (and unfinished saves) are renamed ``<step>.unreadable-<UTC time>`` so that those steps are saved again;
+nothing is ever deleted (`recovery`). A step whose saved tree does not fit the state asked for (another model or
+optimizer config) is no corruption: restore stops there with CheckpointMismatch.
 
 Modules: `checkpointer` (the Checkpointer), `steps` (steps on disk), `checksums`, `recovery` (fall-back and
 set-aside), `metadata` (the JSON items), `iterator_state` (Grain's handler), `multihost` (agreement between

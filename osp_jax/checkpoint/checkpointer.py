@@ -46,8 +46,7 @@ class Checkpointer:
                 [policies.FixedIntervalPolicy(self.save_every), policies.PreemptionCheckpointingPolicy()]
             ),
             enable_async_checkpointing=bool(async_save),
-            step_name_format=steps_lib.NAME_FORMAT,
-            atomicity_options=steps_lib.ATOMICITY,
+            step_name_format=steps_lib.NAME_FORMAT,  # which steps are complete: steps.COMMIT_RULE
             create=True,
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)

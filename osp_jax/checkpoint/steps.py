@@ -1,11 +1,11 @@
 """Which steps are on disk, and which of them are complete: Orbax's own step names and finalisation check.
 
-Every step is written the same way on every storage: into ``<step>/``, with ``commit_success.txt`` written last
-(Orbax's COMMIT_FILE protocol, its default on gs://). Orbax decides that a step is complete with
-`is_path_finalized` under these options, and that it is a save that never finished with `is_path_temporary`;
-this module asks it, and never looks for the marker itself. Orbax's default on a local disk (a temporary
-``<step>.orbax-checkpoint-tmp`` directory renamed at the end) would count any ``<step>/`` directory as complete,
-a partial copy included, and Orbax before 0.12.3 wrote no marker in that mode.
+Orbax writes a step with the protocol its storage suits: on gs:// into ``<step>/`` directly, on a local disk into a
+temporary ``<step>.orbax-checkpoint-tmp-*`` renamed to ``<step>`` at the end. Since 0.12.3 it also writes its commit
+file into every step it finalises, whatever the protocol, so that any reader can tell. A step counts as complete
+here by Orbax's `is_path_finalized` under that commit-file rule (`COMMIT_RULE`); a save that never finished is one
+`is_path_temporary` under the same rule. This module asks Orbax and never looks for the file itself. Orbax's local
+default rule would count any ``<step>/`` directory as complete, a partial copy included.
 
 Every decision about what is on disk reads the storage itself, never a cached listing (`uncached`).
 """
@@ -19,14 +19,14 @@ from etils import epath
 
 log = logging.getLogger("osp_jax.checkpoint")
 
-try:
-    ATOMICITY = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+try:  # how steps are read; how they are written stays Orbax's default for the storage
+    COMMIT_RULE = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 except AttributeError as e:  # pragma: no cover - depends on the installed Orbax
     raise ImportError(f"osp_jax.checkpoint needs orbax-checkpoint >= 0.12.3 (AtomicityOptions); this is "
                       f"{ocp.__version__}") from e
 
 # `<step>` with no prefix and no padding: the names every osp_jax checkpoint so far has used.
-NAME_FORMAT = ocp.path.step.standard_name_format(atomicity_options=ATOMICITY)
+NAME_FORMAT = ocp.path.step.standard_name_format(atomicity_options=COMMIT_RULE)
 
 
 def absolute(directory) -> epath.Path:
@@ -77,14 +77,14 @@ def unfinished_steps(directory: epath.Path) -> list[int]:
     for p in directory.iterdir():
         step = _step_of(p.name)
         if step is not None and p.name == NAME_FORMAT.build_name(step) and \
-                ocp.path.step.is_path_temporary(p, atomicity_options=ATOMICITY):
+                ocp.path.step.is_path_temporary(p, atomicity_options=COMMIT_RULE):
             found.append(step)
     return sorted(found)
 
 
 def has_unfinished(directory: epath.Path, step: int) -> bool:
-    """Whether an unfinished save of `step` is in `directory`: its ``<step>/`` without the commit, or a temporary
-    directory of Orbax's rename protocol (what osp_jax wrote before the commit-file protocol)."""
+    """Whether an unfinished save of `step` is in `directory`: its ``<step>/`` without the commit file, or a
+    temporary directory of Orbax's rename protocol."""
     if not uncached(directory).exists():
         return False
     return any(_step_of(p.name) == step for p in directory.iterdir())
