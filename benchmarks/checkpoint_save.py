@@ -11,9 +11,12 @@ Measured for each save:
 - `steps_s`: the steps with no save in flight (their median is the reference);
 - `write_s`: from calling save until the checkpoint is final (`wait()` after the timed steps).
 The first save also compiles what it runs on the device; it is reported apart (`first_save_s`).
+`--parts` times instead the two passes a save runs over the state: the finiteness check it waits for, and the
+checksums it leaves computing.
 
     python benchmarks/checkpoint_save.py                          # configs/osp_124m.py, batch 1 x 128
     python benchmarks/checkpoint_save.py --batch=2 --seq-len=256 --saves=5
+    python benchmarks/checkpoint_save.py --parts                  # the finiteness check and the checksums alone
     python benchmarks/checkpoint_save.py --smoke                  # tiny config, seconds
 
 Prints a summary, then one JSON object as the last line; `--output FILE` appends it as a JSON line.
@@ -58,17 +61,24 @@ def _timed_step(step_fn, state, batch):
     return state, time.perf_counter() - start
 
 
-def measure(config, directory: str, *, saves: int, every: int, seed: int = 0) -> dict:
-    """Trains `saves * every` steps of a validated `config`, saving into `directory` every `every` steps."""
+def _setup(config, seed: int):
+    """(mesh, model, tx, shardings, initialised state) of a validated `config`, as osp_jax.train builds them."""
     config_lib.validate(config)
-    t, m = config.train, config.model
     mesh = sharding.make_mesh(config.mesh)
-    model = Transformer(m)
+    model = Transformer(config.model)
     tx, _ = make_optimizer(config, mesh)
     shardings = state_shardings(config, model, tx, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = jax.jit(functools.partial(init_state, config, model, tx), out_shardings=shardings)(
             jax.random.key(seed))
+    return mesh, model, tx, shardings, jax.block_until_ready(state)
+
+
+def measure(config, directory: str, *, saves: int, every: int, seed: int = 0) -> dict:
+    """Trains `saves * every` steps of a validated `config`, saving into `directory` every `every` steps."""
+    t, m = config.train, config.model
+    mesh, model, tx, shardings, state = _setup(config, seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         tokens = jax.random.randint(jax.random.key(seed + 1), (t.global_batch_size, t.seq_len + 1), 0, m.vocab_size)
         batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                                 "positions": jnp.broadcast_to(jnp.arange(t.seq_len), (t.global_batch_size, t.seq_len)),
@@ -119,7 +129,42 @@ def measure(config, directory: str, *, saves: int, every: int, seed: int = 0) ->
     }
 
 
+def measure_parts(config, *, repeats: int = 3, seed: int = 0) -> dict:
+    """The two passes a save runs over the initialised state of a validated `config`, each timed `repeats` times
+    after a first (compiling) call: the finiteness check save() waits for, and the checksums it leaves computing
+    (the time to dispatch them, then until they are ready)."""
+    from osp_jax.checkpoint import checksums
+
+    state = _setup(config, seed)[-1]
+    finite_s, dispatch_s, ready_s = [], [], []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        checksums.nonfinite_leaves(state)
+        dispatched = time.perf_counter()
+        pending = checksums.start(state)
+        ready = time.perf_counter()
+        pending.result()
+        finite_s.append(dispatched - start)
+        dispatch_s.append(ready - dispatched)
+        ready_s.append(time.perf_counter() - ready)
+    commit, dirty = git_commit()
+    return {"benchmark": "checkpoint_save_parts", "params": count_params(state.params),
+            "state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
+            "first_finite_s": finite_s[0], "first_checksums_dispatch_s": dispatch_s[0],
+            "finite_s": statistics.median(finite_s[1:]), "checksums_dispatch_s": statistics.median(dispatch_s[1:]),
+            "checksums_ready_s": statistics.median(ready_s[1:]), "finite_all_s": finite_s,
+            "checksums_dispatch_all_s": dispatch_s, "checksums_ready_all_s": ready_s,
+            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+            "jax_version": jax.__version__, "git_commit": commit, "git_dirty": dirty,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def summary(r: dict) -> str:
+    if r["benchmark"] == "checkpoint_save_parts":
+        return (f"{r['params'] / 1e6:,.1f}M params, state {r['state_bytes'] / 2**30:.2f} GiB | finiteness check "
+                f"{1e3 * r['finite_s']:.0f} ms (save waits for it) | checksums dispatched in "
+                f"{1e3 * r['checksums_dispatch_s']:.0f} ms, ready {r['checksums_ready_s']:.2f} s later "
+                f"(medians of {len(r['finite_all_s']) - 1}; the first calls compile)")
     step = f"{1e3 * r['step_s']:.0f} ms"
     return (f"{r['optimizer']} | {r['params'] / 1e6:,.1f}M params, state {r['state_bytes'] / 2**30:.2f} GiB | "
             f"{r['device_count']} x {r['device_kind']} | batch {r['batch']} x seq {r['seq_len']}\n"
@@ -140,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a temporary one, removed after)")
     p.add_argument("--output", default=None, help="append the JSON record to this file")
     p.add_argument("--smoke", action="store_true", help=f"{SMOKE_CONFIG} unless --config, 3 saves: seconds on CPU")
+    p.add_argument("--parts", action="store_true",
+                   help="time the finiteness check and the checksums of the initialised state instead (no training)")
     args = p.parse_args(argv)
     if args.every < 2:
         p.error("--every must be >= 2: a step without a save in flight is the reference")
@@ -153,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     saves = args.saves or (3 if args.smoke else 4)
     if saves < 2:
         p.error("--saves must be >= 2: the first save compiles, and is not counted")
-    if args.dir:
+    if args.parts:
+        record = measure_parts(config, repeats=saves - 1)
+    elif args.dir:
         record = measure(config, os.path.abspath(args.dir), saves=saves, every=args.every)
     else:
         with tempfile.TemporaryDirectory(prefix="checkpoint_save_") as tmp:

@@ -387,7 +387,7 @@ def test_restore_takes_a_target_per_step(workdir):
 
 
 def test_save_benchmark_smoke(tmp_path):
-    """benchmarks/checkpoint_save.py --smoke runs and prints its figures (nothing about speed)."""
+    """benchmarks/checkpoint_save.py --smoke (and --parts) runs and prints its figures (nothing about speed)."""
     import json
 
     from tests.test_benchmarks import _run
@@ -398,3 +398,7 @@ def test_save_benchmark_smoke(tmp_path):
     assert record["benchmark"] == "checkpoint_save" and record["saves"] == 2 and len(record["save_all_s"]) == 2
     assert record["save_s"] > 0 and record["step_s"] > 0 and record["write_s"] >= record["save_s"]
     assert json.loads(out.read_text()) == record
+    parts = json.loads(_run("benchmarks/checkpoint_save.py", "--smoke", "--parts", "--saves=2",
+                            "--set=model.layers=2")[-1])
+    assert parts["benchmark"] == "checkpoint_save_parts" and len(parts["finite_all_s"]) == 2
+    assert parts["finite_s"] > 0 and parts["checksums_ready_s"] >= 0
