@@ -16,7 +16,7 @@ from osp_jax.checkpoint import checksums, iterator_state, recovery
 from osp_jax.checkpoint import steps as steps_lib
 from osp_jax.checkpoint.errors import CheckpointError, describe
 from osp_jax.checkpoint.metadata import MetaRestore, MetaSave, jsonable, meta_fields
-from osp_jax.checkpoint.multihost import all_processes_ok
+from osp_jax.checkpoint.multihost import all_processes_ok, same_on_all_processes
 
 log = logging.getLogger("osp_jax.checkpoint")
 
@@ -61,7 +61,9 @@ class Checkpointer:
         return bool(self._mngr.should_save(step)) and not self._step_dir_exists(step)
 
     def _step_dir_exists(self, step: int) -> bool:
-        return steps_lib.uncached(steps_lib.step_path(self.directory, step)).exists()
+        """Process 0's answer on every process: where a save writes in place (gs://), a process that looked later
+        would see the directory process 0 has just begun, skip the save, and leave the others waiting for it."""
+        return bool(same_on_all_processes(int(steps_lib.uncached(steps_lib.step_path(self.directory, step)).exists())))
 
     def save(self, step: int, state, *, data_iterator=None, config: dict | None = None, force: bool = False) -> bool:
         """Save `state` (and iterator state, config) at `step`; returns whether a save was started.

@@ -92,7 +92,8 @@ def failed_reads_drained():
     "Event loop is closed" traceback per array (dozens after a good fall-back, reading like a crash), while those
     orphaned reads keep filling memory next to the fall-back's own. Inside this block the loops Orbax makes
     cancel and wait for their pending reads before closing. The policy is process-wide while the block lasts;
-    loops made meanwhile elsewhere only gain that clean-up."""
+    loops made meanwhile elsewhere only gain that clean-up. (Event-loop policies are deprecated from Python 3.14,
+    to go in 3.16: by then Orbax's loop should do this itself.)"""
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_DrainingPolicy())
     try:
