@@ -23,7 +23,7 @@ setup(
         "jax>=0.6",
         "flax>=0.10",
         "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.12.3",
         "grain>=0.2.10",
         "array_record>=0.7",
         "tensorstore>=0.1.70",

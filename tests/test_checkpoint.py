@@ -162,6 +162,24 @@ def test_async_save_visible_after_wait(workdir):
     ckpt.close()
 
 
+def test_an_async_save_holds_the_state_it_was_given_when_the_next_step_donates_it(workdir):
+    """save returns while the checksums and the writes go on, and the next train step donates the state's
+    buffers: the checkpoint still holds the state save was given, and its checksums match it (a restore
+    checks them)."""
+    mesh = _mesh(8)
+    state = make_state(step=4, seed=4, mesh=mesh)
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, s),
+                   donate_argnums=0)
+    with Checkpointer(find_checkpoint_dir(workdir), save_every=4, keep=2, async_save=True) as ckpt:
+        assert ckpt.save(4, state)
+        for _ in range(3):
+            state = bump(state)
+        ckpt.wait()
+        step, restored = ckpt.restore(abstract_of(state, mesh))
+    assert step == 4
+    assert_trees_equal(restored, make_state(step=4, seed=4, mesh=mesh))
+
+
 def test_torn_checkpoint_is_never_chosen(workdir, caplog):
     directory = find_checkpoint_dir(workdir)
     with Checkpointer(directory, save_every=1, keep=5, async_save=False) as ckpt:
@@ -188,8 +206,8 @@ def test_torn_checkpoint_is_never_chosen(workdir, caplog):
     ckpt.close()
 
 
-# Orbax leaves a failed read's asyncio future behind; its "event loop is closed" is noise, not our error.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# A failed read's other array reads are drained, not left to report "Event loop is closed" one by one.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["garble", "truncate"])
 def test_corrupt_checkpoint_falls_back_and_is_kept(workdir, caplog, damage):
     directory = find_checkpoint_dir(workdir)
@@ -366,3 +384,21 @@ def test_restore_takes_a_target_per_step(workdir):
         step, state = ckpt.restore(lambda s, _saved_tree: trees[s])
     assert step == 1
     assert_trees_equal(state.params, small.params)
+
+
+def test_save_benchmark_smoke(tmp_path):
+    """benchmarks/checkpoint_save.py --smoke (and --parts) runs and prints its figures (nothing about speed)."""
+    import json
+
+    from tests.test_benchmarks import _run
+
+    out = tmp_path / "save.jsonl"
+    record = json.loads(_run("benchmarks/checkpoint_save.py", "--smoke", "--saves=2", "--every=2",
+                             "--set=model.layers=2", f"--output={out}")[-1])
+    assert record["benchmark"] == "checkpoint_save" and record["saves"] == 2 and len(record["save_all_s"]) == 2
+    assert record["save_s"] > 0 and record["step_s"] > 0 and record["write_s"] >= record["save_s"]
+    assert json.loads(out.read_text()) == record
+    parts = json.loads(_run("benchmarks/checkpoint_save.py", "--smoke", "--parts", "--saves=2",
+                            "--set=model.layers=2")[-1])
+    assert parts["benchmark"] == "checkpoint_save_parts" and len(parts["finite_all_s"]) == 2
+    assert parts["finite_s"] > 0 and parts["checksums_ready_s"] >= 0

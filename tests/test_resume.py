@@ -408,7 +408,7 @@ def _damage(step_dir, item: str) -> None:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("item", ["state", "config"])
 def test_an_unreadable_newest_step_falls_back_across_a_layout_switch(tmp_path, item):
     """Step 3 unrolled, step 6 stacked and unreadable (its arrays, or its config item): the layout of each
@@ -422,6 +422,22 @@ def test_an_unreadable_newest_step_falls_back_across_a_layout_switch(tmp_path, i
                                   unrolled["layers_1"]["mlp"]["up"]["kernel"])
     assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints").iterdir()] == ["3", "6"]
     assert not (tmp_path / "checkpoints" / "6").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_step_is_reported_in_one_line(tmp_path):
+    """The run falls back from a damaged step 6 to step 3, sets step 6 aside and trains it again, and says so in
+    one line; no traceback (the failed read's other array reads printed dozens of "Event loop is closed"
+    tracebacks, which read like a crash)."""
+    _save_fresh_states(tmp_path, {3: True, 6: True})
+    _damage(tmp_path / "checkpoints" / "6", "state")
+    out = _finish(start_cli(tmp_path, *SMALL, "--config.train.steps=7"))
+    assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
+    (line,) = [x for x in out.splitlines() if "step 6" in x and "checkpoint" in x and "saving" not in x]
+    assert "corrupt or unreadable" in line and "falling back to step 3" in line, line
+    assert "moved it aside to " + str(tmp_path / "checkpoints" / "6.unreadable-") in line, line
+    assert "resumed from step 3" in out and max(_losses(tmp_path)) == 7
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=6, keep=3).all_steps() == [3, 6, 7]
 
 
 def test_resume_refuses_a_config_that_changes_the_state_shape(tmp_path, caplog):
