@@ -128,6 +128,10 @@ def defaults() -> ConfigDict:
     c.mesh.op = 1
     c.mesh.fsdp = -1
     c.mesh.tp = 1
+    # Multislice: how many slices the dp and fsdp axes span, over the data-center network (DCN). The four
+    # sizes above are then each slice's (ICI); dp's whole size is dcn_dp * dp, fsdp's dcn_fsdp * fsdp.
+    c.mesh.dcn_dp = 1
+    c.mesh.dcn_fsdp = 1
     return c
 
 
@@ -236,6 +240,9 @@ def validate(config: ConfigDict) -> ConfigDict:
     if sum(config.mesh[a] == -1 for a in ("dp", "op", "fsdp", "tp")) > 1:
         raise ConfigError("config.mesh: at most one axis may be -1 "
                           f"(got dp={config.mesh.dp}, op={config.mesh.op}, fsdp={config.mesh.fsdp}, tp={config.mesh.tp})")
+    for key in ("dcn_dp", "dcn_fsdp"):
+        if config.mesh[key] < 1:
+            _fail(f"mesh.{key}", config.mesh[key], "a positive number of slices (1: within one slice)")
     _check_profile_steps(t)
     return config
 
