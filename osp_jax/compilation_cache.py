@@ -39,13 +39,16 @@ def enable(directory: str | None) -> str | None:
     """Turns the persistent compilation cache on in `directory` (a local path, `~` expanded, or a URL such
     as gs://bucket/jax_cache), or off for '' or None; returns the directory in use, or None. Call it before
     the programs it should cover are compiled; calling it again with another directory moves the cache
-    there (the next compilation reads and writes the new one)."""
+    there (the next compilation reads and writes the new one). Raises cli.UserError, naming the directory,
+    if it cannot be made: jax itself would only warn, at the first compilation, and go on without a cache."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
     directory = os.fspath(directory) if directory else None
     if directory and "://" not in directory:
         directory = os.path.abspath(os.path.expanduser(directory))
+    if directory:
+        _check_usable(directory)
     if directory != jax.config.jax_compilation_cache_dir:
         # jax opens its cache once, at the first compilation that looks for it: forget the one it opened.
         jax_cache.reset_cache()
@@ -55,3 +58,18 @@ def enable(directory: str | None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", MIN_ENTRY_SIZE_BYTES)
     return directory
+
+
+def _check_usable(directory: str) -> None:
+    """Makes `directory` as jax will (etils.epath; gs:// needs gcsfs, osp_jax[gcs]), now, so that a
+    path that cannot be used is one line before any work."""
+    from etils import epath
+
+    from osp_jax import cli
+
+    try:
+        epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    except Exception as e:  # noqa: BLE001 - the causes differ by file system (permissions, gcsfs, credentials)
+        raise cli.UserError(f"compilation cache directory {directory} cannot be used: {cli.one_line(e)} (give "
+                            "another with train.compilation_cache_dir / --compilation-cache-dir, or '' for "
+                            "no cache)") from e

@@ -371,7 +371,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # A user's mistake, one line and exit 2; ValueError is not here: one the checks above did not turn into
 # an EvalError is a bug, with its traceback.
-USER_ERRORS = {EvalError: "error", DataError: "error", FileNotFoundError: "error", config_lib.ConfigError: "error"}
+USER_ERRORS = {EvalError: "error", DataError: "error", FileNotFoundError: "error", config_lib.ConfigError: "error",
+               cli.UserError: "error"}  # UserError: --compilation-cache-dir that cannot be used
 
 
 def main(argv: list[str] | None = None) -> int:

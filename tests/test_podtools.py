@@ -7,9 +7,11 @@ import re
 import struct
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from osp_jax import compilation_cache
+from osp_jax import cli, compilation_cache
 from osp_jax import config as config_lib
 from osp_jax.profiling import StepProfiler
 from tests.conftest import require
@@ -66,9 +68,41 @@ def test_enable_sets_jax_and_turns_off(tmp_path, restore_compilation_cache, monk
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache") and jax.config.jax_enable_compilation_cache
     assert jax.config.jax_persistent_cache_min_compile_time_secs == compilation_cache.MIN_COMPILE_TIME_SECS
     assert jax.config.jax_persistent_cache_min_entry_size_bytes == compilation_cache.MIN_ENTRY_SIZE_BYTES
-    assert compilation_cache.enable("gs://bucket/jax_cache") == "gs://bucket/jax_cache"  # passed on as it is
     assert compilation_cache.enable("") is None
     assert jax.config.jax_compilation_cache_dir is None and not jax.config.jax_enable_compilation_cache
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(cli.UserError, match=r"compilation cache directory .*a_file/cache cannot be used"):
+        compilation_cache.enable(tmp_path / "a_file" / "cache")
+
+
+def test_cache_in_a_gs_directory(gcs_bucket, restore_compilation_cache):
+    """jax reads and writes the cache through etils.epath: on the GCS emulator, a program compiled once
+    is written there, and compiled again (jax's in-memory caches cleared) it is read back."""
+    from etils import epath
+
+    directory = f"{gcs_bucket}/jax_cache"
+    assert compilation_cache.enable(directory) == directory
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # a small program is enough here
+    events = []
+
+    def listen(name, **kwargs):
+        events.append(name)
+
+    def f(x):
+        return jnp.sin(x) @ jnp.cos(x).T + 17.0
+
+    x = jnp.ones((8, 8))
+    jax.monitoring.register_event_listener(listen)
+    try:
+        np.testing.assert_allclose(jax.jit(f)(x), f(x))
+        entries = [p.name for p in epath.Path(directory).iterdir()]  # this process has not listed it before
+        assert any(name.startswith("jit_f-") for name in entries), entries
+        assert "/jax/compilation_cache/cache_hits" not in events
+        jax.clear_caches()
+        np.testing.assert_allclose(jax.jit(f)(x), f(x))
+        assert "/jax/compilation_cache/cache_hits" in events
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
 
 
 # ------------------------------------------------------------------------------------------- profiling
