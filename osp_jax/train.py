@@ -209,8 +209,7 @@ def main(argv) -> None:
         cli.die(PROG, f"config error: {e}")
     except DataError as e:
         cli.die(PROG, f"data error: {e}")
-    except cli.UserError as e:  # a workdir file that cannot be read (cli.read_json), a compilation cache or W&B
-        # that cannot be used
+    except cli.UserError as e:  # an unreadable workdir file (cli.read_json); an unusable compilation cache or W&B
         cli.die(PROG, f"error: {e}")
     except (FileNotFoundError, TrainingError, CheckpointError) as e:
         cli.die(PROG, f"{type(e).__name__}: {e}", code=1)

@@ -15,7 +15,7 @@ from osp_jax import cli, compilation_cache
 from osp_jax import config as config_lib
 from osp_jax.profiling import StepProfiler
 from tests.conftest import require
-from tests.helpers import ROOT, load_recipe
+from tests.helpers import load_recipe
 from tests.test_train import read_metrics, start_cli
 
 COMPILED = re.compile(r"compiled the train step in ([0-9.]+) s")
@@ -157,8 +157,9 @@ def test_profiler_stops_a_trace_left_open(monkeypatch):
 
 
 # ------------------------------------------------------------- two starts of one run (CLI, subprocesses)
-TINY = ["--config.train.steps=3", "--config.optimizer.warmup_steps=1", "--config.train.log_every=1", "--config.train.eval_every=0",
-        "--config.train.outlier_every=0", "--config.train.checkpoint_every=0", "--config.train.profile_steps=1:3"]
+TINY = ["--config.train.steps=3", "--config.optimizer.warmup_steps=1", "--config.train.log_every=1",
+        "--config.train.eval_every=0", "--config.train.outlier_every=0", "--config.train.checkpoint_every=0",
+        "--config.train.profile_steps=1:3"]
 
 
 @pytest.fixture(scope="module")
