@@ -290,3 +290,94 @@ def test_wandb_logs_what_metrics_jsonl_logs_and_a_resume_continues_the_run(tmp_p
         for key, value in expected.items():
             assert logged[key] == pytest.approx(value, rel=1e-6), key
     assert "val_loss" in history[4] and "kurtosis_per_layer/0" in history[4]
+
+
+class _FakeWandb:
+    """The part of the wandb module WandbSink uses: init() -> a run with id, step, log(), finish()."""
+
+    def __init__(self, step=0, fail=None):
+        self.inits, self.logged, self.finished, self.step, self.fail = [], [], [], step, fail
+
+    def init(self, **kwargs):
+        if self.fail:
+            raise self.fail
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            id = kwargs["id"]
+            step = fake.step
+
+            def log(self, values, step):
+                fake.logged.append((step, values))
+
+            def finish(self, exit_code):
+                fake.finished.append(exit_code)
+
+        return Run()
+
+
+def test_wandb_sink_keeps_the_run_id_and_logs_the_records_numbers(tmp_path, monkeypatch):
+    """Without wandb installed (a stand-in module): the id written once to WORKDIR/wandb_run_id and passed
+    with resume="allow" at every start; the numbers MetricWriter logs; steps below the W&B run's last one
+    left out; failures reported to W&B; an init that fails is one UserError line."""
+    import sys
+
+    from osp_jax.metrics import MetricWriter
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    workdir = tmp_path / "run"
+    with MetricWriter(str(workdir), tensorboard=False, enabled=True, wandb_project="p", run_config={"a": 1}) as w:
+        w.write(2, {"loss": np.asarray(1.5, np.float32), "per_layer": np.array([1.0, 2.0]), "tokens_per_sec": None,
+                    "grad_norm": float("nan")})
+    run_id = (workdir / "wandb_run_id").read_text().strip()
+    assert fake.inits == [{"project": "p", "id": run_id, "resume": "allow", "config": {"a": 1}, "name": "run",
+                           "dir": str(workdir)}]
+    ((step, values),) = fake.logged
+    assert step == 2 and set(values) == {"loss", "per_layer/0", "per_layer/1", "grad_norm"}
+    assert values["loss"] == 1.5 and values["per_layer/1"] == 2.0 and np.isnan(values["grad_norm"])
+    assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [2]
+
+    fake.step = 4  # the resumed W&B run had logged up to step 4; this start trains from step 2 again
+    with pytest.raises(RuntimeError), MetricWriter(str(workdir), tensorboard=False, enabled=True,
+                                                   wandb_project="p") as w:
+        w.write(2, {"loss": 1.0})
+        w.write(6, {"loss": 0.5})
+        raise RuntimeError("training failed")
+    assert fake.inits[1]["id"] == run_id and fake.logged[1:] == [(6, {"loss": 0.5})]
+    assert fake.finished == [0, 1]
+
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb(fail=RuntimeError("api_key not configured")))
+    with pytest.raises(cli.UserError, match=rf"wandb_project='p': W&B could not start run {run_id}: api_key not"):
+        MetricWriter(str(workdir), tensorboard=False, enabled=True, wandb_project="p")
+
+
+def test_unusable_settings_stop_before_any_work(tmp_path, monkeypatch, restore_compilation_cache):
+    """An unusable cache directory, or W&B asked for but not installed: one line, exit 2, before the data
+    is opened or the workdir made."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from osp_jax import train as train_lib
+    from tests.helpers import ROOT
+
+    (tmp_path / "a_file").write_text("")
+    cfg = load_recipe("tiny")
+    cfg.train.compilation_cache_dir = str(tmp_path / "a_file" / "cache")
+    with pytest.raises(cli.UserError, match="compilation cache directory"):
+        train_lib.train(cfg, str(tmp_path / "run"))
+    cfg.train.compilation_cache_dir, cfg.train.wandb_project = "", "p"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(config_lib.ConfigError, match=r"wandb_project='p' needs the wandb package"):
+        train_lib.train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+    proc = subprocess.run([sys.executable, "-m", "osp_jax.evaluate", f"--workdir={tmp_path / 'run'}", "--data=builtin",
+                           f"--compilation-cache-dir={tmp_path / 'a_file' / 'cache'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("osp_jax.evaluate: error: compilation cache directory"), proc.stderr
