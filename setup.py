@@ -51,5 +51,6 @@ setup(
         "gpu": ["jax[cuda12]>=0.6"],
         "plot": ["matplotlib>=3.7"],
         "sentencepiece": ["sentencepiece>=0.2"],
+        "wandb": ["wandb>=0.17"],  # train.wandb_project: metrics to Weights & Biases (osp_jax.wandb_sink)
     },
 )

@@ -32,6 +32,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 osp_muon = importlib.import_module("osp_jax.muon")  # the module; osp_jax.muon is the function
+from osp_jax import compilation_cache  # noqa: E402
 from osp_jax.metrics import compiled_cost  # noqa: E402
 
 # Leaves that stay on AdamW in OSP: the embedding, the LM head and the norm scales.
@@ -209,7 +210,10 @@ def main(argv=None) -> None:
                         help="only Newton–Schulz's error against a float64 iteration (any backend, seconds)")
     parser.add_argument("--cost", action="store_true",
                         help="compile only and print XLA's FLOP and byte counts of each update (any backend)")
+    parser.add_argument("--compilation-cache-dir", default=compilation_cache.default_dir(),
+                        help="JAX's persistent compilation cache ('' = off)")
     args = parser.parse_args(argv)
+    compilation_cache.enable(args.compilation_cache_dir)
     if args.accuracy:
         for row in accuracy():
             print(json.dumps({"newton_schulz_rel_error_vs_float64": row, "device": jax.devices()[0].device_kind}))

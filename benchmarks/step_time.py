@@ -44,6 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from osp_jax import compilation_cache  # noqa: E402
 from osp_jax import config as config_lib  # noqa: E402
 from osp_jax import metrics as metrics_lib  # noqa: E402
 from osp_jax import sharding  # noqa: E402
@@ -393,7 +394,8 @@ def compare(args) -> dict:
     """Runs the baseline and the OSP recipe in two child processes; returns the comparison record."""
     common = [f"--config={args.config}", *(f"--set={s}" for s in args.set), f"--steps={args.steps}",
               f"--warmup={args.warmup}", f"--seed={args.seed}", f"--docs-per-window={args.docs_per_window}",
-              *(["--compile-only"] if args.compile_only else [])]
+              *(["--compile-only"] if args.compile_only else []),
+              f"--compilation-cache-dir={args.compilation_cache_dir}"]
     for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--grad-accum", args.grad_accum),
                         ("--peak-tflops", args.peak_tflops)):
         if value is not None:
@@ -530,7 +532,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=None, metavar="JSONL", help="records written by --output, for --plot")
     p.add_argument("--title", default=None, help="plot title (default: names the devices of the records)")
     p.add_argument("--goal", type=float, default=None, help="tokens/s drawn as a dashed line on the --plot")
+    p.add_argument("--compilation-cache-dir", default=compilation_cache.default_dir(),
+                   help="JAX's persistent compilation cache ('' = off); a hit makes compile_s a load time")
     args = p.parse_args(argv)
+    compilation_cache.enable(args.compilation_cache_dir)
     if args.plot:
         if not args.results:
             raise SystemExit("step_time: --plot needs --results=FILE (JSON lines written by --output)")
@@ -587,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         record["config"] = args.config
         record["overrides"] = list(args.set)
         print(summary(record), flush=True)
+    record["compilation_cache_dir"] = args.compilation_cache_dir or None  # compile_s: compiled, or loaded
     _append(args.output, record)
     print(json.dumps(record), flush=True)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Launch osp_jax training on a Cloud TPU VM slice (e.g. v4-512): create the slice, install the
-# package on every worker, then run the same `python -m osp_jax.train ...` on all workers at once.
-# jax.distributed.initialize() inside osp_jax.train finds the other TPU hosts by itself.
+# Launch osp_jax training on a Cloud TPU VM slice (e.g. v4-512), or on several slices joined over the
+# data-center network (--num-slices): create the slice(s), install the package on every worker, then run
+# the same `python -m osp_jax.train ...` on all workers at once. jax.distributed.initialize() inside
+# osp_jax.train finds the other TPU hosts by itself (across slices, from the MEGASCALE_* variables).
 set -euo pipefail
 
 usage() {
@@ -10,17 +11,23 @@ Usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator-type TYPE [option
 
 Creates (or reuses) a Cloud TPU VM slice, installs osp_jax on every worker and runs
 `python -m osp_jax.train TRAIN_ARGS...` on all workers, streaming their output here and
-appending it to ~/REMOTE_DIR/train.log on each worker.
+appending it to ~/REMOTE_DIR/train.log on each worker. With --num-slices N > 1: N slices
+NAME-0 .. NAME-(N-1), made by one queued resource NAME, trained as one multislice job.
 
 Required:
   --name NAME               TPU VM name
   --zone ZONE               e.g. us-central2-b
-  --accelerator-type TYPE   e.g. v4-512 (only needed when the slice is created)
+  --accelerator-type TYPE   e.g. v4-512, or each slice's with --num-slices (only needed when created)
 
 Options:
   --project P               GCP project (default: gcloud's configured project)
   --version V               TPU software version (default: tpu-ubuntu2204-base)
   --spot                    create a Spot slice
+  --num-slices N            N > 1: a multislice job: `gcloud compute tpus queued-resources create NAME
+                            --node-count=N --node-prefix=NAME` (waits until ACTIVE), every slice
+                            installed, training started on all of them with MEGASCALE_COORDINATOR_ADDRESS
+                            (worker 0 of NAME-0), MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, MEGASCALE_PORT;
+                            set mesh.dcn_dp (and/or mesh.dcn_fsdp) so that they multiply to N (default 1)
   --reuse                   do not create the slice, use the existing one
   --package SPEC            what to install (default: .):
                               a local directory: its files (git-tracked and untracked-but-not-ignored)
@@ -41,6 +48,9 @@ Example:
   launch/tpu_pod.sh --name osp-1b4 --zone us-central2-b --accelerator-type v4-512 -- \
     --config=configs/osp_1b4.py --workdir=/gcs/BUCKET/osp_1b4 \
     --config.mesh.dp=2 --config.mesh.op=8 --config.mesh.fsdp=16
+  launch/tpu_pod.sh --name osp-ms --zone us-east5-a --accelerator-type v5p-16 --num-slices 2 -- \
+    --config=configs/osp_1b4.py --workdir=/gcs/BUCKET/osp_1b4 \
+    --config.mesh.fsdp=8 --config.mesh.dcn_dp=2
 EOF
 }
 
@@ -52,7 +62,7 @@ die() { # usage error: message naming the option, then the usage text, exit 2
 
 name="" zone="" accelerator_type="" project="" version="tpu-ubuntu2204-base"
 package="." extra="tpu" python_version="3.11" remote_dir="osp_jax_run"
-spot=0 reuse=0 dry_run=0 skip_install=0
+spot=0 reuse=0 dry_run=0 skip_install=0 num_slices=1
 envs=() train_args=()
 
 takes_value() { # the option's value: from "--opt=V", or the next word (then shift one more)
@@ -83,6 +93,7 @@ while (($#)); do
       takes_value "$@"
       [[ $val =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE with KEY a shell variable name, got '$val'"
       envs+=("$val") ;;
+    --num-slices) takes_value "$@"; num_slices=$val ;;
     --spot) spot=1 ;;
     --reuse) reuse=1 ;;
     --skip-install) skip_install=1 ;;
@@ -97,6 +108,7 @@ done
 [[ -n $zone ]] || die "--zone is required"
 ((reuse)) || [[ -n $accelerator_type ]] || die "--accelerator-type is required to create the slice (or pass --reuse)"
 [[ $remote_dir != /* ]] || die "--remote-dir must be relative to \$HOME, got '$remote_dir'"
+[[ $num_slices =~ ^[1-9][0-9]*$ ]] || die "--num-slices expects a positive integer, got '$num_slices'"
 # Training runs in the staged source, which the next launch replaces (rm -rf): a relative workdir would
 # put the checkpoints on each worker's own disk, inside it.
 for a in "${train_args[@]+"${train_args[@]}"}"; do
@@ -118,11 +130,16 @@ q() {
   fi
 }
 
-# Runs a command, or with --dry-run only prints it, each word quoted so the line can be pasted.
-run() {
+# Prints a command as '+ WORD...', each word quoted so the line can be pasted.
+show() {
   local line="+" w
   for w in "$@"; do line+=" $(q "$w")"; done
   echo "$line"
+}
+
+# Runs a command, or with --dry-run only prints it.
+run() {
+  show "$@"
   if ((dry_run)); then return 0; fi
   "$@"
 }
@@ -133,9 +150,46 @@ loc=(--zone="$zone")
 
 rdir=$(q "$remote_dir")
 
-# 1. The slice.
+# 1. The slice, or the slices: one queued resource makes them all, NAME-0 .. NAME-(N-1).
+slices=("$name")
+if ((num_slices > 1)); then
+  slices=()
+  for ((i = 0; i < num_slices; i++)); do slices+=("$name-$i"); done
+fi
 if ((reuse)); then
-  echo "# --reuse: using existing TPU VM $name"
+  echo "# --reuse: using existing TPU VM(s) ${slices[*]}"
+elif ((num_slices > 1)); then
+  qr=(gcloud compute tpus queued-resources)
+  exists=0
+  if ((dry_run)); then
+    run "${qr[@]}" describe "$name" "${loc[@]}"
+    echo "# --dry-run: assuming queued resource $name does not exist yet"
+  elif "${qr[@]}" describe "$name" "${loc[@]}" >/dev/null 2>&1; then
+    exists=1
+    echo "# queued resource $name already exists: reusing it"
+  fi
+  if ((!exists)); then
+    create=("${qr[@]}" create "$name" "${loc[@]}" --node-count="$num_slices" --node-prefix="$name"
+            --accelerator-type="$accelerator_type" --runtime-version="$version")
+    ((!spot)) || create+=(--spot)
+    run "${create[@]}"
+  fi
+  # A queued resource is granted when capacity frees up: wait for it (Ctrl-C leaves the request queued).
+  state_cmd=("${qr[@]}" describe "$name" "${loc[@]}" --format='value(state.state)')
+  if ((dry_run)); then
+    run "${state_cmd[@]}"
+    echo "# --dry-run: assuming $name is ACTIVE"
+  else
+    while :; do
+      state=$("${state_cmd[@]}") || { echo "tpu_pod.sh: error: cannot describe queued resource $name" >&2; exit 1; }
+      [[ $state != ACTIVE ]] || break
+      case $state in
+        FAILED | SUSPENDED | SUSPENDING) echo "tpu_pod.sh: error: queued resource $name is $state" >&2; exit 1 ;;
+      esac
+      echo "# queued resource $name is ${state:-not visible yet}: waiting"
+      sleep 30
+    done
+  fi
 else
   exists=0
   if ((dry_run)); then
@@ -152,7 +206,7 @@ else
   fi
 fi
 
-ssh_all() { run "${gcloud_tpu[@]}" ssh "$name" "${loc[@]}" --worker=all --command "$1"; }
+ssh_all() { run "${gcloud_tpu[@]}" ssh "$1" "${loc[@]}" --worker=all --command "$2"; }  # SLICE COMMAND
 
 # 2. The package, installed into a uv-made venv (the image's Python is too old for jax).
 if ((!skip_install)); then
@@ -176,8 +230,10 @@ if ((!skip_install)); then
       echo "+ tar -C $(q "$package") -czf $(q "$tarball") <${#files[@]} files>"
       tar -C "$package" --exclude=.git --exclude=__pycache__ -czf "$tarball" "${files[@]}"
     fi
-    ssh_all "mkdir -p $rdir"
-    run "${gcloud_tpu[@]}" scp "$tarball" "$name:$remote_dir/src.tar.gz" "${loc[@]}" --worker=all
+    for slice in "${slices[@]}"; do
+      ssh_all "$slice" "mkdir -p $rdir"
+      run "${gcloud_tpu[@]}" scp "$tarball" "$slice:$remote_dir/src.tar.gz" "${loc[@]}" --worker=all
+    done
     unpack="rm -rf $rdir/src && mkdir -p $rdir/src && tar -xzf $rdir/src.tar.gz -C $rdir/src"
     requirement="./$remote_dir/src[$extra]"
   else
@@ -188,9 +244,11 @@ if ((!skip_install)); then
       requirement=$package
     fi
   fi
-  ssh_all "set -e; $unpack; python3 -m pip install --user --quiet --upgrade uv; \
+  for slice in "${slices[@]}"; do
+    ssh_all "$slice" "set -e; $unpack; python3 -m pip install --user --quiet --upgrade uv; \
 [ -x $rdir/venv/bin/python ] || python3 -m uv venv --python $(q "$python_version") $rdir/venv; \
 python3 -m uv pip install --python $rdir/venv/bin/python $(q "$requirement")"
+  done
 fi
 
 # 3. Training: the same command on every worker; this ssh is the log stream, tee keeps a copy.
@@ -204,4 +262,44 @@ cmd="../venv/bin/python -m osp_jax.train"
 for a in "${train_args[@]+"${train_args[@]}"}"; do
   cmd+=" $(q "$a")"
 done
-ssh_all "set -o pipefail; ${exports}cd $rdir/src && $cmd 2>&1 | tee -a ../train.log"
+train_on() { # SLICE [EXPORTS]: training on every worker of one slice
+  ssh_all "$1" "set -o pipefail; ${exports}${2-}cd $rdir/src && $cmd 2>&1 | tee -a ../train.log"
+}
+if ((num_slices == 1)); then
+  train_on "$name"
+  exit
+fi
+
+# Several slices: libtpu joins them over DCN, and jax numbers the processes slice by slice, from these
+# variables (a queued resource also puts them in the workers' metadata; set here, reused slices work too).
+# Worker 0 of the first slice coordinates.
+ip_cmd=("${gcloud_tpu[@]}" describe "${slices[0]}" "${loc[@]}" --format='value(networkEndpoints[0].ipAddress)')
+show "${ip_cmd[@]}"
+if ((dry_run)); then
+  coordinator=COORDINATOR_IP
+  echo "# --dry-run: COORDINATOR_IP stands for the address that prints"
+else
+  coordinator=$("${ip_cmd[@]}")
+  [[ -n $coordinator ]] || { echo "tpu_pod.sh: error: no IP address for worker 0 of ${slices[0]}" >&2; exit 1; }
+fi
+megascale() { # SLICE_ID
+  echo "export MEGASCALE_COORDINATOR_ADDRESS=$coordinator; export MEGASCALE_NUM_SLICES=$num_slices; \
+export MEGASCALE_SLICE_ID=$1; export MEGASCALE_PORT=8080; "
+}
+if ((dry_run)); then
+  for ((i = 0; i < num_slices; i++)); do train_on "${slices[i]}" "$(megascale "$i")"; done
+  exit 0
+fi
+# Slice 0 streams here; the others too, each line prefixed with its slice. The launcher exits with the
+# first failure's status once every slice's stream has ended.
+pids=()
+for ((i = 1; i < num_slices; i++)); do
+  train_on "${slices[i]}" "$(megascale "$i")" > >(sed -u "s/^/[${slices[i]}] /") 2>&1 &
+  pids+=($!)
+done
+status=0
+train_on "${slices[0]}" "$(megascale 0)" || status=$?
+for pid in "${pids[@]}"; do
+  wait "$pid" || { rc=$?; ((status)) || status=$rc; }
+done
+exit "$status"

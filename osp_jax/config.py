@@ -14,6 +14,8 @@ from typing import Any
 
 import ml_collections
 
+from osp_jax import compilation_cache
+
 ConfigDict = ml_collections.ConfigDict
 
 
@@ -36,7 +38,7 @@ CHOICES = {
 
 # Keys that may be None in a recipe although their default is a number or a string.
 NULLABLE = {"model.head_dim", "optimizer.decay_steps", "data.seqio_task", "train.peak_tflops",
-            "train.eval_data"}
+            "train.eval_data", "train.wandb_project"}
 
 
 def defaults() -> ConfigDict:
@@ -105,6 +107,12 @@ def defaults() -> ConfigDict:
     c.train.max_bad_steps = 10       # consecutive non-finite steps before training stops
     c.train.peak_tflops = ml_collections.config_dict.placeholder(float)  # per device; None: looked up from the device kind
     c.train.tensorboard = True
+    # JAX's persistent compilation cache (osp_jax.compilation_cache): a local or gs:// directory; '' off.
+    c.train.compilation_cache_dir = compilation_cache.default_dir()
+    c.train.profile_steps = ""       # "START:STOP": a jax.profiler trace of the steps after START up to STOP,
+                                     # into WORKDIR/profile (TensorBoard/XProf); '' off
+    c.train.profile_all_processes = False  # False: process 0 alone writes the trace
+    c.train.wandb_project = ""       # a Weights & Biases project to log metrics.jsonl's records to; '' off
 
     c.data = ConfigDict()
     c.data.source = "grain"          # grain | seqio
@@ -120,6 +128,10 @@ def defaults() -> ConfigDict:
     c.mesh.op = 1
     c.mesh.fsdp = -1
     c.mesh.tp = 1
+    # Multislice: how many slices the dp and fsdp axes span, over the data-center network (DCN). The four
+    # sizes above are then each slice's (ICI); dp's whole size is dcn_dp * dp, fsdp's dcn_fsdp * fsdp.
+    c.mesh.dcn_dp = 1
+    c.mesh.dcn_fsdp = 1
     return c
 
 
@@ -228,7 +240,32 @@ def validate(config: ConfigDict) -> ConfigDict:
     if sum(config.mesh[a] == -1 for a in ("dp", "op", "fsdp", "tp")) > 1:
         raise ConfigError("config.mesh: at most one axis may be -1 "
                           f"(got dp={config.mesh.dp}, op={config.mesh.op}, fsdp={config.mesh.fsdp}, tp={config.mesh.tp})")
+    for key in ("dcn_dp", "dcn_fsdp"):
+        if config.mesh[key] < 1:
+            _fail(f"mesh.{key}", config.mesh[key], "a positive number of slices (1: within one slice)")
+    _check_profile_steps(t)
     return config
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+    """`train.profile_steps` as (START, STOP): the trace holds the steps that take the state from step START
+    to step STOP (logged as START + 1 .. STOP). None for ''. Raises ValueError on any other form."""
+    if not text.strip():
+        return None
+    start, sep, stop = text.partition(":")
+    if not sep or not start.strip().isdigit() or not stop.strip().isdigit():
+        raise ValueError(text)
+    return int(start), int(stop)
+
+
+def _check_profile_steps(t: ConfigDict) -> None:
+    try:
+        window = profile_window(t.profile_steps)
+    except ValueError:
+        _fail("train.profile_steps", t.profile_steps, "'' (off) or 'START:STOP' with integers, e.g. '100:103'")
+    if window and not 0 <= window[0] < window[1] <= t.steps:
+        _fail("train.profile_steps", t.profile_steps,
+              f"'START:STOP' with 0 <= START < STOP <= train.steps={t.steps}")
 
 
 def head_dim(model: ConfigDict) -> int:

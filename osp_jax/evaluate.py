@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, compilation_cache
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
 from osp_jax import ptq
@@ -361,12 +361,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's train.seq_len)")
+    p.add_argument("--compilation-cache-dir", default=compilation_cache.default_dir(),
+                   help="JAX's persistent compilation cache, local or gs:// ('' = off; default %(default)s)")
     return p
 
 
 # A user's mistake, one line and exit 2; ValueError is not here: one the checks above did not turn into
 # an EvalError is a bug, with its traceback.
-USER_ERRORS = {EvalError: "error", DataError: "error", FileNotFoundError: "error", config_lib.ConfigError: "error"}
+USER_ERRORS = {EvalError: "error", DataError: "error", FileNotFoundError: "error", config_lib.ConfigError: "error",
+               cli.UserError: "error"}  # UserError: --compilation-cache-dir that cannot be used
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> None:
+    compilation_cache.enable(args.compilation_cache_dir)
     result = evaluate(args.workdir, args.data, step=args.step, bits=args.bits, hadamard=args.hadamard,
                       clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
                       seq_len=args.seq_len)  # --bits is checked first, before the (slow) checkpoint load

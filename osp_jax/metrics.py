@@ -191,20 +191,56 @@ def set_aside_rows_after(path: str, step: int) -> int:
     return len(moved)
 
 
-class MetricWriter:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+def scalars(metrics: dict[str, Any]) -> dict[str, float | int]:
+    """The numbers of a logged record, for the sinks that chart them: a per-layer list becomes `key/0`,
+    `key/1`, ...; None (a figure not measured at this step) is left out; NaN and infinity stay numbers."""
+    out = {}
+    for key, value in metrics.items():
+        if value is None or isinstance(value, str):
+            continue
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            continue
+        if array.ndim == 0:
+            out[key] = array.item()
+        else:
+            out.update({f"{key}/{i}": v for i, v in enumerate(array.ravel().tolist())})
+    return out
 
-    Only process 0 writes; other processes get a writer that does nothing.
+
+class _TensorBoard:
+    """TensorBoard event files under WORKDIR/tensorboard (tensorboardX)."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            self._writer.add_scalar(key, value, step)
+
+    def close(self, failed: bool = False) -> None:
+        self._writer.close()
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors its numbers (`scalars`) to the
+    sinks asked for: TensorBoard (the default), Weights & Biases (`wandb_project`, osp_jax.wandb_sink).
+
+    Only process 0 writes; other processes get a writer that does nothing. A context manager: leaving it
+    closes every sink, telling W&B whether the run failed.
     """
 
     def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool | None = None,
-                 start_step: int | None = None):
+                 start_step: int | None = None, wandb_project: str | None = None,
+                 run_config: dict | None = None):
         """`start_step`: the step training (re)starts from. Rows logged past it by an earlier attempt
         (steps after the checkpoint it resumes from, which are trained again) move to
-        metrics.abandoned.jsonl, so metrics.jsonl reads as the one history that led to the model."""
+        metrics.abandoned.jsonl, so metrics.jsonl reads as the one history that led to the model.
+        `run_config`: the resolved config, which W&B shows with the run."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
-        self._tb = None
+        self._sinks = []
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -214,10 +250,12 @@ class MetricWriter:
         self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._sinks.append(_TensorBoard(workdir))
             except ImportError:  # TensorBoard is a nicety; the JSON lines are the record
                 print("tensorboardX not installed: writing metrics.jsonl only", file=sys.stderr)
+        if wandb_project:
+            from osp_jax.wandb_sink import WandbSink
+            self._sinks.append(WandbSink(workdir, wandb_project, run_config))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -225,18 +263,19 @@ class MetricWriter:
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key == "step" or value is None:
-                    continue
-                if isinstance(value, list):
-                    for i, v in enumerate(value):
-                        self._tb.add_scalar(f"{key}/{i}", v, step)
-                elif isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+        values = scalars(metrics)
+        for sink in self._sinks:
+            sink.write(int(step), values)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._jsonl:
             self._jsonl.close()
-        if self._tb:
-            self._tb.close()
+            self._jsonl = None
+        while self._sinks:
+            self._sinks.pop().close(failed=failed)
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)

@@ -1,15 +1,17 @@
 """Setting up a training run: everything `osp_jax.train`'s loop needs, built once, in one `Run`.
 
-In order: the config checked; the mesh made and checked against the config's sizes; the data opened and its
-tokenizer checked against the run's, agreed by every process; the workdir made; model, optimizer and
-shardings; the train state restored from the latest checkpoint (onto this mesh and layer layout) or made
-fresh; config.json and the tokenizer written to the workdir; the step functions jitted; the metrics writer
-opened. Anything refused is refused before the workdir's files change.
+In order: the config checked; JAX's persistent compilation cache turned on; the mesh made and checked against
+the config's sizes; the data opened and its tokenizer checked against the run's, agreed by every process; the
+workdir made; model, optimizer and shardings; the train state restored from the latest checkpoint (onto this
+mesh and layer layout) or made fresh; config.json and the tokenizer written to the workdir; the step
+functions jitted; the metrics writer (with its TensorBoard and W&B sinks) and the step profiler opened.
+Anything refused is refused before the workdir's files change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -18,14 +20,14 @@ import jax
 import ml_collections
 from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, compilation_cache, sharding
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
-from osp_jax import sharding
 from osp_jax.model import Transformer, count_params, flops_per_token
 from osp_jax.optim import make_optimizer
 from osp_jax.partitioning import (check_mesh_fits, jit_eval_step, jit_init_state, jit_outlier_stats, jit_train_step,
                                   on_mesh, state_shardings, to_global)
+from osp_jax.profiling import StepProfiler
 from osp_jax.resume import restore_state
 from osp_jax.step import TrainState
 
@@ -56,6 +58,7 @@ class Run(NamedTuple):
     throughput: metrics_lib.Throughput
     checkpointer: Any              # osp_jax.checkpoint.Checkpointer
     writer: metrics_lib.MetricWriter
+    profiler: StepProfiler         # traces train.profile_steps
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str, *,
@@ -102,20 +105,28 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, *,
             eval_fn=jit_eval_step(config, model, shardings, mesh),
             outlier_fn=jit_outlier_stats(config, model, shardings, mesh), schedules=schedules,
             tokens_per_step=tokens_per_step, throughput=throughput, checkpointer=checkpointer,
-            writer=metrics_lib.MetricWriter(str(workdir), tensorboard=t.tensorboard, start_step=start))
+            writer=metrics_lib.MetricWriter(str(workdir), tensorboard=t.tensorboard, start_step=start,
+                                            wandb_project=t.wandb_project, run_config=config.to_dict()),
+            profiler=StepProfiler(t, str(workdir), start))
         undo.pop_all()
     return run, state
 
 
 def _checked_mesh(config, workdir: str):
     """The config's mesh, after every check that needs no data: the config's values, local paths, the
-    attention kernel, the sizes the mesh splits."""
+    attention kernel, W&B installed where asked for, the sizes the mesh splits. Turns the compilation cache
+    on (train.compilation_cache_dir) before anything is compiled."""
     config_lib.validate(config)
+    if config.train.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise config_lib.ConfigError(f"config.train.wandb_project={config.train.wandb_project!r} needs the wandb "
+                                     "package: pip install 'osp_jax[wandb]' (or set it to '' for no W&B)")
     for name, path in (("--workdir", workdir), ("config.data.path", config.data.path)):
         if not cli.is_local(str(path)):
             raise FileNotFoundError(f"{name}={path}: URLs are not supported yet; use a local or mounted path "
                                     "(e.g. a Cloud Storage FUSE mount such as /gcs/BUCKET/...)")
     check_attention_backend(config)
+    where = compilation_cache.enable(config.train.compilation_cache_dir)
+    log.info("compilation cache: %s", where or "off (train.compilation_cache_dir='')")
     mesh = sharding.make_mesh(config.mesh)
     check_mesh_fits(config, mesh)
     return mesh

@@ -7,6 +7,11 @@ Mesh axes ("dp", "op", "fsdp", "tp"):
         split the momentum already); the batch is split over it too
   fsdp  parameters and optimizer state are sharded over it; the batch is split over it
   tp    tensor parallelism over heads / MLP width / vocabulary, for models that outgrow fsdp
+
+Multislice (several TPU slices joined by the data-center network, DCN): config.mesh's dp/op/fsdp/tp are
+each slice's sizes (its ICI), and mesh.dcn_dp / mesh.dcn_fsdp say how many slices dp and fsdp span. A slice
+then holds a contiguous block of every axis, so only dp's (or fsdp's) collectives cross the DCN: dp's
+gradient all-reduce, once a step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("dp", "op", "fsdp", "tp")
 BATCH_AXES = ("dp", "op", "fsdp")
+# The mesh axes that may span slices, and the config.mesh key of the number of slices each spans.
+DCN_AXES = {"dp": "dcn_dp", "fsdp": "dcn_fsdp"}
 
 # Logical axis -> mesh axis (or axes, or None = replicated). Parameters and activations use
 # separate names for the model dimension, so parameters shard over fsdp while activations
@@ -52,32 +59,65 @@ class MeshError(ValueError):
 
 
 def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
-    """Resolves -1 and checks that the product of the axis sizes equals `device_count`. An axis left out
-    has size 1; a name that is not one of MESH_AXES is an error."""
-    unknown = sorted(set(sizes) - set(MESH_AXES))
+    """The mesh's shape in MESH_AXES order, -1 resolved: each slice's size of an axis times the slices it
+    spans (`hybrid_shape`). An axis left out has size 1; a name that is not one of MESH_AXES or DCN_AXES'
+    keys is an error (MeshError), as is a shape whose product is not `device_count`."""
+    ici, dcn = hybrid_shape(sizes, device_count)
+    return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def hybrid_shape(sizes: dict, device_count: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(one slice's shape, slices each axis spans), both in MESH_AXES order; -1 fills one slice's
+    devices. Without dcn_* keys (or all 1): (the whole shape, all ones), as for one slice."""
+    unknown = sorted(set(sizes) - set(MESH_AXES) - set(DCN_AXES.values()))
     if unknown:
-        raise MeshError(f"unknown mesh axes {unknown}: the axes are {', '.join(MESH_AXES)}")
-    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+        raise MeshError(f"unknown mesh axes {unknown}: the axes are {', '.join(MESH_AXES)} (and, across slices, "
+                        f"{', '.join(DCN_AXES.values())})")
+    dcn = tuple(int(sizes.get(DCN_AXES[a], 1)) if a in DCN_AXES else 1 for a in MESH_AXES)
+    slices = math.prod(dcn)
+    if min(dcn) < 1:
+        raise MeshError(f"mesh {', '.join(f'{k}={sizes.get(k, 1)}' for k in DCN_AXES.values())}: slice counts "
+                        "must be positive")
+    if device_count % slices:
+        raise MeshError(f"mesh.dcn_dp * mesh.dcn_fsdp = {slices} slices cannot split {device_count} devices evenly")
+    ici = _slice_shape({a: int(sizes.get(a, 1)) for a in MESH_AXES}, device_count // slices, slices)
+    return ici, dcn
+
+
+def _slice_shape(sizes: dict, device_count: int, slices: int) -> tuple[int, ...]:
+    """`sizes` with -1 resolved, checked to multiply to `device_count` (the devices of one of `slices`)."""
     described = ", ".join(f"{a}={s}" for a, s in sizes.items())
+    per = f" per slice ({slices} slices)" if slices > 1 else ""
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     fill = [a for a, s in sizes.items() if s == -1]
     if fill:
         if device_count % fixed:
-            raise MeshError(f"mesh ({described}) does not fit {device_count} devices: "
+            raise MeshError(f"mesh ({described}) does not fit {device_count} devices{per}: "
                             f"{device_count} is not divisible by the fixed axes' product {fixed}")
         sizes[fill[0]] = device_count // fixed
     total = int(np.prod(list(sizes.values())))
     if total != device_count:
-        raise MeshError(f"mesh ({described}) needs {total} devices but {device_count} are available; "
+        raise MeshError(f"mesh ({described}) needs {total} devices but {device_count} are available{per}; "
                         "make dp*op*fsdp*tp equal the device count or set one axis to -1")
     return tuple(sizes[a] for a in MESH_AXES)
 
 
 def make_mesh(sizes: dict, devices=None) -> Mesh:
-    """A mesh over all (or the given) devices, axes in MESH_AXES order, Auto sharding mode."""
+    """A mesh over all (or the given) devices, axes in MESH_AXES order, Auto sharding mode. Devices in one
+    slice (or without slices: CPU, GPU) make it as jax.make_mesh does; devices in several slices need
+    `sizes` to say which axes span them (DCN_AXES), and make it with mesh_utils.create_hybrid_device_mesh."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(sizes, len(devices))
+    ici, dcn = hybrid_shape(sizes, len(devices))
     auto = (AxisType.Auto,) * len(MESH_AXES)
+    slices = _slices(devices)
+    if slices != math.prod(dcn):
+        spans = " * ".join(f"mesh.{k}={sizes.get(k, 1)}" for k in DCN_AXES.values())
+        raise MeshError(f"the devices are in {slices} slice{'s' * (slices > 1)} but {spans} = {math.prod(dcn)}: "
+                        "the product of the dcn sizes must equal the number of slices (e.g. mesh.dcn_dp="
+                        f"{slices} for data parallelism across them)")
+    if slices > 1:
+        return Mesh(_hybrid_grid(ici, dcn, devices), MESH_AXES, axis_types=auto)
+    shape = ici
     if devices == list(jax.devices()):
         try:
             return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
@@ -92,6 +132,24 @@ def make_mesh(sizes: dict, devices=None) -> Mesh:
             grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
             return Mesh(grid, MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _slices(devices) -> int:
+    """How many slices `devices` are in: distinct `slice_index` values (1 where devices have none)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _hybrid_grid(ici: tuple, dcn: tuple, devices) -> np.ndarray:
+    """The devices as a (ici * dcn)-shaped array: each slice's block laid out on its own topology, the
+    slices in slice_index order along the DCN axes."""
+    from jax.experimental import mesh_utils
+
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    except NotImplementedError as e:  # as in make_mesh: a slice's physical axes do not match its sizes
+        logging.warning("mesh %s per slice does not map onto a slice's physical axes (%s); splitting them",
+                        dict(zip(MESH_AXES, ici)), e)
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
 
 
 def data_shard(mesh: Mesh) -> tuple[int, int]:

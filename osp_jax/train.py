@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import jax
 import ml_collections
@@ -47,12 +48,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finite = _FiniteCheck(t.max_bad_steps)
     last, last_step = {}, None  # the last logged record, and its step
     with on_mesh(run.mesh), contextlib.ExitStack() as cleanup:
-        # On leaving, last first and each even if one before it raised: wait (it re-raises a failed
-        # asynchronous save), close the checkpointer, then the writer, then put SIGTERM's handler back.
+        # On leaving, last first and each even if one before it raised: stop a trace left open, wait (it
+        # re-raises a failed asynchronous save), close the checkpointer, then the writer (telling W&B
+        # whether the run failed), then put SIGTERM's handler back.
         notice = cleanup.enter_context(PreemptionNotice(every=t.log_every))
-        cleanup.callback(run.writer.close)
+        cleanup.enter_context(run.writer)
         cleanup.callback(run.checkpointer.close)
         cleanup.callback(run.checkpointer.wait)
+        cleanup.enter_context(run.profiler)
         while step < t.steps:
             if notice.reached(step):
                 log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
@@ -60,15 +63,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 run.checkpointer.wait()
                 notice.stopped = True
                 break
+            run.profiler.before(step)
             batch = to_global(next(run.train_iter), run.batch_sharding, t.global_batch_size)
-            if step == run.start_step and run.is_main:
-                log.info("compiling the train step (the first step waits for it)")
+            if step == run.start_step:
+                if run.is_main:
+                    log.info("compiling the train step (the first step waits for it)")
+                started = time.perf_counter()
             state, device_metrics = run.step_fn(state, batch)
             step += 1
             finite.push(step, device_metrics)
             if step == run.start_step + 1:
                 jax.block_until_ready(device_metrics)
+                if run.is_main:  # a persistent compilation cache hit shows here as a short first step
+                    log.info("compiled the train step in %.1f s (the first step's wall time)",
+                             time.perf_counter() - started)
                 run.throughput.start(step)  # exclude compilation from throughput
+            run.profiler.after(step, state)
             if _due(t.log_every, step, t.steps):
                 finite.check()
                 last, last_step = _log_step(run, step, state, device_metrics, finite.skipped), step
@@ -199,7 +209,7 @@ def main(argv) -> None:
         cli.die(PROG, f"config error: {e}")
     except DataError as e:
         cli.die(PROG, f"data error: {e}")
-    except cli.UserError as e:  # a workdir file that cannot be read (cli.read_json)
+    except cli.UserError as e:  # an unreadable workdir file (cli.read_json); an unusable compilation cache or W&B
         cli.die(PROG, f"error: {e}")
     except (FileNotFoundError, TrainingError, CheckpointError) as e:
         cli.die(PROG, f"{type(e).__name__}: {e}", code=1)

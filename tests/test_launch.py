@@ -4,6 +4,7 @@ No gcloud or SLURM is needed: the fakes are small bash scripts, so this runs any
 git do.
 """
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -237,6 +238,98 @@ fi
     assert (home / "note").read_text() == "a b'c"
     assert "training-output" in (home / "osp_jax_run" / "train.log").read_text()
     assert list(tmp.iterdir()) == []  # the local tarball was cleaned up
+
+
+# --------------------------------------------------------------------------- tpu_pod.sh, several slices
+MULTISLICE = ["--name", "osp-ms", "--zone", "us-east5-a", "--accelerator-type", "v5p-16", "--num-slices", "2"]
+
+
+def test_tpu_multislice_dry_run_makes_one_queued_resource_and_trains_every_slice():
+    cmds = commands(sh(TPU, *MULTISLICE, "--spot", "--dry-run", "--", *TRAIN_ARGS).stdout)
+    gcloud = [c for c in cmds if c[0] == "gcloud"]
+    queued = [c for c in gcloud if c[3] == "queued-resources"]
+    (create,) = [c for c in queued if c[4] == "create"]
+    assert create[5] == "osp-ms" and "--node-count=2" in create and "--node-prefix=osp-ms" in create
+    assert "--accelerator-type=v5p-16" in create and "--runtime-version=tpu-ubuntu2204-base" in create
+    assert "--spot" in create and "--zone=us-east5-a" in create
+    assert any(c[4] == "describe" and "--format=value(state.state)" in c for c in queued)  # waits for ACTIVE
+    assert not any(c[4] == "create" for c in gcloud if c[3] == "tpu-vm")
+
+    # Every slice gets the package, then every slice trains, all after the slices exist.
+    scp = [c[6].split(":")[0] for c in gcloud if c[4] == "scp"]
+    ssh = [(c[5], c[c.index("--command") + 1]) for c in gcloud if c[4] == "ssh"]
+    assert scp == ["osp-ms-0", "osp-ms-1"]
+    installs = [slice_ for slice_, remote in ssh if "uv pip install" in remote]
+    trains = [(slice_, remote) for slice_, remote in ssh if "osp_jax.train" in remote]
+    assert installs == ["osp-ms-0", "osp-ms-1"] and [t[0] for t in trains] == ["osp-ms-0", "osp-ms-1"]
+    assert gcloud.index(create) < min(i for i, c in enumerate(gcloud) if c[4] == "scp")
+    (ip,) = [c for c in gcloud if c[3] == "tpu-vm" and c[4] == "describe"]
+    assert ip[5] == "osp-ms-0" and "--format=value(networkEndpoints[0].ipAddress)" in ip
+    for slice_id, (_, remote) in enumerate(trains):
+        assert after_train(shlex.split(remote)) == TRAIN_ARGS
+        exports = dict(e.split("=", 1) for e in re.findall(r"export (\w+=\S+);", remote))
+        assert exports == {"OSP_DISTRIBUTED": "1", "MEGASCALE_COORDINATOR_ADDRESS": "COORDINATOR_IP",
+                           "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": str(slice_id), "MEGASCALE_PORT": "8080"}
+
+
+def test_tpu_num_slices_must_be_a_positive_integer():
+    for bad in ("0", "two", "-1"):
+        proc = sh(TPU, *TPU_REQUIRED, "--num-slices", bad, "--dry-run", "--", "-x", check=False)
+        assert proc.returncode == 2 and f"--num-slices expects a positive integer, got '{bad}'" in proc.stderr
+        assert "+ " not in proc.stdout
+    single = commands(sh(TPU, *TPU_REQUIRED, "--num-slices", "1", "--dry-run", "--", "-x").stdout)
+    assert single == commands(sh(TPU, *TPU_REQUIRED, "--dry-run", "--", "-x").stdout)  # one slice: as before
+
+
+@pytest.mark.parametrize("failing_slice", [None, 1])
+def test_tpu_multislice_real_run_against_fake_gcloud(tmp_path, failing_slice):
+    """Not a dry run: a fake gcloud grants the queued resource on the second look, gives worker 0 of the
+    first slice an address, and runs each slice's --command in a home of its own; training on both slices
+    runs at once, each with its slice id; a failing slice fails the launch."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "gcloud.log"
+    bin_dir.mkdir()
+    write_exe(bin_dir / "gcloud", r"""#!/usr/bin/env bash
+printf '%s\n' "$*" >> "$FAKE_LOG"
+case "$3 $4" in
+  "queued-resources describe")
+    [[ -e $FAKE_ROOT/created ]] || exit 1
+    if [[ " $* " == *" --format=value(state.state) "* ]]; then
+      n=$(cat "$FAKE_ROOT/looks" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE_ROOT/looks"
+      ((n)) && echo ACTIVE || echo PROVISIONING
+    fi ;;
+  "queued-resources create") touch "$FAKE_ROOT/created" ;;
+  "tpu-vm describe") [[ $5 == osp-ms-0 ]] && echo 10.1.2.3 ;;
+  "tpu-vm scp") mkdir -p "$FAKE_ROOT/$(dirname "${6/://}")" && cp "$5" "$FAKE_ROOT/${6/://}" ;;
+  "tpu-vm ssh") prev=""; for a; do [[ $prev == --command ]] && cmd=$a; prev=$a; done
+       mkdir -p "$FAKE_ROOT/$5" && cd "$FAKE_ROOT/$5" && HOME=$PWD exec bash -c "$cmd" ;;
+  *) exit 3 ;;
+esac
+""")
+    write_exe(bin_dir / "sleep", "#!/usr/bin/env bash\n")  # the wait for ACTIVE: no real 30 s
+    write_exe(bin_dir / "python3", r"""#!/usr/bin/env bash
+if [[ "$1 $2 $3" == "-m uv venv" ]]; then
+  dir=${!#}; mkdir -p "$dir/bin"
+  printf '%s\n' '#!/usr/bin/env bash' \
+    'env | grep ^MEGASCALE_ | sort > "$HOME/megascale"; echo "training slice $MEGASCALE_SLICE_ID"' \
+    '[[ $MEGASCALE_SLICE_ID != "$FAIL_SLICE" ]] || exit 7' > "$dir/bin/python"
+  chmod +x "$dir/bin/python"
+fi
+""")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "setup.py").write_text("# package\n")
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_ROOT=str(tmp_path),
+                    TMPDIR=str(tmp_path), FAIL_SLICE="" if failing_slice is None else str(failing_slice))
+    proc = sh(TPU, *MULTISLICE, "--package", str(pkg), "--", "--workdir=gs://b/run", env=env, check=False)
+    calls = log.read_text()
+    assert "queued-resources create osp-ms" in calls and "PROVISIONING" in proc.stdout
+    for slice_id, name in enumerate(["osp-ms-0", "osp-ms-1"]):
+        megascale = (tmp_path / name / "megascale").read_text().split()
+        assert megascale == ["MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3", "MEGASCALE_NUM_SLICES=2", "MEGASCALE_PORT=8080",
+                             f"MEGASCALE_SLICE_ID={slice_id}"]
+        assert (tmp_path / name / "osp_jax_run" / "src" / "setup.py").exists()
+    assert "training slice 0" in proc.stdout and "[osp-ms-1] training slice 1" in proc.stdout
+    assert proc.returncode == (0 if failing_slice is None else 7), proc.stderr
 
 
 # ---------------------------------------------------------------------------------- gpu_multinode.sh

@@ -1,4 +1,6 @@
-"""Mesh construction, the rule table, and sharded == unsharded training steps on 8 CPU devices."""
+"""Mesh construction (one slice, and several with fake TPU devices), the rule table, and sharded ==
+unsharded training steps on 8 CPU devices."""
+import dataclasses
 import functools
 
 import jax
@@ -6,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.experimental import mesh_utils
 
 from osp_jax import sharding
 from osp_jax.model import Transformer
@@ -56,6 +59,96 @@ def test_processes_holding_the_same_rows_read_the_same_data():
         sharding._data_shards({0: {0, 1, 2}, 1: {2, 3}}, 4)
     mesh = sharding.make_mesh({"dp": 2, "op": 1, "fsdp": 2, "tp": 2})
     assert sharding.data_shard(mesh) == (0, 1) and sharding.data_shards(mesh) == [0]  # one process
+
+
+# ------------------------------------------------------------------------------------------ multislice
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+    """What mesh_utils reads of a TPU device (and NamedSharding of any device)."""
+    id: int
+    process_index: int
+    slice_index: int
+    coords: tuple
+    core_on_chip: int = 0
+    platform: str = "tpu"
+    device_kind: str = "TPU v5p"
+
+
+def fake_slices(n_slices, topology=(2, 2, 2), chips_per_host=4):
+    """`n_slices` v5p slices of `topology` chips (2x2x2: a v5p-16, two hosts of four chips), ids and
+    processes numbered slice by slice as on a multislice job."""
+    per_slice = int(np.prod(topology))
+    devices = []
+    for s in range(n_slices):
+        for i, (z, y, x) in enumerate(np.ndindex(*reversed(topology))):
+            d = s * per_slice + i
+            devices.append(FakeTpu(id=d, process_index=d // chips_per_host, slice_index=s, coords=(x, y, z)))
+    return devices
+
+
+def _slice_of(mesh):
+    return np.vectorize(lambda d: d.slice_index)(mesh.devices)
+
+
+@pytest.mark.parametrize("ici,dcn,shape", [
+    ({"fsdp": -1}, {"dcn_dp": 2}, (2, 1, 8, 1)),                 # 2 x v5p-16: dp over DCN, fsdp within a slice
+    ({"dp": 2, "op": 2, "fsdp": 2}, {"dcn_dp": 2}, (4, 2, 2, 1)),
+    ({"fsdp": 8}, {"dcn_fsdp": 2}, (1, 1, 16, 1)),                # fsdp across slices too
+    ({"fsdp": 4, "tp": 2}, {"dcn_dp": 2}, (2, 1, 4, 2)),
+])
+def test_multislice_mesh_keeps_each_slice_contiguous(ici, dcn, shape):
+    """mesh.dcn_dp / dcn_fsdp: a slice holds one contiguous block of the mesh, so only the DCN axis's
+    collectives cross slices; each slice's block is laid out on its own ICI topology."""
+    devices = fake_slices(2)
+    mesh = sharding.make_mesh({**ici, **dcn}, devices)
+    assert tuple(mesh.shape.values()) == shape and sorted(d.id for d in mesh.devices.flat) == list(range(16))
+    axis = sharding.MESH_AXES.index("dp" if "dcn_dp" in dcn else "fsdp")
+    half = shape[axis] // 2
+    ici_shape, _ = sharding.hybrid_shape({**ici, **dcn}, 16)
+    for s, block in enumerate((slice(0, half), slice(half, None))):
+        # The first half of the DCN axis is slice 0, the rest slice 1, each laid out as one slice alone.
+        part = mesh.devices[tuple(block if a == axis else slice(None) for a in range(4))]
+        assert (_slice_of(mesh)[tuple(block if a == axis else slice(None) for a in range(4))] == s).all()
+        alone = mesh_utils.create_device_mesh(ici_shape, devices[8 * s: 8 * (s + 1)])
+        assert [d.id for d in part.flat] == [d.id for d in alone.flat]
+    assert sharding.mesh_shape({**ici, **dcn}, 16) == shape
+
+
+def test_multislice_fsdp_ring_follows_the_ici_links():
+    """fsdp over a v5p-16's 8 chips: consecutive devices of a slice's fsdp axis (and its last and first)
+    are ICI neighbours, a ring; the ids alone, reshaped, would not be (chip 1 -> 2 is a diagonal)."""
+    mesh = sharding.make_mesh({"fsdp": -1, "dcn_dp": 2}, fake_slices(2))
+    for ring in mesh.devices[:, 0, :, 0]:
+        coords = [np.array(d.coords) for d in ring]
+        assert all(np.abs(a - b).sum() == 1 for a, b in zip(coords, coords[1:] + coords[:1])), [d.id for d in ring]
+
+
+def test_multislice_data_shards():
+    """The batch split over a dp that crosses slices: every process reads rows of its own, those of
+    slice 0's processes are the first half; a tp group spanning the two hosts of a slice shares a shard."""
+    devices = fake_slices(2)
+    mesh = sharding.make_mesh({"fsdp": -1, "dcn_dp": 2}, devices)
+    assert sharding.data_shards(mesh) == [0, 1, 2, 3]
+    rows = {}
+    for device, index in sharding.batch_sharding(mesh).devices_indices_map((16, 1)).items():
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(16)[:2]))
+    assert set().union(rows[0], rows[1]) == set(range(8)) and set().union(rows[2], rows[3]) == set(range(8, 16))
+    tp_across_hosts = sharding.make_mesh({"tp": 8, "dcn_dp": 2}, devices)
+    assert sharding.data_shards(tp_across_hosts) == [0, 0, 1, 1]
+
+
+def test_multislice_errors_name_the_slices():
+    devices = fake_slices(2)
+    with pytest.raises(sharding.MeshError, match=r"devices are in 2 slices but mesh.dcn_dp=1 \* mesh.dcn_fsdp=1 = 1"):
+        sharding.make_mesh({"fsdp": -1}, devices)  # jax.make_mesh would refuse a multislice topology
+    with pytest.raises(sharding.MeshError, match=r"devices are in 2 slices but mesh.dcn_dp=4 \* mesh.dcn_fsdp=1 = 4"):
+        sharding.make_mesh({"fsdp": -1, "dcn_dp": 4}, devices)
+    with pytest.raises(sharding.MeshError, match=r"devices are in 1 slice but mesh.dcn_dp=2"):
+        sharding.make_mesh({"fsdp": -1, "dcn_dp": 2})  # the 8 CPU devices: one slice
+    with pytest.raises(sharding.MeshError, match=r"needs 16 devices but 8 are available per slice \(2 slices\)"):
+        sharding.mesh_shape({"fsdp": 16, "dcn_dp": 2}, 16)
+    with pytest.raises(sharding.MeshError, match="3 slices cannot split 16 devices"):
+        sharding.mesh_shape({"fsdp": -1, "dcn_dp": 3}, 16)
 
 
 def test_rule_table_names_every_logical_axis_once():
