@@ -109,14 +109,21 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     if not is_url(path):
         cli.write_bytes_atomic(path, data)
         return
-    with _beam().create(path) as f:
+    with _create(path) as f:
         f.write(data)
 
 
 def upload(local_path: str, dest: str) -> None:
     """Copies a local file to `dest` (a URL): the object appears only once the upload is complete."""
-    with open(local_path, "rb") as src, _beam().create(dest) as out:
+    with open(local_path, "rb") as src, _create(dest) as out:
         shutil.copyfileobj(src, out, 8 << 20)
+
+
+def _create(url: str):
+    """A new object, written as given: Beam would otherwise gzip a name ending in .gz once more."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    return _beam().create(url, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def makedirs(path: str) -> None:
