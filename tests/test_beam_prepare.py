@@ -124,7 +124,8 @@ def test_train_runs_on_the_beam_output(corpus, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "osp_jax.train", f"--config={ROOT / 'configs/tiny.py'}",
                            f"--workdir={tmp_path / 'run'}", f"--config.data.path={out}", "--config.train.steps=3",
                            "--config.train.eval_every=3", "--config.train.outlier_every=3",
-                           "--config.train.checkpoint_every=3", "--config.train.log_every=1"],
+                           "--config.train.checkpoint_every=3", "--config.train.log_every=1",
+                           "--config.optimizer.warmup_steps=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

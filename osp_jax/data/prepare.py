@@ -421,7 +421,8 @@ def _main(args: argparse.Namespace, beam_args: list[str]) -> None:
             beam_prepare.prepare_beam(args.input, args.output, args.tokenizer, runner=args.runner,
                                       beam_args=beam_args, **options)
         else:
-            prepare(args.input, args.output, args.tokenizer, workers=args.workers or 1, **options)
+            prepare(args.input, args.output, args.tokenizer, workers=1 if args.workers is None else args.workers,
+                    **options)
     except OSError as e:  # e.g. an output directory that cannot be written
         raise cli.UserError(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
 
