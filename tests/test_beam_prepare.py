@@ -210,6 +210,7 @@ def test_a_damaged_file_found_while_the_pipeline_runs_is_named(corpus, tmp_path,
 
 @pytest.mark.parametrize("case", ["missing_glob", "bad_tokenizer", "train_vocab", "dataflow_without_options",
                                   "dataflow_local_paths", "dataflow_without_package", "unknown_option",
+                                  "stray_argument",
                                   "unknown_runner", "workers_flag", "beam_option_without_runner"])
 def test_bad_input_with_a_runner(tmp_path, capsys, monkeypatch, case):
     from apache_beam.options.pipeline_options import GoogleCloudOptions
@@ -237,6 +238,8 @@ def test_bad_input_with_a_runner(tmp_path, capsys, monkeypatch, case):
         extra, expect = dataflow, "the workers need osp_jax: pass --setup_file"
     elif case == "unknown_option":
         extra, expect = ["--runner=DirectRunner", "--direct_num_worker=2"], "unknown pipeline option(s)"
+    elif case == "stray_argument":
+        extra, expect = ["--runner=DirectRunner", "stray"], "unknown pipeline option(s) for --runner=DirectRunner: stray"
     elif case == "unknown_runner":
         extra, expect = ["--runner=NoSuchRunner"], "--runner=NoSuchRunner"
     elif case == "workers_flag":

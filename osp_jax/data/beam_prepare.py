@@ -23,6 +23,7 @@ its tokenizer.json here: the distributed run is then a pure function of (inputs,
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
@@ -130,37 +131,26 @@ def pipeline_options(runner: str, beam_args: Sequence[str]):
 
 @contextlib.contextmanager
 def _quiet_beam():
-    """Beam's warnings while options are parsed and checked go to a list (its "Discarding unparseable
-    args" are what is reported), not to the terminal: the user sees one line."""
+    """Holds back Beam's log lines while options are parsed and checked (the user sees one line); yields
+    the arguments Beam discarded ("Discarding unparseable args: [...]"), which are reported instead."""
+    held: list[str] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record):
+            held.append(record.getMessage())
+
+    beam_log = logging.getLogger("apache_beam")
+    saved = beam_log.propagate, beam_log.handlers
+    beam_log.propagate, beam_log.handlers = False, [Hold()]
     discarded: list[str] = []
-
-    class Catch(logging.Filter):
-        def filter(self, record):
-            msg = record.getMessage()
-            if msg.startswith("Discarding unparseable args: "):
-                discarded.extend(str(a) for a in eval_list(msg.split(": ", 1)[1]))
-            return False
-
-    log = logging.getLogger("apache_beam")
-    f = Catch()
-    handlers = [log] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
-                        if n.startswith("apache_beam.")]
-    for h in handlers:
-        h.addFilter(f)
     try:
         yield discarded
     finally:
-        for h in handlers:
-            h.removeFilter(f)
-
-
-def eval_list(text: str) -> list:
-    import ast
-
-    with contextlib.suppress(ValueError, SyntaxError):
-        value = ast.literal_eval(text)
-        return list(value) if isinstance(value, (list, tuple)) else [value]
-    return [text]
+        beam_log.propagate, beam_log.handlers = saved
+        for msg in held:
+            if msg.startswith("Discarding unparseable args: "):
+                with contextlib.suppress(ValueError, SyntaxError):
+                    discarded.extend(map(str, ast.literal_eval(msg.split(": ", 1)[1])))
 
 
 def _is_dataflow(options) -> bool:
