@@ -134,6 +134,10 @@ class Tokenize(beam.DoFn):
             path = local
         self._tok = tokenizer_lib.load_tokenizer(path)
 
+    def teardown(self):
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.cleanup()
+
     def process(self, element):
         index, chunk = element
         try:
@@ -148,7 +152,8 @@ class Tokenize(beam.DoFn):
 class WriteShard(beam.DoFn):
     """((split, bucket), [(key, record, tokens)]) -> the shard's manifest entry, after writing its records,
     sorted by key, to `staging`/SPLIT-bBUCKET-RANDOM.array_record: a name no other attempt uses, so a
-    failed or duplicate attempt cannot touch the file the committed one names."""
+    failed or duplicate attempt cannot touch the file the committed one names. A worker holds the shard
+    it writes in memory (about --shard-size-mb)."""
 
     def __init__(self, staging: str):
         self.staging = staging

@@ -184,8 +184,12 @@ def _run(*, options, input_files, output, tok, want, shard_bytes, say, t0) -> di
     fs.makedirs(staging)
     try:
         staged_tok = fs.join(staging, tok_name)
-        with open(tok.path, "rb") as f:  # also the first write to the output: a store that refuses fails here
-            fs.write_bytes_atomic(staged_tok, f.read())
+        with open(tok.path, "rb") as f:
+            data = f.read()
+        try:  # the first write to the output: a store that refuses (no bucket, no permission) says so here
+            fs.write_bytes_atomic(staged_tok, data)
+        except Exception as e:  # the object stores' clients raise their own types
+            raise cli.UserError(f"cannot write to --output {output}: {cli.one_line(e)}") from None
         opts = want["options"]
         pipeline = beam.Pipeline(options=options)
         beam_pipeline.build(pipeline, input_files, staging=staging, tokenizer=staged_tok,

@@ -115,11 +115,10 @@ def describe_damage(e: BaseException) -> str:
     return str(e)
 
 
-def _head_and_tail(path: str, n: int = 8) -> tuple[bytes, bytes, int]:
+def _head_and_tail(path: str, n: int = 64) -> tuple[bytes, bytes, int]:
     size = fs.stat(path).size
     with fs.open_read(path) as f:
-        head = f.read(n)
-        tail = b""
+        head = tail = f.read(n)
         if size > n:
             f.seek(size - n)
             tail = f.read(n)
@@ -138,7 +137,7 @@ def file_problem(path: str, kind: str) -> str | None:
     _, comp = strip_compression(path.lower())
     if comp and not head.startswith(_MAGIC[comp]):
         return f"not {comp[1:]} data (no {comp[1:]} magic bytes at its start)"
-    if comp == ".xz" and not tail.endswith(b"YZ"):
+    if comp == ".xz" and tail.rstrip(b"\0") and not tail.rstrip(b"\0").endswith(b"YZ"):  # (after any padding)
         return "truncated (no xz stream footer at its end)"
     if kind == "parquet" and not (head.startswith(b"PAR1") and tail.endswith(b"PAR1")):
         return "not a whole parquet file (no PAR1 marker at " + ("its end)" if head.startswith(b"PAR1") else "its start)")
