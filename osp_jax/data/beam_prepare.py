@@ -34,6 +34,7 @@ from typing import Sequence
 
 from osp_jax import cli
 from osp_jax.data import filesystems as fs
+from osp_jax.data import output_dir
 from osp_jax.data import prepare as prepare_lib
 from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
@@ -59,7 +60,7 @@ def prepare_beam(inputs: str | Sequence[str], output: str, tokenizer: str, *, ru
     prepare_lib.check_options(val_fraction=val_fraction, shard_size_mb=shard_size_mb)
     options = pipeline_options(runner, beam_args)
     output = output.rstrip("/") if fs.is_url(output) else os.path.abspath(os.path.expanduser(output))
-    created = [] if fs.is_url(output) else prepare_lib.check_output(output)
+    created = [] if fs.is_url(output) else output_dir.check_output(output)
     input_files = sources.expand_inputs(inputs, exclude=output)
     _check_reachable(options, input_files, output)
     if tokenizer.startswith("train:"):
@@ -73,21 +74,23 @@ def prepare_beam(inputs: str | Sequence[str], output: str, tokenizer: str, *, ru
     job = dict(options=options, input_files=input_files, output=output, tok=tok, want=want,
                shard_bytes=int(shard_size_mb * 2**20), say=say, t0=t0)
     if fs.is_url(output):  # no lock on an object store: one prepare at a time per output is the user's care
-        if not force and prepare_lib.reusable(prepare_lib.load_existing(output), want, output):
-            say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
-            return prepare_lib.load_existing(output)
-        return _run(**job)
+        return _reuse_or_run(job, force)
     os.makedirs(output, exist_ok=True)
     try:
-        with prepare_lib.locked(output):
-            if not force and prepare_lib.reusable(prepare_lib.load_existing(output), want, output):
-                say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
-                return prepare_lib.load_existing(output)
-            prepare_lib.remove_stale_tmp(output)
-            return _run(**job)
+        with output_dir.locked(output):
+            output_dir.remove_stale_tmp(output)
+            return _reuse_or_run(job, force)
     except BaseException:
-        prepare_lib.remove_created(created)
+        output_dir.remove_created(created)
         raise
+
+
+def _reuse_or_run(job: dict, force: bool) -> dict:
+    existing = output_dir.load_existing(job["output"])
+    if not force and output_dir.reusable(existing, job["want"], job["output"]):
+        job["say"](f"prepare: reusing {job['output']} (same inputs, tokenizer and options)")
+        return existing
+    return _run(**job)
 
 
 # ----------------------------------------------------------------------------------------------------

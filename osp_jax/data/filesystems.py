@@ -1,6 +1,8 @@
 """The files `prepare` reads and writes: local paths through `os`, URLs (gs://, s3://, ...) through Apache
 Beam's own `FileSystems`.
 
+Also the glob syntax of --input that glob lacks: commas between patterns, shell braces.
+
 Beam's, not gcsfs/etils.epath, for URLs: a Dataflow worker has Beam and its credentials already, and
 issue 25 asks for gs:// through Beam's filesystems. Nothing here caches a listing: every call asks the
 store (GCS lists are strongly consistent).
@@ -167,6 +169,35 @@ def listdir(path: str) -> list[str]:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     prefix = path.rstrip("/") + "/"
     return sorted({m.path[len(prefix):].split("/", 1)[0] for m in match(prefix + "**")})
+
+
+def split_patterns(pattern: str) -> list[str]:
+    """Splits on commas outside braces: "a.jsonl,b/*.txt" -> 2 patterns; "{a,b}.txt" stays one."""
+    parts, depth, cur = [], 0, ""
+    for ch in pattern:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace alternatives, which glob lacks: "x_{a,b}.jsonl" -> ["x_a.jsonl", "x_b.jsonl"]."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth = 0
+    for end in range(start, len(pattern)):
+        depth += (pattern[end] == "{") - (pattern[end] == "}")
+        if depth == 0:
+            break
+    else:
+        return [pattern]  # unbalanced: take it literally
+    head, body, tail = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
+    return [x for alt in split_patterns(body) for x in expand_braces(head + alt + tail)]
 
 
 def unique_name(stem: str) -> str:

@@ -125,7 +125,7 @@ def expand_inputs(patterns: str | Sequence[str], exclude: str | None = None) -> 
     """
     if isinstance(patterns, str):
         patterns = [patterns]
-    parts = [p.strip() for pat in patterns for p in _split_top_level(str(pat)) if p.strip()]
+    parts = [p.strip() for pat in patterns for p in fs.split_patterns(str(pat)) if p.strip()]
     if not parts:
         raise DataError("no --input given")
     outside = _outside(exclude)
@@ -133,7 +133,7 @@ def expand_inputs(patterns: str | Sequence[str], exclude: str | None = None) -> 
     for pat in parts:
         pat = pat if fs.is_url(pat) else os.path.expanduser(pat)
         matches = []
-        for one in _expand_braces(pat):
+        for one in fs.expand_braces(pat):
             matches += _glob(one)
         every = [f for m in matches for f in _expand_one(m)]
         found = [f for f in every if outside(f.path)]
@@ -172,35 +172,6 @@ def _glob(pattern: str) -> list[str]:
     if glob.has_magic(pattern):
         return sorted(glob.glob(pattern, recursive=True))
     return [pattern] if os.path.exists(pattern) else []
-
-
-def _split_top_level(pattern: str) -> list[str]:
-    """Splits on commas outside braces: "a.jsonl,b/*.txt" -> 2 patterns; "{a,b}.txt" stays one."""
-    parts, depth, cur = [], 0, ""
-    for ch in pattern:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur]
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Shell-style brace alternatives, which glob lacks: "x_{a,b}.jsonl" -> ["x_a.jsonl", "x_b.jsonl"]."""
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    depth = 0
-    for end in range(start, len(pattern)):
-        depth += (pattern[end] == "{") - (pattern[end] == "}")
-        if depth == 0:
-            break
-    else:
-        return [pattern]  # unbalanced: take it literally
-    head, body, tail = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
-    return [x for alt in _split_top_level(body) for x in _expand_braces(head + alt + tail)]
 
 
 def _expand_one(path: str) -> list[InputFile]:
@@ -382,35 +353,26 @@ def _read_table_batches(batches, schema, path, text_field, skips, split_field, d
         for text, sp in zip(texts, splits):
             row += 1
             where = f"{path}:row {row}"
-            if isinstance(text, bytes):  # a value that is not UTF-8 (pyarrow does not check on read)
-                e = _utf8_error(text)
-                skips.skip("bad_utf8", where, f"byte {e.start} of the value is not UTF-8")
+            if isinstance(text, UnicodeDecodeError):  # a value that is not UTF-8 (pyarrow does not check)
+                skips.skip("bad_utf8", where, f"byte {text.start} of the value is not UTF-8")
             elif _valid_text(text, where, skips):
                 yield Document(text, where, _split_hint(sp, where) or default_split)
 
 
 def _column_texts(column, pa) -> list:
-    """The column's values as str, or as the raw bytes of a value that is not UTF-8."""
+    """The column's values as str; a value that is not UTF-8 as its UnicodeDecodeError."""
     try:
         return column.to_pylist()
     except UnicodeDecodeError:
         raw = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
-        return [_decode_or_bytes(b) for b in raw.to_pylist()]
+        return [_decoded(b) for b in raw.to_pylist()]
 
 
-def _decode_or_bytes(b: bytes | None):
+def _decoded(b: bytes | None):
     try:
         return None if b is None else b.decode("utf-8")
-    except UnicodeDecodeError:
-        return b
-
-
-def _utf8_error(b: bytes) -> UnicodeDecodeError:
-    try:
-        b.decode("utf-8")
     except UnicodeDecodeError as e:
         return e
-    raise AssertionError("valid UTF-8")
 
 
 def _read_parquet(path, text_field, skips, split_field):
