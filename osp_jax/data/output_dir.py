@@ -4,6 +4,7 @@ it holds is intact, and cleaned of what a crashed or refused run left.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -13,6 +14,18 @@ from osp_jax import cli
 from osp_jax.data import filesystems as fs
 from osp_jax.data import shards as shards_lib
 from osp_jax.data.sources import DataError
+
+
+class OutputNotWritable(DataError, PermissionError):
+    """An output directory that cannot be written: a user error to the CLI, and a PermissionError to
+    callers that handle one (the built-in data cache, whose message names OSP_JAX_CACHE)."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(errno.EACCES, "Permission denied", path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def load_existing(output: str) -> dict | None:
@@ -71,7 +84,7 @@ def check_output(output: str) -> list[str]:
         raise DataError(f"--output {output} exists and is not a directory" if d == output else
                         f"--output {output} cannot be made: {d} is not a directory")
     if not os.access(d, os.W_OK | os.X_OK):
-        raise DataError(f"--output {output}: {d} is not writable")
+        raise OutputNotWritable(f"--output {output}: {d} is not writable", d)
     return missing[::-1]
 
 

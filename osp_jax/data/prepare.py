@@ -423,6 +423,8 @@ def _main(args: argparse.Namespace, beam_args: list[str]) -> None:
         else:
             prepare(args.input, args.output, args.tokenizer, workers=1 if args.workers is None else args.workers,
                     **options)
+    except DataError:
+        raise  # (output_dir.OutputNotWritable is an OSError too, with its own message)
     except OSError as e:  # e.g. an output directory that cannot be written
         raise cli.UserError(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
 
