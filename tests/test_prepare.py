@@ -511,7 +511,7 @@ BATTERY = {
 
 @pytest.mark.parametrize("case", list(BATTERY) + [
     "missing_glob", "directory_without_inputs", "missing_tokenizer", "bad_tokenizer", "output_is_a_file",
-    "output_under_a_file", "output_not_writable", "input_only_inside_output", "shard_size_zero",
+    "output_under_a_file", "output_not_writable", "output_a_url", "input_only_inside_output", "shard_size_zero",
     "val_fraction_one", "workers_zero"])
 def test_cli_refuses_bad_input_and_output(tmp_path, capsys, monkeypatch, case):
     good = tmp_path / "good.jsonl"
@@ -550,6 +550,9 @@ def test_cli_refuses_bad_input_and_output(tmp_path, capsys, monkeypatch, case):
         if os.geteuid() == 0:  # root writes anywhere: the permission check is told what a user would see
             access = os.access
             monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(named) else access(p, mode))
+    elif case == "output_a_url":
+        out = named = "gs://bucket/tokens"
+        expect = "add --runner=DirectRunner"
     elif case == "input_only_inside_output":
         assert prep.main([f"--input={good}", f"--output={out}", f"--tokenizer={TOKENIZER}", "--quiet"]) == 0
         capsys.readouterr()

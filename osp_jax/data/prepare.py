@@ -188,6 +188,9 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
     if workers < 1:
         raise DataError(f"--workers={workers}: expected a positive integer")
     say = (lambda m: None) if quiet else log
+    if "://" in output:
+        raise DataError(f"--output {output}: without --runner prepare writes a local directory; a URL output "
+                        "goes through Beam's filesystems: add --runner=DirectRunner (osp_jax[beam])")
     output = os.path.abspath(os.path.expanduser(output))
     created = check_output(output)
     input_files = sources.expand_inputs(inputs, exclude=output)
