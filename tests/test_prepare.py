@@ -457,3 +457,178 @@ def test_progress_names_the_input_being_read(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("prepare: input 2/3, 4 docs, 40 tokens | ")
     assert prep.main([f"--input={tmp_path}/*.jsonl", f"--output={tmp_path / 'out'}", f"--tokenizer={TOKENIZER}"]) == 0
     assert "prepare: input 3/3, " in capsys.readouterr().err  # the last line, at the end
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every bad input and output of the CLI: one line, exit 2, the offending path named, nothing left behind
+
+
+def tree(root):
+    """{relative path: (size, mtime_ns)} of everything under root, folders included."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size if n in files else None, st.st_mtime_ns)
+    return out
+
+
+def jsonl_bytes(texts=DOCS):
+    return b"".join((json.dumps({"text": t}) + "\n").encode() for t in texts)
+
+
+def corrupt_gzip() -> bytes:
+    data = bytearray(gzip.compress(jsonl_bytes(DOCS * 5)))
+    for i in range(200, 260):  # damage inside the deflate stream: zlib's "invalid distance too far back"
+        data[i] ^= 0x55
+    return bytes(data)
+
+
+def truncated_parquet(path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": DOCS}), path)
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+BATTERY = {
+    # case: (input file name, its bytes (or a writer), expected words after the path)
+    "empty_file": ("a.jsonl", b"", "empty file"),
+    "empty_txt": ("a.txt", b"", "empty file"),
+    "utf16_jsonl": ("a.jsonl", '{"text": "hello"}\n'.encode("utf-16"), "UTF-16 text (byte-order mark FF FE), not UTF-8"),
+    "utf32_txt": ("a.txt", "hello".encode("utf-32"), "UTF-32 text"),
+    "not_gzip": ("a.jsonl.gz", jsonl_bytes(), "not gz data"),
+    "not_xz": ("a.jsonl.xz", jsonl_bytes(), "not xz data"),
+    "corrupt_gzip": ("a.jsonl.gz", corrupt_gzip(), "corrupt compressed data"),
+    "truncated_gzip": ("a.jsonl.gz", gzip.compress(jsonl_bytes())[:600], "truncated"),
+    "truncated_xz": ("a.jsonl.xz", lzma.compress(jsonl_bytes())[:600], "truncated (no xz stream footer"),
+    "empty_once_decompressed": ("a.jsonl.gz", gzip.compress(b""), "empty once decompressed"),
+    "gzip_of_utf16": ("a.jsonl.gz", gzip.compress('{"text": "x"}\n'.encode("utf-16")), "UTF-16 text"),
+    "truncated_parquet": ("a.parquet", truncated_parquet, "not a whole parquet file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BATTERY) + [
+    "missing_glob", "directory_without_inputs", "missing_tokenizer", "bad_tokenizer", "output_is_a_file",
+    "output_under_a_file", "output_not_writable", "output_a_url", "input_only_inside_output", "shard_size_zero",
+    "val_fraction_one", "workers_zero"])
+def test_cli_refuses_bad_input_and_output(tmp_path, capsys, monkeypatch, case):
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jsonl_bytes())
+    inp, out, tok, extra, named, expect = good, tmp_path / "out", TOKENIZER, [], None, None
+    if case in BATTERY:
+        name, content, expect = BATTERY[case]
+        inp = named = tmp_path / name
+        content(inp) if callable(content) else inp.write_bytes(content)
+        expect = f"error reading {inp}: {expect}"
+    elif case == "missing_glob":
+        inp = named = tmp_path / "corpus*.jsonl"
+        expect = "matches no file"
+    elif case == "directory_without_inputs":
+        inp = named = tmp_path / "notes"
+        inp.mkdir()
+        (inp / "x.csv").write_text("a,b")
+        expect = "matches no supported input"
+    elif case == "missing_tokenizer":
+        tok = named = tmp_path / "tok.json"
+        expect = "not found"
+    elif case == "bad_tokenizer":
+        tok = named = tmp_path / "tok.json"
+        tok.write_text("{ not a tokenizer")
+        expect = "cannot read tokenizer"
+    elif case == "output_is_a_file":
+        out = named = tmp_path / "out.txt"
+        out.write_text("x")
+        expect = "exists and is not a directory"
+    elif case == "output_under_a_file":
+        (tmp_path / "file").write_text("x")
+        out, named, expect = tmp_path / "file" / "sub" / "out", tmp_path / "file", "is not a directory"
+    elif case == "output_not_writable":
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out, named, expect = tmp_path / "ro" / "out", tmp_path / "ro", "is not writable"
+        if os.geteuid() == 0:  # root writes anywhere: the permission check is told what a user would see
+            access = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(named) else access(p, mode))
+    elif case == "output_a_url":
+        out = named = "gs://bucket/tokens"
+        expect = "add --runner=DirectRunner"
+    elif case == "input_only_inside_output":
+        assert prep.main([f"--input={good}", f"--output={out}", f"--tokenizer={TOKENIZER}", "--quiet"]) == 0
+        capsys.readouterr()
+        inp, named, expect = out / "*.json", out, "never read as input"
+    elif case == "shard_size_zero":
+        extra, named, expect = ["--shard-size-mb=0"], "--shard-size-mb=0", "expected a positive number"
+    elif case == "val_fraction_one":
+        extra, named, expect = ["--val-fraction=1"], "--val-fraction=1", "expected a number in [0, 1)"
+    elif case == "workers_zero":
+        extra, named, expect = ["--workers=0"], "--workers=0", "expected a positive integer"
+    before = tree(tmp_path)
+    rc = prep.main([f"--input={inp}", f"--output={out}", f"--tokenizer={tok}", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert str(named) in err and expect in err, err
+    assert tree(tmp_path) == before  # no output folder, no lock, no .tmp- file
+
+
+def test_a_damaged_file_among_good_ones_is_named_before_any_work(tmp_path, capsys):
+    for i in range(3):
+        (tmp_path / f"{i}.jsonl").write_bytes(jsonl_bytes())
+    (tmp_path / "3.jsonl").write_bytes(b"")
+    (tmp_path / "4.jsonl.xz").write_bytes(lzma.compress(jsonl_bytes())[:300])
+    rc = prep.main([f"--input={tmp_path}/*", f"--output={tmp_path / 'out'}", f"--tokenizer={TOKENIZER}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert (f"error reading 2 input files: {tmp_path / '3.jsonl'} (empty file); {tmp_path / '4.jsonl.xz'} "
+            "(truncated (no xz stream footer at its end))") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_with_a_byte_order_mark_keeps_its_first_record(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(DOCS[:5]))
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbf" + DOCS[5].encode())
+    meta = prep.prepare(str(tmp_path / "*"), str(tmp_path / "out"), TOKENIZER, val_fraction=0.0, quiet=True)
+    assert meta["splits"]["train"]["documents"] == 6 and meta["skipped"] == {}
+    _, docs = read_records(tmp_path / "out")
+    assert sorted(map(tuple, docs)) == sorted(map(tuple, expected_tokens(DOCS[:6])))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hf_dataset"])
+def test_values_that_are_not_utf8_in_arrow_columns_are_counted(tmp_path, capsys, kind):
+    pa = pytest.importorskip("pyarrow")
+    raw = pa.array([DOCS[0].encode(), b"caf\xe9 au lait", DOCS[1].encode()], pa.binary())
+    texts = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())  # pyarrow does not check: as files hold it
+    table = pa.table({"text": texts})
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+        pq.write_table(table, tmp_path / "a.parquet")
+        inp, where = tmp_path / "a.parquet", f"{tmp_path / 'a.parquet'}:row 2"
+    else:
+        (tmp_path / "hf").mkdir()
+        with pa.OSFile(str(tmp_path / "hf" / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
+        (tmp_path / "hf" / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+        inp, where = tmp_path / "hf", f"{tmp_path / 'hf' / 'data-00000-of-00001.arrow'}:row 2"
+    rc, err = run_main(capsys, f"--input={inp}", f"--output={tmp_path / 'out'}", f"--tokenizer={TOKENIZER}",
+                       "--val-fraction=0")
+    assert rc == 0 and f"{where}: skipped (bad_utf8): byte 3 of the value is not UTF-8" in err, err
+    meta, docs = read_records(tmp_path / "out")
+    assert meta["skipped"] == {"bad_utf8": 1} and meta["skipped_by_file"] == {str(inp): {"bad_utf8": 1}}
+    assert [list(d) for d in docs] == [list(d) for d in expected_tokens([DOCS[0], DOCS[1]])]
+
+
+def test_an_output_inside_an_input_directory_is_not_read_back(tmp_path, capsys):
+    """`--input=corpus --output=corpus/tokens`: the second run reads the same inputs (not the first run's
+    metadata.json and tokenizer.json, which would read as JSON lines) and so reuses the output."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": t} for t in DOCS])
+    args = [f"--input={corpus}", f"--output={corpus / 'tokens'}", f"--tokenizer={TOKENIZER}"]
+    assert prep.main(args) == 0
+    first = json.loads((corpus / "tokens" / "metadata.json").read_text())
+    assert [f["path"] for f in first["inputs"]] == [str(corpus / "a.jsonl")]
+    capsys.readouterr()
+    assert prep.main(args) == 0
+    assert "reusing" in capsys.readouterr().err

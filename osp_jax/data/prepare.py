@@ -2,6 +2,10 @@
 
     python -m osp_jax.data.prepare --input='data/*.jsonl.zst' --output=DIR --tokenizer=tokenizer.json \
         [--val-fraction=0.02] [--text-field=text] [--workers=N]
+    python -m osp_jax.data.prepare ... --runner=DirectRunner|DataflowRunner|FlinkRunner|SparkRunner [BEAM OPTIONS]
+
+With --runner the same preparation runs as an Apache Beam pipeline (osp_jax/data/beam_prepare.py, the
+[beam] extra), Beam's own pipeline options passed through; without it, in this process as below.
 
 Every document becomes one record: its token ids with EOS appended, as little-endian uint16 (vocab <=
 65536) or uint32 bytes. Whole documents are held out for validation: a record's `split` field when it
@@ -16,14 +20,14 @@ Writing is atomic: shards are written under .tmp- names, fsynced and renamed; me
 A second run with the same inputs (path, size, mtime), tokenizer and options prints "reusing" and
 does nothing, unless a shard's size (metadata "file_bytes") or the tokenizer's hash no longer matches:
 then it rebuilds, as --force does. Malformed records are skipped and counted in metadata["skipped"] by
-reason.
+reason, and by input file in metadata["skipped_by_file"]; a file that cannot be read whole stops prepare
+with an error naming it (sources.py states the rule). Nothing under DIR is ever read as input.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
-import fcntl
 import functools
 import hashlib
 import multiprocessing
@@ -39,6 +43,8 @@ import numpy as np
 from osp_jax import cli
 from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
+from osp_jax.data.output_dir import (check_output, load_existing, locked, remove_created, remove_stale_tmp,
+                                     reusable)
 from osp_jax.data.shards import token_dtype  # noqa: F401 - re-exported: it was defined here
 from osp_jax.data.sources import DataError, Document, SkipLog
 from osp_jax.data import tokenizer as tokenizer_lib
@@ -49,8 +55,8 @@ SPLITS = ("train", "validation")
 DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_SHARD_MB = 256
 # Documents (or characters) handed to the tokenizer at once: large enough to amortise the call.
-_CHUNK_DOCS = 256
-_CHUNK_CHARS = 4 << 20
+CHUNK_DOCS = 256
+CHUNK_CHARS = 4 << 20
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -95,7 +101,7 @@ def _chunks(docs: Iterator[Document]) -> Iterator[list[Document]]:
     for d in docs:
         chunk.append(d)
         chars += len(d.text)
-        if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+        if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
             yield chunk
             chunk, chars = [], 0
     if chunk:
@@ -169,38 +175,6 @@ def _tokenizer_source(spec: str) -> dict:
     return {"path": path, "sha256": tokenizer_lib.file_sha256(path)}
 
 
-def _load_existing(output: str) -> dict | None:
-    try:
-        return cli.read_json(os.path.join(output, "metadata.json"), "metadata")
-    except cli.UserError:  # missing or unreadable: not reusable, rebuilt
-        return None
-
-
-def _reusable(meta: dict | None, want: dict, output: str) -> bool:
-    """Whether `output` already holds what `want` describes, its files intact as far as cheaply seen."""
-    if not meta:
-        return False
-    for k in ("format", "format_version", "inputs", "tokenizer_source", "options"):
-        if meta.get(k) != want[k]:
-            return False
-    tok = os.path.join(output, meta.get("tokenizer") or "")
-    if not (os.path.isfile(tok) and tokenizer_lib.file_sha256(tok) == meta.get("tokenizer_sha256")):
-        return False
-    return all(shards_lib.intact(os.path.join(output, s["file"]), s)
-               for sp in meta.get("splits", {}).values() for s in sp.get("shards", []))
-
-
-@contextlib.contextmanager
-def _locked(output: str):
-    """One prepare at a time per output directory (e.g. several processes resolving "builtin")."""
-    with open(os.path.join(output, ".prepare.lock"), "a") as lf:
-        fcntl.flock(lf, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lf, fcntl.LOCK_UN)
-
-
 def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
             val_fraction: float = DEFAULT_VAL_FRACTION, text_field: str = "text",
             split_field: str | None = "split", workers: int = 1, shard_size_mb: float = DEFAULT_SHARD_MB,
@@ -210,34 +184,54 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
     Raises DataError (a user error, message names the file) for missing inputs, an unreadable
     tokenizer, or no valid document.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction={val_fraction}: expected a number in [0, 1)")
+    check_options(val_fraction=val_fraction, shard_size_mb=shard_size_mb)
     if workers < 1:
         raise DataError(f"--workers={workers}: expected a positive integer")
     say = (lambda m: None) if quiet else log
+    if "://" in output:
+        raise DataError(f"--output {output}: without --runner prepare writes a local directory; a URL output "
+                        "goes through Beam's filesystems: add --runner=DirectRunner (osp_jax[beam])")
     output = os.path.abspath(os.path.expanduser(output))
-    input_files = sources.expand_inputs(inputs)
-    want = {
+    created = check_output(output)
+    input_files = sources.expand_inputs(inputs, exclude=output)
+    want = wanted(input_files, tokenizer, val_fraction=val_fraction, text_field=text_field,
+                  split_field=split_field)
+    sources.check_inputs(input_files)
+    os.makedirs(output, exist_ok=True)
+    try:
+        with locked(output):
+            if not force and reusable(load_existing(output), want, output):
+                say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
+                return load_existing(output)
+            remove_stale_tmp(output)
+            return _prepare_locked(input_files, output, want, text_field=text_field, split_field=split_field,
+                                   workers=workers, shard_bytes=int(shard_size_mb * 2**20), say=say,
+                                   quiet=quiet)
+    except BaseException:
+        remove_created(created)
+        raise
+
+
+def check_options(*, val_fraction: float, shard_size_mb: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction={val_fraction}: expected a number in [0, 1)")
+    if not shard_size_mb > 0:
+        raise DataError(f"--shard-size-mb={shard_size_mb}: expected a positive number")
+
+
+def wanted(input_files, tokenizer: str, *, val_fraction: float, text_field: str, split_field: str | None) -> dict:
+    """What an output must have been made from to be reused: metadata.json's identifying keys."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "inputs": sources.fingerprint(input_files),
         "tokenizer_source": _tokenizer_source(tokenizer),
         "options": {"val_fraction": val_fraction, "text_field": text_field, "split_field": split_field},
     }
-    os.makedirs(output, exist_ok=True)
-    with _locked(output):
-        if not force and _reusable(_load_existing(output), want, output):
-            say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
-            return _load_existing(output)
-        for name in os.listdir(output):  # we hold the lock: any .tmp- file is from a crashed run
-            if shards_lib.TMP_PREFIX in name:  # ours, and cli.write_text_atomic's .NAME.tmp-
-                os.remove(os.path.join(output, name))
-        return _prepare_locked(input_files, output, want, text_field=text_field, split_field=split_field,
-                               workers=workers, shard_bytes=int(shard_size_mb * 2**20), say=say,
-                               quiet=quiet)
 
 
-def _split_of(doc: Document, val_fraction: float) -> str:
+def split_of(doc: Document, val_fraction: float) -> str:
+    """A document's split: its record's split field, else a hash of its text against val_fraction."""
     if doc.split is not None:
         return doc.split
     return "validation" if is_validation(doc.text, val_fraction) else "train"
@@ -247,13 +241,13 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
                     quiet) -> dict:
     t0 = time.monotonic()
     val_fraction = want["options"]["val_fraction"]
-    split_of = functools.partial(_split_of, val_fraction=val_fraction)
+    doc_split = functools.partial(split_of, val_fraction=val_fraction)
     tok_name, tmp_tok = _stage_tokenizer(want["tokenizer_source"], input_files, output, say=say,
-                                         text_field=text_field, split_field=split_field, split_of=split_of)
+                                         text_field=text_field, split_field=split_field, split_of=doc_split)
     try:
         tok = tokenizer_lib.load_tokenizer(tmp_tok)
         writers, shards, skips = _write_splits(input_files, output, tmp_tok, text_field=text_field,
-                                               split_field=split_field, split_of=split_of, workers=workers,
+                                               split_field=split_field, split_of=doc_split, workers=workers,
                                                shard_bytes=shard_bytes, quiet=quiet)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -271,31 +265,45 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
     cli.fsync(output)
 
     elapsed = time.monotonic() - t0
-    meta = {
+    splits = {s: {"documents": writers[s].documents, "tokens": writers[s].tokens, "shards": shards[s]}
+              for s in SPLITS}
+    meta = metadata(tok, tok_name, tokenizer_lib.file_sha256(os.path.join(output, tok_name)), splits, skips.as_dict(),
+                    skips.by_file_dict(), want, elapsed)
+    cli.write_json(os.path.join(output, "metadata.json"), meta)  # last: its presence means DIR is complete
+    say(summary(output, meta, elapsed))
+    return meta
+
+
+def metadata(tok, tok_name: str, tok_sha256: str, splits: dict, skipped: dict, skipped_by_file: dict, want: dict,
+             elapsed: float, **extra) -> dict:
+    """metadata.json: the one format both the single-machine and the Beam path write."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
         "tokenizer": tok_name,
-        "tokenizer_sha256": tokenizer_lib.file_sha256(os.path.join(output, tok_name)),
+        "tokenizer_sha256": tok_sha256,
         "tokenizer_kind": tok.kind,
         "dtype": shards_lib.token_dtype(tok.vocab_size),
-        "splits": {s: {"documents": writers[s].documents, "tokens": writers[s].tokens, "shards": shards[s]}
-                   for s in SPLITS},
-        "skipped": skips.as_dict(),
+        "splits": splits,
+        "skipped": skipped,
+        "skipped_by_file": skipped_by_file,  # {input file: {reason: count}}, files with a skipped record
         "inputs": want["inputs"],
         "tokenizer_source": want["tokenizer_source"],
         "options": want["options"],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(elapsed, 3),
+        **extra,
     }
-    cli.write_json(os.path.join(output, "metadata.json"), meta)  # last: its presence means DIR is complete
+
+
+def summary(output: str, meta: dict, elapsed: float) -> str:
     tr, va = meta["splits"]["train"], meta["splits"]["validation"]
-    say(f"prepare: wrote {output}: train {tr['documents']:,} docs / {tr['tokens']:,} tokens in "
-        f"{len(tr['shards'])} shard(s), validation {va['documents']:,} docs / {va['tokens']:,} tokens; "
-        f"skipped {sum(meta['skipped'].values())} {meta['skipped'] or ''} ({elapsed:.1f} s)")
-    return meta
+    return (f"prepare: wrote {output}: train {tr['documents']:,} docs / {tr['tokens']:,} tokens in "
+            f"{len(tr['shards'])} shard(s), validation {va['documents']:,} docs / {va['tokens']:,} tokens; "
+            f"skipped {sum(meta['skipped'].values())} {meta['skipped'] or ''} ({elapsed:.1f} s)")
 
 
 def _stage_tokenizer(src: dict, input_files, output: str, *, say, text_field, split_field,
@@ -341,19 +349,24 @@ def _write_splits(input_files, output: str, tokenizer_path: str, *, text_field, 
             writers[split_of(doc)].write(ids.tobytes(), len(ids))
             progress.update(1, len(ids))
         progress.close()
-        total = sum(w.documents for w in writers.values())
-        if total == 0:
-            names = ", ".join(f.path for f in input_files[:3]) + (", ..." if len(input_files) > 3 else "")
-            raise DataError(f"no valid documents in {len(input_files)} input(s) ({names}); "
-                            f"skipped: {skips.as_dict() or 'none'}")
-        if writers["train"].documents == 0:
-            raise DataError(f"all {total} documents went to validation: lower --val-fraction or fix the "
-                            "records' split field")
+        check_counts({s: w.documents for s, w in writers.items()}, input_files, skips.as_dict())
         return writers, {s: w.finish() for s, w in writers.items()}, skips
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
+
+
+def check_counts(documents: dict[str, int], input_files, skipped: dict) -> None:
+    """DataError when nothing can be trained on: no valid document, or none in train."""
+    total = sum(documents.values())
+    if total == 0:
+        names = ", ".join(f.path for f in input_files[:3]) + (", ..." if len(input_files) > 3 else "")
+        raise DataError(f"no valid documents in {len(input_files)} input(s) ({names}); "
+                        f"skipped: {skipped or 'none'}")
+    if documents.get("train", 0) == 0:
+        raise DataError(f"all {total} documents went to validation: lower --val-fraction or fix the "
+                        "records' split field")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,25 +390,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-field", default="split",
                    help="record field naming a document's split (train/validation), overriding the "
                         "hash; '' to ignore")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default 1; not with --runner)")
     p.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_MB,
                    help=f"start a new shard past this many MB (default {DEFAULT_SHARD_MB})")
     p.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--runner", metavar="RUNNER",
+                   help="run as an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, FlinkRunner, "
+                        "SparkRunner; needs osp_jax[beam]); Beam's pipeline options (--project, --temp_location, "
+                        "--direct_num_workers, ...) follow as they are")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI; returns the exit status (0 ok, 2 user error: one line `error: ...`, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-    return cli.guarded("", lambda: _main(args), {DataError: "error", cli.UserError: "error"})
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    if beam_args and not args.runner:
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options need --runner)")
+    return cli.guarded("", lambda: _main(args, beam_args), {DataError: "error", cli.UserError: "error"})
 
 
-def _main(args: argparse.Namespace) -> None:
+def _main(args: argparse.Namespace, beam_args: list[str]) -> None:
+    options = dict(val_fraction=args.val_fraction, text_field=args.text_field, split_field=args.split_field or None,
+                   shard_size_mb=args.shard_size_mb, quiet=args.quiet, force=args.force)
     try:
-        prepare(args.input, args.output, args.tokenizer, val_fraction=args.val_fraction,
-                text_field=args.text_field, split_field=args.split_field or None, workers=args.workers,
-                shard_size_mb=args.shard_size_mb, quiet=args.quiet, force=args.force)
+        if args.runner:
+            if args.workers is not None:
+                raise cli.UserError("--workers is the single-machine path's; with --runner, set the runner's own "
+                                    "(--direct_num_workers, --num_workers, ...)")
+            from osp_jax.data import beam_prepare  # imports nothing of Beam until it runs
+
+            beam_prepare.prepare_beam(args.input, args.output, args.tokenizer, runner=args.runner,
+                                      beam_args=beam_args, **options)
+        else:
+            prepare(args.input, args.output, args.tokenizer, workers=1 if args.workers is None else args.workers,
+                    **options)
+    except DataError:
+        raise  # (output_dir.OutputNotWritable is an OSError too, with its own message)
     except OSError as e:  # e.g. an output directory that cannot be written
         raise cli.UserError(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
 

@@ -14,6 +14,12 @@ from osp_jax import cli
 
 TMP_PREFIX = ".tmp-"
 SHARD_RE = re.compile(r"^(train|validation)-\d{5}-of-\d{5}\.array_record$")
+# group_size:1 makes every record its own chunk: what random access (Grain) wants.
+WRITER_OPTIONS = "group_size:1"
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -52,8 +58,7 @@ class ShardWriter:
 
         self._close_current()
         tmp = tmp_name(self.directory, f"{self.split}-{len(self.shards):05d}.array_record")
-        # group_size:1 makes every record its own chunk: what random access (Grain) wants.
-        self._writer = ArrayRecordWriter(tmp, "group_size:1")
+        self._writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
         self.shards.append({"tmp": tmp, "documents": 0, "tokens": 0, "bytes": 0})
 
     def _close_current(self) -> None:
@@ -67,7 +72,7 @@ class ShardWriter:
         self._close_current()
         n = len(self.shards)
         for i, s in enumerate(self.shards):
-            s["file"] = f"{self.split}-{i:05d}-of-{n:05d}.array_record"
+            s["file"] = shard_name(self.split, i, n)
         return self.shards
 
     def abort(self) -> None:
@@ -77,6 +82,39 @@ class ShardWriter:
         for s in self.shards:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(s["tmp"])
+
+
+def write_shard(path: str, records) -> int:
+    """Writes `records` (bytes) as one local shard, fsynced; returns the file's size. A failure removes
+    the part written."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(path, WRITER_OPTIONS)
+    try:
+        for r in records:
+            writer.write(r)
+        writer.close()
+        cli.fsync(path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        raise
+    return os.path.getsize(path)
+
+
+def record_count(path: str) -> int | None:
+    """The records in a local shard, or None when array_record cannot read it."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(path)
+        n = reader.num_records()
+        reader.close()  # a damaged file raises here
+    except RuntimeError:
+        return None
+    return n
 
 
 def publish(output: str, shards: dict[str, list[dict]]) -> None:
@@ -111,12 +149,4 @@ def intact(path: str, shard: dict) -> bool:
         return False
     if "file_bytes" in shard:
         return True
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    try:
-        reader = ArrayRecordReader(path)
-        n = reader.num_records()
-        reader.close()  # a damaged file raises here
-    except RuntimeError:
-        return False
-    return n == shard["documents"]
+    return record_count(path) == shard["documents"]

@@ -7,30 +7,41 @@ Kinds (chosen by name):
 - a directory written by Hugging Face `datasets` `save_to_disk` (state.json + data-*.arrow in Arrow IPC
   stream format, or a DatasetDict with dataset_dict.json and a folder a split): read with pyarrow, so
   the `datasets` package is not needed. Every split of a DatasetDict is read, and its name is the split
-  hint of its documents ("train"; "validation", "valid", "test", ... count as validation).
+  hint of its documents ("train"; "validation", "valid", "test", ... count as validation). Local only.
 - any other directory: the supported files under it, recursively.
+Paths may be URLs (gs://...): read through Apache Beam's filesystems (`filesystems.py`).
 
 A record may carry a split hint (`split_field`, "train" or "validation"), which overrides the hashed
-hold-out (and a DatasetDict split's name); the shipped corpus uses it. Malformed records are skipped and
-counted by reason in `SkipLog`. A truncated or corrupt compressed file is a DataError naming the file.
+hold-out (and a DatasetDict split's name); the shipped corpus uses it.
+
+The rule for bad input:
+- a bad record (not JSON, no text field, not UTF-8, empty, ...) is skipped, counted by reason and by
+  file in `SkipLog`, and named (file:line) in the first warnings; the rest is prepared;
+- a whole file that cannot be read whole (empty, not the compression its name says, UTF-16/32 rather
+  than UTF-8, truncated or corrupt) is a DataError naming the file and the reason: found before any work
+  where a few bytes show it (`check_inputs`), else when reading reaches the damage. Dropping it, or the
+  part after the damage, would silently prepare another dataset than the one asked for.
+A UTF-8 byte-order mark at the start of a file is not a problem: it is dropped, as JSON readers may.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import glob
-import gzip
-import io
 import json
-import lzma
 import os
 import sys
 from typing import Callable, Iterator, Sequence
 
-COMPRESSIONS = (".gz", ".xz", ".zst", ".bz2")
+from osp_jax.data import compressed
+from osp_jax.data import filesystems as fs
+from osp_jax.data.compressed import COMPRESSIONS, open_binary  # noqa: F401 - re-exported: defined here before
+
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 VALIDATION_NAMES = {"validation", "valid", "val", "dev", "test", "eval"}
 TRAIN_NAMES = {"train", "training"}
+BOM = "\ufeff"
 
 
 class DataError(Exception):
@@ -57,16 +68,20 @@ class Document:
 
 
 class SkipLog:
-    """Counts skipped records by reason and warns, naming file:line, for the first few."""
+    """Counts skipped records by reason, in all and by input file (`file`, set by `read_documents`), and
+    warns, naming file:line, for the first few."""
 
     def __init__(self, max_warnings: int = 10, warn: Callable[[str], None] | None = None):
         self.counts: collections.Counter = collections.Counter()
+        self.by_file: dict[str, collections.Counter] = {}
+        self.file: str | None = None
         self.max_warnings = max_warnings
         self._warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
         self._warned = 0
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         self.counts[reason] += 1
+        self.by_file.setdefault(self.file or where, collections.Counter())[reason] += 1
         self._warned += 1
         if self._warned <= self.max_warnings:
             self._warn(f"{where}: skipped ({reason}){': ' + detail if detail else ''}")
@@ -76,19 +91,17 @@ class SkipLog:
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
-
-def _strip_compression(path: str) -> tuple[str, str]:
-    for c in COMPRESSIONS:
-        if path.endswith(c):
-            return path[: -len(c)], c
-    return path, ""
+    def by_file_dict(self) -> dict[str, dict[str, int]]:
+        """{input file: {reason: count}} for the files that had a skipped record (metadata's
+        "skipped_by_file")."""
+        return {f: dict(sorted(c.items())) for f, c in sorted(self.by_file.items())}
 
 
 def kind_of(path: str) -> str | None:
     """The input kind of a path, or None if it is not a supported input."""
-    if os.path.isdir(path):
+    if not fs.is_url(path) and os.path.isdir(path):
         return "hf_dataset" if _is_hf_dataset(path) else None
-    base, comp = _strip_compression(path.lower())
+    base, comp = compressed.strip_compression(path.lower())
     if base.endswith(".txt"):
         return "txt"
     if base.endswith(JSONL_EXTS):
@@ -103,29 +116,33 @@ def _is_hf_dataset(path: str) -> bool:
                for n in ("state.json", "dataset_info.json", "dataset_dict.json"))
 
 
-def expand_inputs(patterns: str | Sequence[str]) -> list[InputFile]:
-    """Glob patterns (comma-separated or a list; `**` recurses) -> sorted, de-duplicated inputs.
+def expand_inputs(patterns: str | Sequence[str], exclude: str | None = None) -> list[InputFile]:
+    """Glob patterns (comma-separated or a list; `**` recurses) -> sorted, de-duplicated inputs. Nothing
+    under the directory `exclude` (prepare's output) is an input: a later run must not read back what an
+    earlier one wrote (its metadata.json and tokenizer.json would read as JSON lines).
 
     Raises DataError naming the pattern when one matches nothing usable.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
-    parts = [p.strip() for pat in patterns for p in _split_top_level(str(pat)) if p.strip()]
+    parts = [p.strip() for pat in patterns for p in fs.split_patterns(str(pat)) if p.strip()]
     if not parts:
         raise DataError("no --input given")
+    outside = _outside(exclude)
     out: dict[str, InputFile] = {}
     for pat in parts:
-        pat = os.path.expanduser(pat)
+        pat = pat if fs.is_url(pat) else os.path.expanduser(pat)
         matches = []
-        for one in _expand_braces(pat):
-            matches += sorted(glob.glob(one, recursive=True)) if glob.has_magic(one) else (
-                [one] if os.path.exists(one) else [])
-        found = []
-        for m in matches:
-            found.extend(_expand_one(m))
+        for one in fs.expand_braces(pat):
+            matches += _glob(one)
+        every = [f for m in matches for f in _expand_one(m)]
+        found = [f for f in every if outside(f.path)]
         if not found:
             if not matches:
                 raise DataError(f"--input {pat!r} matches no file")
+            if every:
+                raise DataError(f"--input {pat!r} matches only files inside the output directory {exclude}, "
+                                "which is never read as input: write the output elsewhere")
             raise DataError(f"--input {pat!r} matches no supported input (.txt, .jsonl[.gz|.xz|.zst], "
                             f".parquet, or a save_to_disk dataset directory): {matches[:5]}")
         for f in found:
@@ -133,36 +150,36 @@ def expand_inputs(patterns: str | Sequence[str]) -> list[InputFile]:
     return sorted(out.values(), key=lambda f: f.path)
 
 
-def _split_top_level(pattern: str) -> list[str]:
-    """Splits on commas outside braces: "a.jsonl,b/*.txt" -> 2 patterns; "{a,b}.txt" stays one."""
-    parts, depth, cur = [], 0, ""
-    for ch in pattern:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur]
+def _outside(exclude: str | None) -> Callable[[str], bool]:
+    """Whether a path lies outside the directory `exclude` (always, when it is None)."""
+    if exclude is None:
+        return lambda path: True
+    root = exclude.rstrip("/") if fs.is_url(exclude) else os.path.realpath(exclude)
+    sep = "/" if fs.is_url(exclude) else os.sep
+
+    def outside(path: str) -> bool:
+        p = path.rstrip("/") if fs.is_url(path) else os.path.realpath(path)
+        return p != root and not p.startswith(root + sep)
+
+    return outside
 
 
-def _expand_braces(pattern: str) -> list[str]:
-    """Shell-style brace alternatives, which glob lacks: "x_{a,b}.jsonl" -> ["x_a.jsonl", "x_b.jsonl"]."""
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    depth = 0
-    for end in range(start, len(pattern)):
-        depth += (pattern[end] == "{") - (pattern[end] == "}")
-        if depth == 0:
-            break
-    else:
-        return [pattern]  # unbalanced: take it literally
-    head, body, tail = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
-    return [x for alt in _split_top_level(body) for x in _expand_braces(head + alt + tail)]
+def _glob(pattern: str) -> list[str]:
+    if fs.is_url(pattern):
+        if glob.has_magic(pattern):
+            return [m.path for m in fs.match(pattern)]
+        return [pattern] if fs.isfile(pattern) or fs.isdir(pattern) else []
+    if glob.has_magic(pattern):
+        return sorted(glob.glob(pattern, recursive=True))
+    return [pattern] if os.path.exists(pattern) else []
 
 
 def _expand_one(path: str) -> list[InputFile]:
+    if fs.is_url(path):
+        if kind_of(path) is not None:
+            return [InputFile(path, kind_of(path))]
+        return [InputFile(m.path, kind_of(m.path)) for m in fs.match(path.rstrip("/") + "/**")
+                if kind_of(m.path) is not None]
     path = os.path.abspath(path)
     k = kind_of(path)
     if k is not None:
@@ -189,84 +206,34 @@ def fingerprint(inputs: Sequence[InputFile]) -> list[dict]:
     out = []
     for inp in inputs:
         for p, split in inp.data_files():
-            st = os.stat(p)
-            out.append({"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            st = fs.stat(p)
+            out.append({"path": p, "size": st.size, "mtime_ns": st.mtime_ns}
                        | ({"split": split} if split is not None else {}))
     return out
 
 
+def check_inputs(inputs: Sequence[InputFile], threads: int = 16) -> None:
+    """DataError naming every input file that a look at a few of its bytes shows cannot be read whole
+    (`compressed.file_problem`): before any work. Threads, because on an object store each look is a
+    round trip."""
+    files = [(inp, p) for inp in inputs for p, _ in inp.data_files() if inp.kind != "hf_dataset"]
+    with concurrent.futures.ThreadPoolExecutor(min(threads, max(1, len(files)))) as pool:
+        problems = list(pool.map(lambda f: compressed.file_problem(f[1], f[0].kind), files))
+    raise_file_errors([(p, why) for (_, p), why in zip(files, problems) if why])
+
+
+def raise_file_errors(bad: Sequence[tuple[str, str]]) -> None:
+    """DataError naming every (file, reason), or the first five and a count: `error reading PATH: REASON`."""
+    if len(bad) == 1:
+        raise DataError(f"error reading {bad[0][0]}: {bad[0][1]}")
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"error reading {len(bad)} input files: " + "; ".join(f"{p} ({why})" for p, why in bad[:5])
+                        + more)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Readers
-
-
-def open_binary(path: str):
-    """Opens a file for reading bytes, decompressing by extension."""
-    _, comp = _strip_compression(path.lower())
-    try:
-        if comp == ".gz":
-            return gzip.open(path, "rb")
-        if comp == ".xz":
-            return lzma.open(path, "rb")
-        if comp == ".bz2":
-            import bz2
-            return bz2.open(path, "rb")
-        if comp == ".zst":
-            return io.BufferedReader(_ZstdReader(path))
-        return open(path, "rb")
-    except OSError as e:
-        raise DataError(f"cannot open {path}: {e.strerror or e}") from None
-
-
-class _ZstdReader(io.RawIOBase):
-    """Decompresses a .zst file frame after frame. Like gzip and lzma, raises EOFError when the file ends
-    inside a frame (truncated) and OSError for data that is not zstd."""
-
-    _READ = 1 << 17
-
-    def __init__(self, path: str):
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(f"reading {path} needs the zstandard package: pip install zstandard") from None
-        self._zstd = zstandard
-        self._dctx = zstandard.ZstdDecompressor()
-        self._fh = open(path, "rb")
-        self._frame = None    # the decompressor of the frame being read, None between frames
-        self._input = b""     # compressed bytes read past the end of the last frame
-        self._out = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self._out:
-            if not self._decompress_more():
-                return 0
-        n = min(len(b), len(self._out))
-        b[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-    def _decompress_more(self) -> bool:
-        """Decompresses the next piece of input into self._out; False at the end of the file."""
-        data, self._input = self._input or self._fh.read(self._READ), b""
-        if not data:
-            if self._frame is not None:
-                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
-            return False
-        if self._frame is None:
-            self._frame = self._dctx.decompressobj()
-        try:
-            self._out = memoryview(self._frame.decompress(data))
-        except self._zstd.ZstdError as e:
-            raise OSError(f"not zstd data or corrupt: {e}") from None
-        if self._frame.eof:
-            self._frame, self._input = None, self._frame.unused_data
-        return True
-
-    def close(self) -> None:
-        self._fh.close()
-        super().close()
 
 
 def read_documents(inp: InputFile, text_field: str = "text", skips: SkipLog | None = None,
@@ -275,12 +242,13 @@ def read_documents(inp: InputFile, text_field: str = "text", skips: SkipLog | No
     skips = skips if skips is not None else SkipLog()
     reader = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet,
               "hf_dataset": _read_hf_dataset}[inp.kind]
+    skips.file = inp.path
     try:
         yield from reader(inp.path, text_field, skips, split_field)
     except DataError:
         raise
-    except (OSError, EOFError, lzma.LZMAError) as e:  # truncated or corrupt compressed files land here
-        raise DataError(f"error reading {inp.path}: {e}") from None
+    except compressed.DECOMPRESSION_ERRORS as e:  # truncated or corrupt compressed files land here
+        raise DataError(f"error reading {inp.path}: {compressed.describe_damage(e)}") from None
 
 
 def iter_documents(inputs: Sequence[InputFile], text_field: str = "text", skips: SkipLog | None = None,
@@ -326,7 +294,7 @@ def _read_txt(path, text_field, skips, split_field):
         line = raw[: e.start].count(b"\n") + 1
         skips.skip("bad_utf8", f"{path}:{line}", f"byte {e.start} is not UTF-8")
         return
-    text = text.removeprefix("\ufeff")
+    text = text.removeprefix(BOM)
     if _valid_text(text, path, skips):
         yield Document(text, path)
 
@@ -342,6 +310,8 @@ def _read_jsonl(path, text_field, skips, split_field):
             except UnicodeDecodeError as e:
                 skips.skip("bad_utf8", where, f"byte {e.start} of the line is not UTF-8")
                 continue
+            if line_no == 1:  # json.loads refuses a byte-order mark: the first record would be lost
+                line = line.removeprefix(BOM)
             try:
                 rec = json.loads(line)
             except ValueError as e:
@@ -378,28 +348,47 @@ def _read_table_batches(batches, schema, path, text_field, skips, split_field, d
     use_split = bool(split_field) and split_field in names
     row = 0
     for batch in batches:
-        texts = batch.column(text_field).to_pylist()
+        texts = _column_texts(batch.column(text_field), pa)
         splits = batch.column(split_field).to_pylist() if use_split else [None] * len(texts)
         for text, sp in zip(texts, splits):
             row += 1
             where = f"{path}:row {row}"
-            if _valid_text(text, where, skips):
+            if isinstance(text, UnicodeDecodeError):  # a value that is not UTF-8 (pyarrow does not check)
+                skips.skip("bad_utf8", where, f"byte {text.start} of the value is not UTF-8")
+            elif _valid_text(text, where, skips):
                 yield Document(text, where, _split_hint(sp, where) or default_split)
+
+
+def _column_texts(column, pa) -> list:
+    """The column's values as str; a value that is not UTF-8 as its UnicodeDecodeError."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        raw = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+        return [_decoded(b) for b in raw.to_pylist()]
+
+
+def _decoded(b: bytes | None):
+    try:
+        return None if b is None else b.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e
 
 
 def _read_parquet(path, text_field, skips, split_field):
     _import_pyarrow(path)
     import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise DataError(f"cannot read parquet file {path}: {e}") from None
-    schema = pf.schema_arrow
-    cols = [text_field] + ([split_field] if split_field and split_field in schema.names else [])
-    if text_field not in schema.names:
-        raise DataError(f"{path} has no column {text_field!r} (columns: {schema.names}); pass --text-field")
-    yield from _read_table_batches(pf.iter_batches(batch_size=1024, columns=cols), schema, path,
-                                   text_field, skips, split_field)
+    with fs.open_read(path) as fh:
+        try:
+            pf = pq.ParquetFile(fh)
+        except Exception as e:
+            raise DataError(f"cannot read parquet file {path}: {e}") from None
+        schema = pf.schema_arrow
+        cols = [text_field] + ([split_field] if split_field and split_field in schema.names else [])
+        if text_field not in schema.names:
+            raise DataError(f"{path} has no column {text_field!r} (columns: {schema.names}); pass --text-field")
+        yield from _read_table_batches(pf.iter_batches(batch_size=1024, columns=cols), schema, path,
+                                       text_field, skips, split_field)
 
 
 def _hf_arrow_files(path: str) -> list[tuple[str, str | None]]:
