@@ -509,3 +509,15 @@ def test_registered_beside_lm_evals_own_models():
 
     assert get_model("osp_jax") is backend.OspJaxLM
     assert get_model("hf").__name__ == "HFLM"
+
+
+def test_generation_settings():
+    """Greedy only; a request's stop strings and length, lm-eval's aliases and defaults understood."""
+    assert backend.gen_settings({"until": ["\n"], "max_new_tokens": 5}, 256, "x") == (["\n"], 5)
+    assert backend.gen_settings({"until": "Q:", "do_sample": False, "temperature": 0.0}, 256, "x") == (["Q:"], 256)
+    with pytest.raises(backend.BackendError, match="task 'x' asks for sampling"):
+        backend.gen_settings({"do_sample": True, "temperature": 0.7}, 256, "task 'x'")
+    with pytest.raises(backend.BackendError, match="no room is left for its prompt"):
+        backend.check_generation("task 'x'", 128, 128)
+    assert backend.padded_length(1, 64) == 16 and backend.padded_length(17, 64) == 32
+    assert backend.padded_length(33, 48) == 48  # a max_length that is not a power of two caps it
