@@ -362,6 +362,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="training run directory (checkpoints/, tokenizer.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--data", default=None, help="prepared data directory, 'builtin', or a .jsonl/.txt file")
+    # Benchmark tasks through lm-evaluation-harness (osp_jax.benchmark_tasks), instead of --data.
+    tasks = p.add_argument_group("benchmark tasks (lm-evaluation-harness; pip install 'osp_jax[eval]')")
+    tasks.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, scored at 16-16-16 and at --bits")
+    tasks.add_argument("--suite", default=None, choices=("paper",),
+                       help="paper: the paper's ten benchmarks at 16-16-16, 4-4-4, 4-4-4 +FFN Had (ignores --bits)")
+    tasks.add_argument("--include-path", default=None, help="a folder of more lm-eval task YAMLs")
+    tasks.add_argument("--limit", type=int, default=None, help="at most N documents a task (a quick look, not a result)")
     p.add_argument("--bits", default="4,4,4", help="W,A,KV bit widths in 2..16; 16 = not quantised (default 4,4,4)")
     p.add_argument("--hadamard", choices=("none", "ffn"), default="none", help="online Hadamard rotation")
     p.add_argument("--clip-search", action="store_true", help="per-channel MSE search of weight clip ratios")
@@ -370,13 +377,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's train.seq_len)")
-    # Benchmark tasks through lm-evaluation-harness (osp_jax.benchmark_tasks), instead of --data.
-    tasks = p.add_argument_group("benchmark tasks (lm-evaluation-harness; pip install 'osp_jax[eval]')")
-    tasks.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, scored at 16-16-16 and at --bits")
-    tasks.add_argument("--suite", default=None, choices=("paper",),
-                       help="paper: the paper's ten benchmarks at 16-16-16, 4-4-4, 4-4-4 +FFN Had (ignores --bits)")
-    tasks.add_argument("--include-path", default=None, help="a folder of more lm-eval task YAMLs")
-    tasks.add_argument("--limit", type=int, default=None, help="at most N documents a task (a quick look, not a result)")
     return p
 
 
@@ -388,14 +388,19 @@ USER_ERRORS = {EvalError: "error", DataError: "error", FileNotFoundError: "error
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     args = _parser().parse_args(argv)
-    return cli.guarded(PROG, lambda: _main(args), USER_ERRORS)
+    return cli.guarded(PROG, lambda: _dispatch(args), USER_ERRORS)
 
 
-def _main(args: argparse.Namespace) -> None:
+def _dispatch(args: argparse.Namespace) -> None:
+    """Perplexity on --data, or benchmark tasks (--tasks / --suite)."""
     if args.tasks is not None or args.suite is not None:
         return _main_tasks(args)
     if args.data is None:
         raise EvalError("--data=DIR|builtin|FILE is required (or --tasks / --suite for benchmark tasks)")
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
     result = evaluate(args.workdir, args.data, step=args.step, bits=args.bits, hadamard=args.hadamard,
                       clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
                       seq_len=args.seq_len)  # --bits is checked first, before the (slow) checkpoint load
