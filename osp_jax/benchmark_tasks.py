@@ -263,8 +263,9 @@ def format_table(rec: dict) -> str:
 def evaluate_tasks(workdir: str, *, tasks: str | None = None, suite: str | None = None, bits="4,4,4",
                    hadamard: str | None = None, method: str = "rtn", clip_search: bool = False,
                    step: int | None = None, include_path: str | None = None, batch_size: int = backend.DEFAULT_BATCH_SIZE,
-                   max_length: int | None = None, limit: int | None = None) -> dict:
-    """Scores the run at each setting (--suite's, or 16-16-16 and `bits`), everything checked first."""
+                   max_length: int | None = None, limit: int | None = None, calibration=None) -> dict:
+    """Scores the run at each setting (--suite's, or 16-16-16 and `bits`), everything checked first.
+    `calibration`: what OspJaxLM passes to osp_jax.ptq for the methods that calibrate (GPTQ)."""
     if (tasks is None) == (suite is None):
         raise TaskError("pass one of --tasks=NAME[,NAME...] or --suite=paper")
     if suite is not None:
@@ -287,7 +288,8 @@ def evaluate_tasks(workdir: str, *, tasks: str | None = None, suite: str | None 
     names = resolve(names, manager)
     loaded = load(names, manager, shots)
     lms = [backend.OspJaxLM(checkpoint=checkpoint, bits=s.bits, hadamard="ffn" if s.hadamard_ffn else None,
-                            method=method, clip_search=clip_search, batch_size=batch_size, max_length=max_length)
+                            method=method, clip_search=clip_search, batch_size=batch_size, max_length=max_length,
+                            calibration=calibration)
            for s in settings]  # each checks its bits against the run's config
     check_generation(loaded, lms[0].max_length)
     runs = []

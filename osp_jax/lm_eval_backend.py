@@ -292,12 +292,14 @@ def padded_length(n: int, cap: int) -> int:
 @register_model(MODEL_NAME)
 class OspJaxLM(TemplateLM):
     """lm-eval's `osp_jax` model (see the module doc). `checkpoint=` (a RunCheckpoint) instead of
-    `workdir=` shares one restored checkpoint between settings (osp_jax.evaluate --tasks does)."""
+    `workdir=` shares one restored checkpoint between settings (osp_jax.evaluate --tasks does).
+    `calibration=` (host batches, or a function of the run's config returning them, called when the model
+    is built) goes to osp_jax.ptq.quantize_model as its `calibration`, for the methods that need it."""
 
     def __init__(self, workdir: str | None = None, step=None, bits="16-16-16", hadamard=None, method: str = "rtn",
                  clip_search=False, batch_size=DEFAULT_BATCH_SIZE, max_length=None, max_gen_toks=None,
-                 devices=None, *, checkpoint: RunCheckpoint | None = None, device=None, max_batch_size=None,
-                 **unknown):
+                 devices=None, *, checkpoint: RunCheckpoint | None = None, calibration=None, device=None,
+                 max_batch_size=None, **unknown):
         super().__init__()
         del device, max_batch_size  # lm-eval's torch device and auto batch sizing: JAX places the work itself
         if unknown:
@@ -318,6 +320,7 @@ class OspJaxLM(TemplateLM):
         self._devices = _count("devices", devices, None)
         self.checkpoint = checkpoint or RunCheckpoint(workdir, step)
         self._max_length_arg = _count("max_length", max_length, None)
+        self._calibration = calibration
         self._runner: _Runner | None = None
         self._rows = 0
         config = self.checkpoint.config()
@@ -445,8 +448,10 @@ class OspJaxLM(TemplateLM):
             except sharding.MeshError as e:
                 raise BackendError(f"the model does not split over the {mesh.devices.size} device(s) present "
                                    f"({dict(mesh.shape)}): {e}; pass devices=N") from None
+            calibration = self._calibration(config) if callable(self._calibration) else self._calibration
             q = ptq.quantize_model(params, eval_model_config(config.model), self.bits, method=self.method,
-                                   hadamard_ffn=self.hadamard_ffn, clip_search=self.clip_search)
+                                   hadamard_ffn=self.hadamard_ffn, clip_search=self.clip_search,
+                                   **({} if calibration is None else {"calibration": calibration}))
             self._runner = _Runner(q, mesh)
         return self._runner
 

@@ -521,3 +521,23 @@ def test_generation_settings():
         backend.check_generation("task 'x'", 128, 128)
     assert backend.padded_length(1, 64) == 16 and backend.padded_length(17, 64) == 32
     assert backend.padded_length(33, 48) == 48  # a max_length that is not a power of two caps it
+
+
+def test_calibration_reaches_ptq(tmp_path, monkeypatch):
+    """calibration= goes to ptq.quantize_model with the method (GPTQ's batches, from issue 23 part 2), and
+    a function of the run's config is called once the model is built."""
+    seen = {}
+
+    def fake_quantize(params, model_config, bits, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ptq, "quantize_model", fake_quantize)
+    workdir = _bare_run(tmp_path / "run")
+    checkpoint = backend.RunCheckpoint(workdir)
+    config = checkpoint.config()
+    monkeypatch.setattr(checkpoint, "restore", lambda: (0, {}, config))
+    lm = backend.OspJaxLM(checkpoint=checkpoint, bits="4-4-4", calibration=lambda c: [{"seq_len": c.train.seq_len}])
+    with pytest.raises(RuntimeError, match="stop here"):
+        lm.loglikelihood(_instances("loglikelihood", [("a", " b")]))
+    assert seen["calibration"] == [{"seq_len": SEQ}] and seen["method"] == "rtn"
