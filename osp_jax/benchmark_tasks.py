@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, ptq
 from osp_jax import lm_eval_backend as backend
 from osp_jax.quant import Bits, parse_bits
 
@@ -283,14 +283,21 @@ def evaluate_tasks(workdir: str, *, tasks: str | None = None, suite: str | None 
         except ValueError as e:
             raise TaskError(str(e)) from None
         settings = (FULL_PRECISION,) if asked == FULL_PRECISION else (FULL_PRECISION, asked)
+    try:
+        ptq.check_method(method)  # checked even when only the 16-bit row is asked for
+    except ValueError as e:
+        raise TaskError(str(e)) from None
     checkpoint = backend.RunCheckpoint(workdir, step)
     manager = task_manager(include_path)
     names = resolve(names, manager)
     loaded = load(names, manager, shots)
+    # The 16-bit row is the model as trained (no method: the drops are from it); each checks its bits
+    # against the run's config.
     lms = [backend.OspJaxLM(checkpoint=checkpoint, bits=s.bits, hadamard="ffn" if s.hadamard_ffn else None,
-                            method=method, clip_search=clip_search, batch_size=batch_size, max_length=max_length,
-                            calibration=calibration)
-           for s in settings]  # each checks its bits against the run's config
+                            batch_size=batch_size, max_length=max_length,
+                            **({} if s == FULL_PRECISION else {"method": method, "clip_search": clip_search,
+                                                               "calibration": calibration}))
+           for s in settings]
     check_generation(loaded, lms[0].max_length)
     runs = []
     for lm in lms:

@@ -541,3 +541,10 @@ def test_calibration_reaches_ptq(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         lm.loglikelihood(_instances("loglikelihood", [("a", " b")]))
     assert seen["calibration"] == [{"seq_len": SEQ}] and seen["method"] == "rtn"
+
+
+def test_tasks_bad_method_before_anything(tmp_path, monkeypatch):
+    _no_restore(monkeypatch)
+    monkeypatch.setattr(bt, "task_manager", lambda *a: pytest.fail("tasks were indexed"))
+    with pytest.raises(bt.TaskError, match="--method='awq'"):
+        bt.evaluate_tasks(_bare_run(tmp_path / "run"), tasks="piqa", bits="16,16,16", method="awq")
