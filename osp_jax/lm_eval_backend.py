@@ -322,7 +322,7 @@ class OspJaxLM(TemplateLM):
         self._max_length_arg = _count("max_length", max_length, None)
         self._calibration = calibration
         self._runner: _Runner | None = None
-        self._rows = 0
+        self._mesh, self._rows = None, 0  # set by _check
         config = self.checkpoint.config()
         self.run_tokenizer = self.checkpoint.tokenizer(config.model.vocab_size if config is not None else None)
         self._pad_id = self.run_tokenizer.pad_id if self.run_tokenizer.pad_id is not None else self.eot_token_id
@@ -431,28 +431,30 @@ class OspJaxLM(TemplateLM):
         return self.checkpoint.config() or self.checkpoint.restore()[2]
 
     def _check(self, config) -> None:
+        """What the run's config alone tells: bits the quantisers take, a mesh its sizes split over."""
         check_bits(config.model, self.bits)
+        self._mesh = eval_mesh(config, self._devices)
+        shards = math.prod(self._mesh.shape[a] for a in sharding.BATCH_AXES)
+        self._rows = -(-self._batch_size // shards) * shards
+        fits = config.copy_and_resolve_references()
+        fits.train.global_batch_size, fits.optimizer.grad_accum_steps = self._rows, 1
+        try:
+            check_mesh_fits(fits, self._mesh)
+        except sharding.MeshError as e:
+            raise BackendError(f"the model does not split over the {self._mesh.devices.size} device(s) present "
+                               f"({dict(self._mesh.shape)}): {e}; pass devices=N") from None
 
     def _run(self) -> _Runner:
         """The model, built at the first request: the checkpoint read, quantised, put on the mesh."""
         if self._runner is None:
             _, params, config = self.checkpoint.restore()
-            self._check(config)
-            mesh = eval_mesh(config, self._devices)
-            shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-            self._rows = -(-self._batch_size // shards) * shards
-            fits = config.copy_and_resolve_references()
-            fits.train.global_batch_size, fits.optimizer.grad_accum_steps = self._rows, 1
-            try:
-                check_mesh_fits(fits, mesh)
-            except sharding.MeshError as e:
-                raise BackendError(f"the model does not split over the {mesh.devices.size} device(s) present "
-                                   f"({dict(mesh.shape)}): {e}; pass devices=N") from None
+            if self._mesh is None:
+                self._check(config)
             calibration = self._calibration(config) if callable(self._calibration) else self._calibration
             q = ptq.quantize_model(params, eval_model_config(config.model), self.bits, method=self.method,
                                    hadamard_ffn=self.hadamard_ffn, clip_search=self.clip_search,
                                    **({} if calibration is None else {"calibration": calibration}))
-            self._runner = _Runner(q, mesh)
+            self._runner = _Runner(q, self._mesh)
         return self._runner
 
     def _batch_rows(self) -> int:

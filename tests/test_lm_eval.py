@@ -548,3 +548,11 @@ def test_tasks_bad_method_before_anything(tmp_path, monkeypatch):
     monkeypatch.setattr(bt, "task_manager", lambda *a: pytest.fail("tasks were indexed"))
     with pytest.raises(bt.TaskError, match="--method='awq'"):
         bt.evaluate_tasks(_bare_run(tmp_path / "run"), tasks="piqa", bits="16,16,16", method="awq")
+
+
+def test_a_model_the_devices_cannot_split(tmp_path):
+    """dim 36 over fsdp=8 (the 8 simulated devices): found from config.json; one device takes it."""
+    workdir = _bare_run(tmp_path / "run", dim=36, heads=2, kv_heads=2)
+    with pytest.raises(backend.BackendError, match=r"does not split over the 8 device\(s\).*model.dim=36"):
+        backend.OspJaxLM(workdir=workdir)
+    assert backend.OspJaxLM(workdir=workdir, devices=1)._mesh.devices.size == 1
