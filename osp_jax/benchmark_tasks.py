@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -230,7 +229,8 @@ def record(workdir: str, step: int, names: Sequence[str], benchmarks: Sequence[B
     return {
         "workdir": os.path.abspath(workdir), "step": int(step), "tasks": list(names), "limit": limit,
         "lm_eval_version": lm_eval.__version__,
-        "columns": [{"name": b.column, "tasks": list(b.tasks), "shots": b.shots, "metric": b.metric} for b in benchmarks],
+        "columns": [{"name": b.column, "tasks": list(b.tasks), "shots": b.shots, "metric": b.metric}
+                    for b in benchmarks],
         "settings": rows, "drop": drops,
         # lm-eval's own numbers, made JSON as its CLI makes them (NumPy scalars and the like)
         "lm_eval": json.loads(json.dumps({name: {k: results.get(k) for k in ("results", "groups", "n-shot", "versions")}
@@ -262,7 +262,8 @@ def format_table(rec: dict) -> str:
 
 def evaluate_tasks(workdir: str, *, tasks: str | None = None, suite: str | None = None, bits="4,4,4",
                    hadamard: str | None = None, method: str = "rtn", clip_search: bool = False,
-                   step: int | None = None, include_path: str | None = None, batch_size: int = backend.DEFAULT_BATCH_SIZE,
+                   step: int | None = None, include_path: str | None = None,
+                   batch_size: int = backend.DEFAULT_BATCH_SIZE,
                    max_length: int | None = None, limit: int | None = None, calibration=None) -> dict:
     """Scores the run at each setting (--suite's, or 16-16-16 and `bits`), everything checked first.
     `calibration`: what OspJaxLM passes to osp_jax.ptq for the methods that calibrate (GPTQ)."""

@@ -368,7 +368,7 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--suite", default=None, choices=("paper",),
                        help="paper: the paper's ten benchmarks at 16-16-16, 4-4-4, 4-4-4 +FFN Had (ignores --bits)")
     tasks.add_argument("--include-path", default=None, help="a folder of more lm-eval task YAMLs")
-    tasks.add_argument("--limit", type=int, default=None, help="at most N documents a task (a quick look, not a result)")
+    tasks.add_argument("--limit", type=int, default=None, help="at most N documents a task (a quick look)")
     p.add_argument("--bits", default="4,4,4", help="W,A,KV bit widths in 2..16; 16 = not quantised (default 4,4,4)")
     p.add_argument("--hadamard", choices=("none", "ffn"), default="none", help="online Hadamard rotation")
     p.add_argument("--clip-search", action="store_true", help="per-channel MSE search of weight clip ratios")

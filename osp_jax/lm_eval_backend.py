@@ -389,7 +389,8 @@ class OspJaxLM(TemplateLM):
         """Log-likelihood of each whole text, in lm-eval's disjoint rolling windows of max_length tokens."""
         windows, owners = [], []
         for i, (text,) in enumerate(r.args for r in requests):
-            pieces = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+            pieces = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(text),
+                                                        prefix_token=self.prefix_token_id,
                                                         max_seq_len=self.max_length, context_len=1)
             for ctx, cont in map(lm_utils.make_disjoint_window, pieces):
                 windows.append((None, ctx, cont))

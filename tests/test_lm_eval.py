@@ -335,7 +335,8 @@ def test_tasks_table_and_json(run, capsys, tmp_path):
     assert drop["average"] == pytest.approx(full["average"] - quant["average"])
     assert drop["osp_passages"] == pytest.approx(full["scores"]["osp_passages"] - quant["scores"]["osp_passages"])
     assert quant["scores"]["osp_passages"] > full["scores"]["osp_passages"] > 1  # 4 bits cost perplexity
-    assert r["lm_eval"]["16-16-16"]["results"]["osp_next_sentence"]["acc_norm,none"] == full["scores"]["osp_next_sentence"]
+    lm_eval_16 = r["lm_eval"]["16-16-16"]["results"]
+    assert lm_eval_16["osp_next_sentence"]["acc_norm,none"] == full["scores"]["osp_next_sentence"]
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("|")]
     assert table[0] == ["setting", "osp_next_sentence", "osp_passages", "Avg."]
     assert table[2][:2] == ["16-16-16", f"{100 * full['scores']['osp_next_sentence']:.1f}"]
