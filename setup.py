@@ -49,6 +49,10 @@ setup(
         # Spark); [gcp] brings Beam's own gs:// filesystem and the Dataflow runner.
         "beam": ["apache-beam[gcp]>=2.60"],
         "torch": ["torch>=2.3", "transformers>=4.45"],
+        # osp_jax.lm_eval_backend / lm_eval / benchmark_tasks: lm-evaluation-harness (0.4.13 is the version
+        # read and tested: TaskManager.load and lm_eval.models.utils' helpers are recent). [hf] is lm-eval's
+        # own `hf` backend (accelerate, peft, torch as in [torch]), which the tests score the export with.
+        "eval": ["lm-eval[hf]>=0.4.13"],
         "seqio": ["seqio>=0.0.19"],
         "tpu": ["jax[tpu]>=0.6"],
         "gpu": ["jax[cuda12]>=0.6"],

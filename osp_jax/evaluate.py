@@ -17,6 +17,15 @@ Prepared data must have been tokenised with the run's tokenizer (the sha256 in i
 the run's tokenizer file, or the run's data_metadata.json); a run that records neither is evaluated with
 a warning. Padding is never scored: a token counts where its segment id is positive.
 
+Benchmark tasks through lm-evaluation-harness (the [eval] extra; osp_jax.benchmark_tasks):
+
+    python -m osp_jax.evaluate --workdir=runs/tiny --tasks=arc_easy,piqa --bits=4,4,4 [--hadamard=ffn] \
+        [--include-path=DIR] [--limit=N] [--output=scores.json]
+    python -m osp_jax.evaluate --workdir=runs/tiny --suite=paper [--output=paper.json]
+
+score each task at 16-16-16 and at --bits (one table: a column a task, the average, the drop from 16
+bits), or the paper's ten benchmarks at 16-16-16, 4-4-4 and 4-4-4 +FFN Had; no --data then.
+
 --output is strict JSON: a non-finite number is written as null (a NaN loss gives a NaN perplexity, so
 `loss` and `ppl` both null; a finite loss past float64's range gives `ppl` null beside a finite `loss`).
 """
@@ -352,7 +361,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training run directory (checkpoints/, tokenizer.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--data", required=True, help="prepared data directory, 'builtin', or a .jsonl/.txt file")
+    p.add_argument("--data", default=None, help="prepared data directory, 'builtin', or a .jsonl/.txt file")
+    # Benchmark tasks through lm-evaluation-harness (osp_jax.benchmark_tasks), instead of --data.
+    tasks = p.add_argument_group("benchmark tasks (lm-evaluation-harness; pip install 'osp_jax[eval]')")
+    tasks.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, scored at 16-16-16 and at --bits")
+    tasks.add_argument("--suite", default=None, choices=("paper",),
+                       help="paper: the paper's ten benchmarks at 16-16-16, 4-4-4, 4-4-4 +FFN Had (ignores --bits)")
+    tasks.add_argument("--include-path", default=None, help="a folder of more lm-eval task YAMLs")
+    tasks.add_argument("--limit", type=int, default=None, help="at most N documents a task (a quick look)")
     p.add_argument("--bits", default="4,4,4", help="W,A,KV bit widths in 2..16; 16 = not quantised (default 4,4,4)")
     p.add_argument("--hadamard", choices=("none", "ffn"), default="none", help="online Hadamard rotation")
     p.add_argument("--clip-search", action="store_true", help="per-channel MSE search of weight clip ratios")
@@ -375,7 +391,16 @@ USER_ERRORS = {EvalError: "error", DataError: "error", FileNotFoundError: "error
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     args = _parser().parse_args(argv)
-    return cli.guarded(PROG, lambda: _main(args), USER_ERRORS)
+    return cli.guarded(PROG, lambda: _dispatch(args), USER_ERRORS)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    """Perplexity on --data, or benchmark tasks (--tasks / --suite)."""
+    if args.tasks is not None or args.suite is not None:
+        return _main_tasks(args)
+    if args.data is None:
+        raise EvalError("--data=DIR|builtin|FILE is required (or --tasks / --suite for benchmark tasks)")
+    return _main(args)
 
 
 def _main(args: argparse.Namespace) -> None:
@@ -390,6 +415,29 @@ def _main(args: argparse.Namespace) -> None:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}", flush=True)
+
+
+def _main_tasks(args: argparse.Namespace) -> None:
+    """--tasks / --suite: osp_jax.benchmark_tasks, its user errors as EvalError."""
+    import importlib.util
+
+    if args.data is not None or args.plot is not None:
+        raise EvalError("--data and --plot belong to the perplexity pass: run --tasks / --suite without them")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise EvalError("--tasks / --suite need lm-evaluation-harness: pip install 'osp_jax[eval]'")
+    from osp_jax import benchmark_tasks
+
+    try:
+        record = benchmark_tasks.evaluate_tasks(
+            args.workdir, tasks=args.tasks, suite=args.suite, bits=args.bits, hadamard=args.hadamard,
+            method=getattr(args, "method", "rtn"), clip_search=args.clip_search, step=args.step,
+            include_path=args.include_path, batch_size=args.batch_size, max_length=args.seq_len, limit=args.limit)
+    except cli.UserError as e:
+        raise EvalError(str(e)) from None
+    print(benchmark_tasks.format_table(record), flush=True)
+    if args.output:
+        _write_json(args.output, record)
+        print(f"wrote {args.output}", flush=True)
 
 
 if __name__ == "__main__":
