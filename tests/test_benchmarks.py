@@ -284,3 +284,27 @@ def test_step_time_compile_only_reports_memory_copies_and_collectives():
     single = json.loads(_run("benchmarks/step_time.py", "--smoke", "--compile-only", "--seq-len=64",
                              "--set=model.layers=2", "--set=model.vocab_size=512", "--set=mesh.fsdp=1")[-1])
     assert single["collectives"]["total"] == {"ops": 0, "bytes": 0}
+
+
+def test_collectives_reports_each_recipe_the_minimum_and_the_ratio(tmp_path):
+    """benchmarks/collectives.py on one small mesh: the three compiles' collectives in native dtypes
+    (Muon's moves are bfloat16 there, float32 in the compiled CPU program) and the minimum they are
+    held to; the Muon update moves exactly the minimum in whole matrices."""
+    out = tmp_path / "collectives.jsonl"
+    lines = _run("benchmarks/collectives.py", "--config=configs/tiny.py", "--mesh=op=2,fsdp=2", "--batch=8",
+                 "--seq-len=64", "--set=model.layers=2", "--set=model.vocab_size=512", f"--output={out}",
+                 devices=4, timeout=600)
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == "collectives" and record["mesh"] == {"dp": 1, "op": 2, "fsdp": 2, "tp": 1}
+    assert set(record["runs"]) == {"adamw", "model", "osp"}
+    osp = record["runs"]["osp"]
+    assert all(run["remat_warnings"] == 0 for run in record["runs"].values())
+    # Muon's all-to-alls are bfloat16 in the program, float32 once the CPU backend has compiled it.
+    muon_a2a = osp["native"]["all-to-all"]["bytes"] - record["runs"]["model"]["native"]["all-to-all"]["bytes"]
+    assert muon_a2a > 0 and osp["compiled"]["all-to-all"]["bytes"] - record["runs"]["model"]["compiled"][
+        "all-to-all"]["bytes"] == 2 * muon_a2a
+    least = osp["minimum"]
+    assert least["ns_axes"] == ["op", "fsdp"] and least["total"] <= least["whole_matrices"] == record["minimum"]
+    assert abs(record["muon_ratio"] - 1.0) < 0.01 and record["ratio"] == record["extra"] / record["minimum"]
+    assert "minimum (the Muon move) in whole matrices" in "\n".join(lines)
+    assert json.loads(out.read_text()) == record
