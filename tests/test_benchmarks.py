@@ -308,3 +308,14 @@ def test_collectives_reports_each_recipe_the_minimum_and_the_ratio(tmp_path):
     assert abs(record["muon_ratio"] - 1.0) < 0.01 and record["ratio"] == record["extra"] / record["minimum"]
     assert "minimum (the Muon move) in whole matrices" in "\n".join(lines)
     assert json.loads(out.read_text()) == record
+
+
+def test_muon_cost_per_newton_schulz_method():
+    """--ns-methods adds osp_jax's Muon with each method; Polar Express costs what the quintic costs,
+    Gram Newton–Schulz less (the smoke tree's MLP matrices are wide: 64 x 176)."""
+    cost = [json.loads(line) for line in _run("benchmarks/muon.py", "--smoke", "--cost",
+                                               "--ns-methods=quintic,polar_express,gram") if line.startswith("{")]
+    flops = {r["optimizer"]: r["gflops"] for r in cost}
+    assert set(flops) == {"osp_jax.muon", "osp_jax.muon (polar_express)", "osp_jax.muon (gram)", "optax.contrib.muon",
+                          "optax.adamw"}
+    assert flops["osp_jax.muon (polar_express)"] == flops["osp_jax.muon"] > flops["osp_jax.muon (gram)"]
