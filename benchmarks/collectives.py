@@ -46,6 +46,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from etils import epath  # noqa: E402
+
+from osp_jax.cli import write_text_atomic  # noqa: E402
 from step_time import BASELINE, COLLECTIVES, OSP, apply_overrides, collectives, git_commit, load_config  # noqa: E402
 
 MESHES = ("fsdp=8", "fsdp=4,op=2", "fsdp=2,op=4", "op=8", "dp=2,fsdp=2,tp=2", "fsdp=4,tp=2")
@@ -156,6 +159,7 @@ def child(args) -> dict:
     import jax
 
     from osp_jax import sharding
+    from osp_jax.metrics import compiled_cost
     from osp_jax.train import lower_train_step
 
     config = _config(args, parse_mesh(args.mesh[0]), RECIPES[args.child])
@@ -164,17 +168,18 @@ def child(args) -> dict:
     compiled = lowered.compile()
     record = {"recipe": args.child, "compile_s": round(time.perf_counter() - start, 1),
               "native": collectives(_native_hlo(args.dump_dir)), "compiled": collectives(compiled.as_text()),
-              "devices": jax.device_count()}
+              "compiled_flops": compiled_cost(compiled).get("flops"), "devices": jax.device_count()}
     if args.child == "osp":
         record["minimum"] = minimum(config)
     return record
 
 
-def _run_child(args, mesh: str, recipe: str) -> dict:
+def run_child(args, mesh: str, recipe: str, script: str = __file__, extra=()) -> dict:
+    """One compile in a process of its own (XLA's flags are read once a process): `script --child`."""
     with tempfile.TemporaryDirectory(prefix="collectives_") as dump:
         flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} "
                  "--xla_dump_hlo_pass_re=float-normalization-bf16 --xla_dump_hlo_module_re=jit_train_step")
-        cmd = [sys.executable, os.path.abspath(__file__), f"--child={recipe}", f"--mesh={mesh}",
+        cmd = [sys.executable, os.path.abspath(script), *extra, f"--child={recipe}", f"--mesh={mesh}",
                f"--dump-dir={dump}", f"--config={args.config}", *(f"--set={s}" for s in args.set)]
         cmd += [f"--batch={args.batch}"] if args.batch else []
         cmd += [f"--seq-len={args.seq_len}"] if args.seq_len else []
@@ -189,7 +194,7 @@ def _run_child(args, mesh: str, recipe: str) -> dict:
 
 # ---------------------------------------------------------------- report
 def compare(args, mesh: str) -> dict:
-    runs = {name: _run_child(args, mesh, name) for name in RECIPES}
+    runs = {name: run_child(args, mesh, name) for name in RECIPES}
     total = {name: run["native"]["total"]["bytes"] for name, run in runs.items()}
     least = runs["osp"]["minimum"]
     extra, model_extra = total["osp"] - total["adamw"], total["model"] - total["adamw"]
@@ -254,9 +259,9 @@ def main(argv=None) -> None:
     for mesh in args.mesh or MESHES:
         record = compare(args, mesh)
         print(table(record), flush=True)
-        if args.output:
-            with open(args.output, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if args.output:  # appended: one JSON line a mesh
+            path = epath.Path(args.output)
+            write_text_atomic(path, (path.read_text() if path.exists() else "") + json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
 
 
