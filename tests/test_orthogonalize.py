@@ -86,33 +86,35 @@ def test_odd_layouts_give_the_unsplit_result(sizes):
 
 
 @pytest.fixture(scope="module")
-def tiny_update():
-    """The tiny recipe (no warmup: a first step with a learning rate, or every update is zero), its
-    parameters, gradients, and its optimizer update on one device."""
+def one_device_updates():
+    """name -> (config, params, grads, update on one device) for the tiny recipe with optimizer `name`
+    (no warmup: a first step with a learning rate, or every update is zero); computed once a name."""
     from osp_jax.model import Transformer
     from osp_jax.optim import make_optimizer
     from tests.helpers import load_recipe
 
-    cfg = load_recipe("tiny")
-    cfg.optimizer.warmup_steps = 0
-    params = nn.unbox(Transformer(cfg.model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape, p.dtype), params)
-    tx, _ = make_optimizer(cfg)
-    reference, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    return cfg, params, grads, reference
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cfg = load_recipe("tiny")
+            cfg.optimizer.name, cfg.optimizer.warmup_steps = name, 0
+            params = nn.unbox(Transformer(cfg.model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+            grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape, p.dtype), params)
+            tx, _ = make_optimizer(cfg)
+            cache[name] = (cfg, params, grads, jax.jit(tx.update)(grads, tx.init(params), params)[0])
+        return cache[name]
+
+    return get
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sizes", MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items()))
-def test_recipe_update_equals_one_device_on_every_mesh(sizes, tiny_update):
-    """The tiny recipe's optimizer update (Muon and AdamW, the Newton–Schulz work split over op, fsdp
-    and tp), in the model's own shardings, against the same update on one device."""
+def _recipe_update_on(sizes, cfg, params, grads):
+    """The recipe's optimizer update on a mesh of `sizes`, in the train state's own shardings."""
     from osp_jax import sharding
     from osp_jax.model import Transformer
     from osp_jax.optim import make_optimizer
     from osp_jax.train import abstract_state, state_shardings
 
-    cfg, params, grads, reference = tiny_update
     cfg = cfg.copy_and_resolve_references()
     cfg.mesh.update({"dp": 1, "op": 1, "fsdp": 1, "tp": 1, **sizes})
     mesh = sharding.make_mesh(cfg.mesh)
@@ -123,8 +125,51 @@ def test_recipe_update_equals_one_device_on_every_mesh(sizes, tiny_update):
         update = jax.jit(tx.update, in_shardings=(sh.params, sh.opt_state, sh.params),
                          out_shardings=(sh.params, sh.opt_state))
         put = lambda tree: jax.device_put(tree, sh.params)  # noqa: E731
-        updates, _ = update(put(grads), jax.device_put(tx.init(params), sh.opt_state), put(params))
+        return update(put(grads), jax.device_put(tx.init(params), sh.opt_state), put(params))[0]
+
+
+def _assert_same_updates(updates, reference):
     # Entries of up to ~1.5e-3 (Muon's RMS is lr * 0.2, AdamW's first step lr): within 4e-4, and every
     # leaf within 5% in Frobenius norm, of the one-device update (bf16 Newton–Schulz rounds differently).
     assert all(float(jnp.abs(u).max()) > 1e-4 for u in jax.tree.leaves(reference))
     jax.tree.map(lambda a, b: _assert_bf16_close(a, b, scale=1e-2), updates, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sizes", MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items()))
+def test_recipe_update_equals_one_device_on_every_mesh(sizes, one_device_updates):
+    """The tiny recipe's optimizer update (Muon and AdamW, the Newton–Schulz work split over op, fsdp
+    and tp), in the model's own shardings, against the same update on one device."""
+    cfg, params, grads, reference = one_device_updates("muon")
+    _assert_same_updates(_recipe_update_on(sizes, cfg, params, grads), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sizes", [{"fsdp": 4, "op": 2}, {"dp": 2, "fsdp": 2, "tp": 2}], ids=["fsdp4xop2", "dp2xfsdp2xtp2"])
+def test_muon_all_update_equals_one_device(sizes, one_device_updates):
+    """muon_all: the embedding (vocab over tp, embed over fsdp) and the LM head on Muon too, each a
+    tall or wide matrix group of its own."""
+    cfg, params, grads, reference = one_device_updates("muon_all")
+    _assert_same_updates(_recipe_update_on(sizes, cfg, params, grads), reference)
+
+
+def test_user_dimension_numbers_on_a_mesh():
+    """A convolution kernel (h, w, in, out) read as one (h*w*in, out) matrix and a pair of stacks with
+    their own dimension numbers, split over fsdp as a user might: the same update as on one device."""
+    from osp_jax.muon import MuonDimensionNumbers, scale_by_muon
+
+    rng = np.random.default_rng(0)
+    grads = {"conv": jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32),
+             "w": jnp.asarray(rng.standard_normal((4, 64, 32)), jnp.float32),
+             "v": jnp.asarray(rng.standard_normal((32, 4, 64)), jnp.float32)}
+    dims = {"conv": MuonDimensionNumbers((0, 1, 2), 3), "w": MuonDimensionNumbers(1, 2),
+            "v": MuonDimensionNumbers(0, 2)}
+    opt = scale_by_muon(beta=0.0, nesterov=False, dimension_numbers=dims)
+    reference, _ = jax.jit(opt.update)(grads, opt.init(grads))
+    mesh = _mesh({"fsdp": 4, "op": 2})
+    specs = {"conv": P(None, None, "fsdp", None), "w": P(None, "fsdp", None), "v": P("fsdp", None, None)}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    opt = scale_by_muon(beta=0.0, nesterov=False, dimension_numbers=dims, shard_axis=NS_AXES)
+    with jax.set_mesh(mesh):
+        updates, _ = jax.jit(opt.update)(jax.device_put(grads, shardings), opt.init(grads))
+    jax.tree.map(_assert_bf16_close, updates, reference)
