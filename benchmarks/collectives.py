@@ -119,7 +119,8 @@ def minimum(config, dtype_bytes: int = NS_BYTES) -> dict:
         r = n // a
         s = math.prod(leaf.shape) * dtype_bytes
         row = {"leaf": "/".join(str(getattr(k, "key", k)) for k in path), "shape": list(leaf.shape),
-               "matrices": view.batch, "bytes": s, "split": a, "replicated": r, "split_axes": sorted(split & set(ns_axes)),
+               "matrices": view.batch, "bytes": s, "split": a, "replicated": r,
+               "split_axes": sorted(split & set(ns_axes)),
                "all_to_all": 2 * s / n if a > 1 else 0.0, "all_gather": s / a if r > 1 else 0.0}
         leaves.append(row)
         groups.setdefault(tuple(sorted((view.fan_in, view.fan_out))), []).append(row)

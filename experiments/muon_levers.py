@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     q.add_argument("--batch", type=int)
     q.add_argument("--seq-len", type=int)
     c = q.parse_args(rest)
-    print("| mesh | lever | Muon MiB per device | x minimum (whole matrices) | step GFLOP per device | remat warnings |")
+    print("| mesh | lever | Muon MiB per device | x minimum (whole matrices) | step GFLOP per device "
+          "| remat warnings |")
     print("| --- | --- | --- | --- | --- | --- |")
     for mesh in c.mesh or DEFAULT_MESHES:
         model = collectives.run_child(c, mesh, "model")["native"]["total"]["bytes"]

@@ -131,10 +131,10 @@ def report(results: dict) -> str:
                           "| method | " + " | ".join(f"k={k}" for k in STEPS) + " | singular values at k=5 |",
                           "| --- |" + " --- |" * (len(STEPS) + 1)]
                 for method in NS_METHODS:
-                    rows = [r for r in acc if r["shape"] == list(shape) and r["input"] == kind and r["method"] == method]
+                    rows = [r for r in acc if (r["shape"], r["input"], r["method"]) == (list(shape), kind, method)]
                     five = next(r for r in rows if r["steps"] == 5)
-                    lines.append(f"| {method} | " + " | ".join(f"{r['error']:.3f} ({r['error_float64']:.3f})" for r in rows)
-                                 + f" | {five['sv_min']:.2f} – {five['sv_max']:.2f} |")
+                    errors = " | ".join(f"{r['error']:.3f} ({r['error_float64']:.3f})" for r in rows)
+                    lines.append(f"| {method} | {errors} | {five['sv_min']:.2f} – {five['sv_max']:.2f} |")
                 lines.append("")
     if "flops" in results:
         lines += ["Compiled FLOPs of one optimizer update, the 1.4B tree (XLA `cost_analysis`, CPU, not run):", "",

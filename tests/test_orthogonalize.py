@@ -145,7 +145,8 @@ def test_recipe_update_equals_one_device_on_every_mesh(sizes, one_device_updates
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sizes", [{"fsdp": 4, "op": 2}, {"dp": 2, "fsdp": 2, "tp": 2}], ids=["fsdp4xop2", "dp2xfsdp2xtp2"])
+@pytest.mark.parametrize("sizes", [{"fsdp": 4, "op": 2}, {"dp": 2, "fsdp": 2, "tp": 2}],
+                         ids=["fsdp4xop2", "dp2xfsdp2xtp2"])
 def test_muon_all_update_equals_one_device(sizes, one_device_updates):
     """muon_all: the embedding (vocab over tp, embed over fsdp) and the LM head on Muon too, each a
     tall or wide matrix group of its own."""
