@@ -35,9 +35,12 @@ DEFAULT_MESHES = ("fsdp=8", "fsdp=4,op=2", "op=8", "dp=2,fsdp=2,tp=2")
 
 def undo(lever: str) -> None:
     """Patches osp_jax so that the next optimizer built has `lever` undone."""
+    import importlib
+
     import jax.numpy as jnp
 
-    from osp_jax import muon, optim
+    muon = importlib.import_module("osp_jax.muon")  # the module: the package's `muon` is the function
+    optim = importlib.import_module("osp_jax.optim")
 
     if lever == "float32":
         muon._normalize = lambda x, eps: (x / (jnp.linalg.norm(x.astype(jnp.float32), axis=(-2, -1), keepdims=True)
