@@ -81,7 +81,7 @@ def defaults() -> ConfigDict:
     c.optimizer.muon_nesterov = True
     c.optimizer.ns_steps = 5
     # Newton–Schulz: quintic (the OSP paper's) | polar_express | gram (osp_jax/newton_schulz.py). Polar
-    # Express: the paper's cost, 40% less error after 5 steps (docs/benchmarks.md, issue 22).
+    # Express: the paper's cost, 25-47% less error after 5 steps (docs/benchmarks.md, issue 22).
     c.optimizer.ns_method = "polar_express"
     c.optimizer.rms_scale = 0.2
     c.optimizer.muon_scale_mode = "rms"  # rms: rms_scale*sqrt(max(fan_in, fan_out)); shape: sqrt(max(1, out/in))

@@ -319,3 +319,18 @@ def test_muon_cost_per_newton_schulz_method():
     assert set(flops) == {"osp_jax.muon", "osp_jax.muon (polar_express)", "osp_jax.muon (gram)", "optax.contrib.muon",
                           "optax.adamw"}
     assert flops["osp_jax.muon (polar_express)"] == flops["osp_jax.muon"] > flops["osp_jax.muon (gram)"]
+
+
+def test_ns_methods_report_regenerates_from_the_committed_results():
+    """experiments/ns_methods.py's report from experiments/results/ns_methods_cpu.json: every method,
+    shape, input and step count has a row entry; the FLOPs and losses docs/benchmarks.md quotes."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import ns_methods
+
+    results = json.loads((ROOT / "experiments" / "results" / "ns_methods_cpu.json").read_text())
+    assert len(results["accuracy"]) == len(ns_methods.SHAPES) * len(ns_methods.KINDS) * 3 * len(ns_methods.STEPS)
+    text = ns_methods.report(results)
+    for method in ("quintic", "polar_express", "gram"):
+        assert text.count(f"| {method} |") == len(ns_methods.SHAPES) * len(ns_methods.KINDS) + 1
+    assert "| osp_jax.muon (gram) | 55,933.0 | 0.864 |" in text
+    assert "| 5.3099 ± 0.0283 | 5.3286, 5.2773, 5.3239 |" in text
