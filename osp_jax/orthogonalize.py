@@ -13,9 +13,9 @@ device, to give each device of the Newton–Schulz axes (`op`, `fsdp`, `tp`: opt
 The partitioner does not find this itself: asked to move a stack from the parameters' split to a
 split by matrix, XLA gathered whole stacks and sliced them (1.2 to 9 times these bytes on the 124M's
 meshes, with "Involuntary full rematerialization" on fsdp x op and tp meshes; docs/benchmarks.md). So
-the move is written out with collectives. The parameters' layout is the partitioner's to choose and an optax transform
-is never told it, so the orthogonalisation is a `custom_partitioning` op: when XLA partitions the
-step, its callback learns each stack's sharding and writes the collectives for it.
+the move is written out with collectives. The parameters' layout is the partitioner's to choose, and
+an optax transform is never told it: the orthogonalisation is a `custom_partitioning` op, and when XLA
+partitions the step, its callback learns each stack's sharding and writes the collectives for it.
 """
 
 from __future__ import annotations
