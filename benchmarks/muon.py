@@ -8,6 +8,7 @@ on the same device; each figure is the median of `--iters` runs after a warm-up.
     python benchmarks/muon.py --smoke    # a tiny tree, seconds on CPU
     python benchmarks/muon.py --cost     # no timing: XLA's FLOP and byte counts of each compiled update
     python benchmarks/muon.py --accuracy # Newton–Schulz against the same iteration in float64 (any backend)
+    python benchmarks/muon.py --ns-methods=quintic,polar_express,gram   # osp_jax.muon with each method
 
 Prints a table, then one JSON line per optimizer: {"optimizer": ..., "ms": ..., "device": ...}.
 """
@@ -97,16 +98,22 @@ def _supported(fn, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
-def optimizers(shapes, lr: float = 1e-3, weight_decay: float = 0.1) -> dict:
-    """The three updates compared, each configured as a full training run would use it."""
+def _muon_name(method: str) -> str:
+    return "osp_jax.muon" if method == "quintic" else f"osp_jax.muon ({method})"
+
+
+def optimizers(shapes, lr: float = 1e-3, weight_decay: float = 0.1, methods=("quintic",)) -> dict:
+    """The updates compared, each configured as a full training run would use it: osp_jax's Muon with
+    each Newton–Schulz method of `methods`, optax.contrib.muon and AdamW."""
     dims = osp_muon.infer_dimension_numbers(shapes)
     contrib_dims = jax.tree_util.tree_map_with_path(lambda p, d: d if is_muon_leaf(p) else None, dims,
                                                     is_leaf=lambda x: x is None or isinstance(
                                                         x, osp_muon.MuonDimensionNumbers))
     adamw = optax.adamw(lr, weight_decay=weight_decay)
     return {
-        "osp_jax.muon": optax.multi_transform(
-            {"muon": osp_muon.muon(lr, weight_decay=weight_decay), "adamw": adamw}, labels),
+        **{_muon_name(m): optax.multi_transform(
+            {"muon": osp_muon.muon(lr, weight_decay=weight_decay, ns_method=m), "adamw": adamw}, labels)
+           for m in methods},
         "optax.contrib.muon": optax.contrib.muon(lr, **_supported(optax.contrib.muon, dict(
             weight_decay=weight_decay, adam_weight_decay=weight_decay, consistent_rms=0.2,
             muon_weight_dimension_numbers=contrib_dims))),
@@ -147,9 +154,10 @@ def _median_ms(fn, iters: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def newton_schulz_only(shapes, iters: int, steps: int = 5) -> list[dict]:
+def newton_schulz_only(shapes, iters: int, steps: int = 5, method: str = "quintic") -> list[dict]:
     """Newton–Schulz alone on each same-shape group of the Muon matrices (wide orientation), as the
-    update stacks them: milliseconds and achieved TFLOP/s (4 m^2 n + 2 m^3 per matrix and step, m <= n)."""
+    update stacks them: milliseconds and achieved TFLOP/s (4 m^2 n + 2 m^3 per matrix and step, m <= n:
+    the plain iteration's count, which Gram Newton–Schulz beats on wide matrices)."""
     # AdamW's leaves masked out as optax.multi_transform masks them; the views are the (batch, fan_in,
     # fan_out) stacks the update builds, grouped here as it groups them.
     dims = osp_muon.infer_dimension_numbers(shapes)
@@ -161,12 +169,13 @@ def newton_schulz_only(shapes, iters: int, steps: int = 5) -> list[dict]:
         key = (min(v.fan_in, v.fan_out), max(v.fan_in, v.fan_out))
         groups[key] = groups.get(key, 0) + v.batch
     rows = []
-    ns = jax.jit(functools.partial(osp_muon.newton_schulz, steps=steps))
+    ns = jax.jit(functools.partial(osp_muon.newton_schulz, steps=steps, method=method))
     for (m, n), count in sorted(groups.items()):
         x = random_tree(jax.ShapeDtypeStruct((count, m, n), jnp.float32), seed=2)
         ms = _median_ms(lambda: ns(x), iters)
         flops = count * steps * (4 * m * m * n + 2 * m ** 3)
-        rows.append({"shape": [count, m, n], "ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)})
+        rows.append({"shape": [count, m, n], "ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1),
+                     "method": method})
     return rows
 
 
@@ -212,8 +221,13 @@ def main(argv=None) -> None:
                         help="compile only and print XLA's FLOP and byte counts of each update (any backend)")
     parser.add_argument("--compilation-cache-dir", default=compilation_cache.default_dir(),
                         help="JAX's persistent compilation cache ('' = off)")
+    parser.add_argument("--ns-methods", default="quintic",
+                        help=f"comma-separated Newton–Schulz methods for osp_jax.muon, of {osp_muon.NS_METHODS}")
     args = parser.parse_args(argv)
     compilation_cache.enable(args.compilation_cache_dir)
+    methods = tuple(args.ns_methods.split(","))
+    if not set(methods) <= set(osp_muon.NS_METHODS):
+        raise SystemExit(f"muon: --ns-methods={args.ns_methods}: expected names from {osp_muon.NS_METHODS}")
     if args.accuracy:
         for row in accuracy():
             print(json.dumps({"newton_schulz_rel_error_vs_float64": row, "device": jax.devices()[0].device_kind}))
@@ -228,28 +242,30 @@ def main(argv=None) -> None:
     device = jax.devices()[0].device_kind
     if args.cost:
         print(f"optimizer update, {n_params / 1e6:,.1f}M params, XLA cost analysis on {device} (compiled, not run)")
-        for name, opt in optimizers(shapes).items():
+        for name, opt in optimizers(shapes, methods=methods).items():
             print(json.dumps({"optimizer": name, **update_cost(opt, shapes), "device": device}))
         return
     params = random_tree(shapes, seed=0, scale=0.02)
     grads = random_tree(shapes, seed=1)
 
-    results = {name: time_update(opt, params, grads, args.iters) for name, opt in optimizers(shapes).items()}
+    results = {name: time_update(opt, params, grads, args.iters)
+               for name, opt in optimizers(shapes, methods=methods).items()}
 
     print(f"optimizer update, {n_params / 1e6:,.1f}M params ({args.layers} layers, dim {args.dim}), "
           f"{device}, median of {args.iters}")
-    print(f"{'optimizer':<20} {'ms':>10} {'x adamw':>8}")
+    print(f"{'optimizer':<30} {'ms':>10} {'x adamw':>8}")
     for name, ms in results.items():
-        print(f"{name:<20} {ms:>10.2f} {ms / results['optax.adamw']:>8.2f}")
-    ns = newton_schulz_only(shapes, args.iters)
-    print("Newton–Schulz alone (5 steps), per same-shape group:")
-    for row in ns:
-        print(f"  {row['shape'][0]:>4} x {row['shape'][1]} x {row['shape'][2]:<6} {row['ms']:>9.2f} ms "
-              f"{row['tflops']:>8.1f} TFLOP/s")
-    print(f"  total {sum(r['ms'] for r in ns):.2f} ms")
+        print(f"{name:<30} {ms:>10.2f} {ms / results['optax.adamw']:>8.2f}")
+    for method in methods:
+        ns = newton_schulz_only(shapes, args.iters, method=method)
+        print(f"Newton–Schulz alone ({method}, 5 steps), per same-shape group:")
+        for row in ns:
+            print(f"  {row['shape'][0]:>4} x {row['shape'][1]} x {row['shape'][2]:<6} {row['ms']:>9.2f} ms "
+                  f"{row['tflops']:>8.1f} TFLOP/s")
+        print(f"  total {sum(r['ms'] for r in ns):.2f} ms")
+        print(json.dumps({"newton_schulz_only": ns, "device": device}))
     for name, ms in results.items():
         print(json.dumps({"optimizer": name, "ms": round(ms, 3), "device": device}))
-    print(json.dumps({"newton_schulz_only": ns, "device": device}))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def make_optimizer(config: ml_collections.ConfigDict, mesh=None
         schedules["muon_learning_rate"] = muon_lr
         muon = muon_transform(muon_lr, beta=o.muon_beta, nesterov=o.muon_nesterov, ns_steps=o.ns_steps,
                              weight_decay=o.muon_weight_decay, rms_scale=o.rms_scale,
-                             scale_mode=o.muon_scale_mode, shard_axis=NS_SHARD_AXES, mesh=mesh)
+                             scale_mode=o.muon_scale_mode, shard_axis=NS_SHARD_AXES, mesh=mesh,
+                             ns_method=o.ns_method)
         inner = optax.multi_transform({MUON: muon, ADAMW: adamw},
                                       lambda params: param_labels(params, o.name))
     # Always a link (identity when off, with the same empty state), so clipping on or off keeps the

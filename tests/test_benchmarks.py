@@ -284,3 +284,53 @@ def test_step_time_compile_only_reports_memory_copies_and_collectives():
     single = json.loads(_run("benchmarks/step_time.py", "--smoke", "--compile-only", "--seq-len=64",
                              "--set=model.layers=2", "--set=model.vocab_size=512", "--set=mesh.fsdp=1")[-1])
     assert single["collectives"]["total"] == {"ops": 0, "bytes": 0}
+
+
+def test_collectives_reports_each_recipe_the_minimum_and_the_ratio(tmp_path):
+    """benchmarks/collectives.py on one small mesh: the three compiles' collectives in native dtypes
+    (Muon's moves are bfloat16 there, float32 in the compiled CPU program) and the minimum they are
+    held to; the Muon update moves exactly the minimum in whole matrices."""
+    out = tmp_path / "collectives.jsonl"
+    lines = _run("benchmarks/collectives.py", "--config=configs/tiny.py", "--mesh=op=2,fsdp=2", "--batch=8",
+                 "--seq-len=64", "--set=model.layers=2", "--set=model.vocab_size=512", f"--output={out}",
+                 devices=4, timeout=600)
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == "collectives" and record["mesh"] == {"dp": 1, "op": 2, "fsdp": 2, "tp": 1}
+    assert set(record["runs"]) == {"adamw", "model", "osp"}
+    osp = record["runs"]["osp"]
+    assert all(run["remat_warnings"] == 0 for run in record["runs"].values())
+    # Muon's all-to-alls are bfloat16 in the program, float32 once the CPU backend has compiled it.
+    muon_a2a = osp["native"]["all-to-all"]["bytes"] - record["runs"]["model"]["native"]["all-to-all"]["bytes"]
+    assert muon_a2a > 0 and osp["compiled"]["all-to-all"]["bytes"] - record["runs"]["model"]["compiled"][
+        "all-to-all"]["bytes"] == 2 * muon_a2a
+    least = osp["minimum"]
+    assert least["ns_axes"] == ["op", "fsdp"] and least["total"] <= least["whole_matrices"] == record["minimum"]
+    assert abs(record["muon_ratio"] - 1.0) < 0.01 and record["ratio"] == record["extra"] / record["minimum"]
+    assert "minimum (the Muon move) in whole matrices" in "\n".join(lines)
+    assert json.loads(out.read_text()) == record
+
+
+def test_muon_cost_per_newton_schulz_method():
+    """--ns-methods adds osp_jax's Muon with each method; Polar Express costs what the quintic costs,
+    Gram Newton–Schulz less (the smoke tree's MLP matrices are wide: 64 x 176)."""
+    cost = [json.loads(line) for line in _run("benchmarks/muon.py", "--smoke", "--cost",
+                                               "--ns-methods=quintic,polar_express,gram") if line.startswith("{")]
+    flops = {r["optimizer"]: r["gflops"] for r in cost}
+    assert set(flops) == {"osp_jax.muon", "osp_jax.muon (polar_express)", "osp_jax.muon (gram)", "optax.contrib.muon",
+                          "optax.adamw"}
+    assert flops["osp_jax.muon (polar_express)"] == flops["osp_jax.muon"] > flops["osp_jax.muon (gram)"]
+
+
+def test_ns_methods_report_regenerates_from_the_committed_results():
+    """experiments/ns_methods.py's report from experiments/results/ns_methods_cpu.json: every method,
+    shape, input and step count has a row entry; the FLOPs and losses docs/benchmarks.md quotes."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import ns_methods
+
+    results = json.loads((ROOT / "experiments" / "results" / "ns_methods_cpu.json").read_text())
+    assert len(results["accuracy"]) == len(ns_methods.SHAPES) * len(ns_methods.KINDS) * 3 * len(ns_methods.STEPS)
+    text = ns_methods.report(results)
+    for method in ("quintic", "polar_express", "gram"):
+        assert text.count(f"| {method} |") == len(ns_methods.SHAPES) * len(ns_methods.KINDS) + 1
+    assert "| osp_jax.muon (gram) | 55,933.0 | 0.864 |" in text
+    assert "| 5.3099 ± 0.0283 | 5.3286, 5.2773, 5.3239 |" in text

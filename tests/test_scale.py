@@ -91,6 +91,8 @@ def test_op_splits_newton_schulz_flops():
 
 
 def _step_collective_bytes(optimizer, mesh_sizes) -> int:
+    """Collective bytes per device of the tiny recipe's step (the OSP model: SSNorm, EmbProj) with
+    `optimizer`."""
     from benchmarks.step_time import collectives
 
     sizes = {**ONE, **mesh_sizes}
@@ -110,3 +112,62 @@ def test_newton_schulz_is_split_by_matrix_on_fsdp_and_tp(mesh_sizes, limit):
     print(f"\n{mesh_sizes}: collectives per device (static), Muon step {muon_bytes / 2**20:.2f} MiB, "
           f"AdamW step {adamw_bytes / 2**20:.2f} MiB")
     assert muon_bytes < limit * adamw_bytes, (muon_bytes, adamw_bytes)
+
+
+# The pod-scale issue's bound: what Muon adds to the step's collectives, at most 1.25 x the least it has
+# to move (benchmarks/collectives.py: the momentum to whole matrices split over the Newton–Schulz axes
+# and the update back). The compiled CPU program moves bfloat16 collectives as float32, so its figures
+# are held to the float32 minimum (docs/benchmarks.md).
+BOUND = 1.25
+BOUND_MESHES = [{"fsdp": 4, "op": 2}, {"dp": 2, "fsdp": 2, "tp": 2}]
+
+
+def _minimum(cfg):
+    from benchmarks.collectives import minimum
+
+    return minimum(cfg, dtype_bytes=4)
+
+
+@pytest.mark.parametrize("mesh_sizes", BOUND_MESHES, ids=["fsdp4xop2", "dp2xfsdp2xtp2"])
+def test_muon_update_moves_at_most_the_bound_over_the_minimum(mesh_sizes):
+    """The tiny recipe's optimizer update in its train-state shardings: its all-to-alls and all-gathers
+    (AdamW's part has none) are Muon's moves. Whole matrices cannot be shared more finely than the
+    minimum's rounding to whole matrices; below the fractional minimum would be a miscount."""
+    from benchmarks.step_time import collectives
+    from osp_jax.model import Transformer
+    from osp_jax.optim import make_optimizer
+    from osp_jax.train import abstract_state, state_shardings
+
+    sizes = {**ONE, **mesh_sizes}
+    cfg = _config(sizes, "tiny")
+    mesh = _mesh(sizes)
+    model = Transformer(cfg.model)
+    tx, _ = make_optimizer(cfg, mesh)
+    sh = state_shardings(cfg, model, tx, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = abstract_state(cfg, model, tx, sh)
+        update = jax.jit(tx.update, in_shardings=(sh.params, sh.opt_state, sh.params),
+                         out_shardings=(sh.params, sh.opt_state))
+        kinds = collectives(update.lower(state.params, state.opt_state, state.params).compile().as_text())
+    moved = kinds["all-to-all"]["bytes"] + kinds["all-gather"]["bytes"]
+    least = _minimum(cfg)
+    print(f"\n{mesh_sizes}: Muon update moves {moved / 2**10:.1f} KiB per device (float32 on CPU); minimum "
+          f"{least['whole_matrices'] / 2**10:.1f} KiB in whole matrices, {least['total'] / 2**10:.1f} fractional")
+    assert least["total"] <= moved <= BOUND * least["whole_matrices"], (moved, least["whole_matrices"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_sizes", BOUND_MESHES, ids=["fsdp4xop2", "dp2xfsdp2xtp2"])
+def test_osp_step_moves_at_most_the_bound_over_adamw(mesh_sizes, capfd):
+    """The full train step, the tiny recipe: the OSP step against AdamW on the same (OSP) model moves at
+    most the bound over the minimum, and neither compile replicates anything by surprise ("Involuntary
+    full rematerialization", XLA's warning on stderr)."""
+    moved = {name: _step_collective_bytes(name, mesh_sizes) for name in ("adamw", "muon")}
+    warnings = capfd.readouterr().err.count("Involuntary full rematerialization")
+    least = _minimum(_config({**ONE, **mesh_sizes}, "tiny"))
+    extra = moved["muon"] - moved["adamw"]
+    print(f"\n{mesh_sizes}: OSP step {moved['muon'] / 2**20:.2f} MiB, AdamW on the OSP model "
+          f"{moved['adamw'] / 2**20:.2f} MiB per device; Muon's extra {extra / least['whole_matrices']:.3f} x "
+          f"the minimum; {warnings} rematerialisation warnings")
+    assert warnings == 0
+    assert least["total"] <= extra <= BOUND * least["whole_matrices"], (extra, least["whole_matrices"])
