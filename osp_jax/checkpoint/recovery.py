@@ -79,6 +79,16 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
                 self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         super().close()
 
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        # A read TensorStore finishes after the loop closed hands its result to a future nothing waits for any more
+        # (it was cancelled above): drop it rather than raise "Event loop is closed" in TensorStore's thread.
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
 
 class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
