@@ -274,7 +274,7 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
 
     from osp_jax.checkpoint import Checkpointer
     from osp_jax.model import DTYPES
-    from osp_jax.optim import make_optimizer
+    from osp_jax.optim import make_optimizer, schedules_at
     from osp_jax.step import TrainState
 
     if optimizer not in ("adamw", "muon"):
@@ -302,7 +302,9 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
 
     params = jax.tree.map(jnp.asarray, params)
     tx, _ = make_optimizer(config)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
+    # The schedules at `step`; the moments' own counts stay 0: they are fresh (optim.schedules_at).
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                       opt_state=schedules_at(tx.init(params), step),
                        rng=jax.random.key_data(jax.random.key(seed)), bad_steps=jnp.zeros([], jnp.int32))
     with staged_directory(workdir, overwrite=False, flag="--workdir") as tmp:
         write_json(os.path.join(tmp, "config.json"), config.to_dict())

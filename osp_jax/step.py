@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from osp_jax import metrics as metrics_lib
 from osp_jax.model import LINEAR_INPUTS, Transformer, precast_weights
+from osp_jax.optim import schedules_at
 
 
 class TrainState(NamedTuple):
@@ -80,7 +81,8 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     loss and gradient are the mean over the batch's unmasked tokens, each micro-batch weighted by its own.
 
     A step whose loss or gradients are not finite changes nothing but the step and bad-step
-    counters: parameters and optimizer state are kept, so a NaN never reaches a checkpoint.
+    counters: parameters and optimizer state are kept, so a NaN never reaches a checkpoint. The learning-rate
+    schedules read `state.step` (`optim.schedules_at`), so a skipped step moves them on all the same.
     """
     step_tokens = jnp.maximum(_loss_mask(batch).sum(), 1.0)  # counted from the batch, before any forward pass
     grad_fn = jax.value_and_grad(lambda p, b: _forward_loss(model, p, b, pack_mask, step_tokens))
@@ -110,7 +112,7 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state, grads):
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        updates, new_opt_state = tx.update(grads, schedules_at(opt_state, state.step), params)
         return optax.apply_updates(params, updates), new_opt_state
 
     # A branch, not `where(finite, new, old)` on every leaf: the select kept the old optimizer state

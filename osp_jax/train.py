@@ -130,6 +130,8 @@ def _log_step(run: Run, step: int, state, device_metrics: dict, skipped: int) ->
     outlier statistics where due; written to the metrics files and, on process 0, printed."""
     t = run.config.train
     record = {k: float(v) for k, v in device_metrics.items() if k != "bad_steps"}
+    # The rates the step's update applied: the schedules read the train state's step, step - 1 before this
+    # step (optim.schedules_at). A skipped step (record["skipped"]) applied none.
     record.update({name: float(fn(step - 1)) for name, fn in run.schedules.items()})
     if step > run.start_step + 1:
         record.update(run.throughput.measure(step))

@@ -305,6 +305,50 @@ def test_export_import_export_is_byte_identical_and_resumable(tmp_path, tokenize
     assert (meta["eos_id"], meta["pad_id"], meta["tokenizer"]) == (0, 1, "tokenizer.json")
 
 
+def test_import_at_a_step_trains_on_with_the_schedule_at_that_step(small_run, tmp_path):
+    """`--from-hf --step=50`: the checkpoint's schedules stand at step 50 and the moments' counts at 0 (they
+    are fresh), so the first step applies the schedules' rates at step 50, the ones train logs for it: the
+    update equals one from constant rates of those values. (It applied step 0's, 0 in the warmup.)"""
+    import ml_collections
+
+    from osp_jax import config as config_lib
+    from osp_jax.step import init_state, train_step
+
+    workdir = str(tmp_path / "imported")
+    assert ex.main([f"--from-hf={_hf_dir(tmp_path, small_run)}", f"--workdir={workdir}", "--step=50",
+                    "--optimizer=muon"]) == 0
+    cfg = config_lib.from_dict(json.load(open(os.path.join(workdir, "config.json"))))
+    model = Transformer(cfg.model)
+    tx, schedules = make_optimizer(cfg)
+    shapes = jax.eval_shape(lambda k: init_state(cfg, model, tx, k), jax.random.key(0))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=3) as ckpt:
+        step, state = ckpt.restore(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                                                shapes))
+    assert step == 50 and int(state.step) == 50
+    counts = {}
+    for node in jax.tree.leaves(state.opt_state, is_leaf=lambda n: "count" in getattr(n, "_fields", ())):
+        counts.setdefault(type(node).__name__, set()).add(int(node.count))
+    assert counts == {"ScaleByScheduleState": {50}, "ScaleByAdamState": {0}, "ScaleByMuonState": {0}}, counts
+
+    tokens = np.random.RandomState(0).randint(0, VOCAB, (2, SEQ + 1))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((2, SEQ), np.int32),
+             "positions": np.tile(np.arange(SEQ), (2, 1))}
+    const = ml_collections.ConfigDict(cfg.to_dict())
+    const.optimizer.schedule, const.optimizer.warmup_steps = "constant", 0
+    const.optimizer.learning_rate = float(schedules["learning_rate"](50))
+    const.optimizer.muon_learning_rate = float(schedules["muon_learning_rate"](50))
+    assert 0 < const.optimizer.learning_rate < cfg.optimizer.learning_rate  # on the cosine, after the warmup
+    ref_tx, _ = make_optimizer(const)
+    fresh = state._replace(step=jnp.int32(0), opt_state=ref_tx.init(state.params))
+    got, _ = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx))(state, batch)
+    want, _ = jax.jit(lambda s, b: train_step(s, b, model=model, tx=ref_tx))(fresh, batch)
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(state.params)))
+    assert moved > 1e-4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), got.params, want.params)
+
+
 def test_import_reads_bin_and_matches_safetensors(tmp_path, tokenizer_file):
     config = make_config("channel", False, False, False)
     workdir = make_workdir(str(tmp_path / "run"), config, make_params(config, 7), tokenizer_file, opt_state=False)

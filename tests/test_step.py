@@ -73,6 +73,68 @@ def test_accumulated_micro_batches_equal_one_batch(optimizer, batch):
     np.testing.assert_allclose(got_seen[0][0], _f64_losses(model, params, first)[mask].mean(), rtol=1e-6)
 
 
+def _one_step(cfg, tx, state, batch):
+    return jax.jit(functools.partial(train_step, model=Transformer(cfg.model), tx=tx))(state, batch)
+
+
+def _constant_rates(cfg, schedules, step: int):
+    """`cfg` with constant learning rates: the values of `schedules` at `step`."""
+    const = _config(optimizer=cfg.optimizer.name)
+    const.optimizer.schedule = "constant"
+    const.optimizer.learning_rate = float(schedules["learning_rate"](step))
+    if "muon_learning_rate" in schedules:
+        const.optimizer.muon_learning_rate = float(schedules["muon_learning_rate"](step))
+    return const
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_skipped_steps_leave_the_schedule_on_the_logged_step(optimizer):
+    """Two non-finite steps, then a finite one: its update is the one constant learning rates at the
+    schedules' values for step 2 give (what train logs for step 3: fn(step - 1)), not step 0's (0 in the
+    warmup). The moments' own counts stay at the one update they saw."""
+    cfg = _config(optimizer=optimizer)
+    cfg.optimizer.warmup_steps = 4
+    model = Transformer(cfg.model)
+    tx, schedules = make_optimizer(cfg)
+    state = init_state(cfg, model, tx, jax.random.key(0))
+    poisoned = _batch(cfg)
+    poisoned["inputs"] = jnp.full_like(poisoned["inputs"], cfg.model.vocab_size + 7)  # embedded as NaN
+    for _ in range(2):
+        state, metrics = _one_step(cfg, tx, state, poisoned)
+        assert int(metrics["skipped"]) == 1
+    state, metrics = _one_step(cfg, tx, state, _batch(cfg))
+    assert int(metrics["skipped"]) == 0 and int(state.step) == 3
+
+    const = _constant_rates(cfg, schedules, int(state.step) - 1)
+    assert 0 < const.optimizer.learning_rate < cfg.optimizer.learning_rate  # inside the warmup
+    ref_tx, _ = make_optimizer(const)
+    ref, _ = _one_step(const, ref_tx, init_state(const, model, ref_tx, jax.random.key(0)), _batch(cfg))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), state.params, ref.params)
+    counts = {}
+    for node in jax.tree.leaves(state.opt_state, is_leaf=lambda n: "count" in getattr(n, "_fields", ())):
+        counts.setdefault(type(node).__name__, set()).add(int(node.count))
+    assert counts["ScaleByScheduleState"] == {3} and counts["ScaleByAdamState"] == {1}, counts
+
+
+def test_schedules_at_reaches_the_schedules_of_any_optax_chain():
+    """Optax's two ways to schedule (scale_by_schedule, under every optimizer given a schedule; and
+    inject_hyperparams) read the step given, at any depth; Adam's bias-correction count is left alone."""
+    import optax
+
+    from osp_jax.optim import schedules_at
+
+    ramp = optax.linear_schedule(0.0, 1.0, 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(learning_rate=ramp),
+                     optax.sgd(ramp))
+    params = {"w": jnp.ones(3)}
+    updates, state = tx.update({"w": jnp.full(3, 0.5)}, schedules_at(tx.init(params), 7), params)
+    inject = state[1]
+    np.testing.assert_allclose(float(inject.hyperparams["learning_rate"]), 0.7, rtol=1e-6)
+    assert int(inject.count) == 8 and int(inject.inner_state[0].count) == 1  # Adam's: one update seen
+    # Adam's first step is -lr * g / |g| = -0.7; sgd then scales it by -0.7, its rate at step 7 too.
+    np.testing.assert_allclose(np.asarray(updates["w"]), 0.49, rtol=1e-5)
+
+
 def test_precast_weights_casts_the_matmul_weights_only():
     cfg = small_config(dtype="bfloat16")
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(abstract_params(cfg.model)))
