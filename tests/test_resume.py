@@ -647,3 +647,37 @@ def test_a_data_position_is_applied_only_to_the_data_it_was_saved_on(tmp_path, c
             ckpt.restore(_tiny_target(), data_iterator=moved)
         assert "data.path '/data/a' -> '/mnt/a', the same content" in caplog.text
         assert all(np.array_equal(a, b) for a, b in zip(_next_global([moved]), want))
+
+
+@pytest.mark.slow
+def test_a_resume_onto_another_process_count_reads_on_from_the_same_position(tmp_path):
+    """Two processes -> one, and one -> two (gloo, two CPU devices in all): a run's checkpoint at step 4, resumed
+    on the other process count, trains steps 5 and 6 on the batches the run that stayed trained them on (the same
+    losses), where it used to warn and start the data again."""
+    import shutil
+
+    flags = [*SMALL, "--config.train.steps=6", "--config.train.checkpoint_every=4", "--config.mesh.fsdp=-1",
+             "--config.optimizer.decay_steps=6"]
+
+    def launch(workdir, processes):
+        port = _free_port()
+        dist = lambda i: dict(OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES=str(processes),
+                              OSP_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+        return [start_cli(workdir, *flags, devices=2 // processes, **(dist(i) if processes > 1 else {}))
+                for i in range(processes)]
+
+    stayed = {"two": launch(tmp_path / "two", 2), "one": launch(tmp_path / "one", 1)}
+    for procs in stayed.values():
+        for p in procs:
+            _finish(p)
+    moved = {}
+    for name, other in (("two", 1), ("one", 2)):
+        workdir = tmp_path / f"{name}-then-{other}"
+        shutil.copytree(tmp_path / name, workdir)
+        shutil.rmtree(workdir / "checkpoints" / "6")
+        moved[name] = (workdir, launch(workdir, other))
+    for name, (workdir, procs) in moved.items():
+        out = [_finish(p) for p in procs][0]
+        assert "resumed from step 4" in out and "goes on in this job's" in out, out[-3000:]
+        want, got = _losses(tmp_path / name), _losses(workdir)
+        np.testing.assert_allclose([got[5], got[6]], [want[5], want[6]], rtol=1e-5, err_msg=name)
