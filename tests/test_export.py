@@ -411,13 +411,13 @@ def _error(capsys):
 
 def test_no_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert ex.main([f"--workdir={tmp_path / 'empty'}", f"--output={tmp_path / 'out'}"]) == 1
+    assert ex.main([f"--workdir={tmp_path / 'empty'}", f"--output={tmp_path / 'out'}"]) == 2
     assert "no checkpoint in" in _error(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_step_lists_the_steps_there_are(small_run, tmp_path, capsys):
-    assert ex.main([f"--workdir={small_run}", "--step=3", f"--output={tmp_path / 'out'}"]) == 1
+    assert ex.main([f"--workdir={small_run}", "--step=3", f"--output={tmp_path / 'out'}"]) == 2
     err = _error(capsys)
     assert "step 3" in err and "[2, 4]" in err
     assert ex.main([f"--workdir={small_run}", "--step=2", f"--output={tmp_path / 'out'}"]) == 0
@@ -427,7 +427,7 @@ def test_non_empty_output_needs_overwrite(small_run, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert ex.main([f"--workdir={small_run}", f"--output={out}"]) == 1
+    assert ex.main([f"--workdir={small_run}", f"--output={out}"]) == 2
     assert "not empty" in _error(capsys) and (out / "keep.txt").read_text() == "mine"
     assert ex.main([f"--workdir={small_run}", f"--output={out}", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
@@ -445,7 +445,7 @@ def test_output_that_would_delete_the_run_is_refused(small_run, tmp_path, capsys
                         (tmp_path / "alias" / "run", "is --workdir"), (f"{workdir}/sub/..", "is --workdir"),
                         (workdir / "checkpoints", "own checkpoints"),
                         (workdir / "checkpoints" / "4", "own checkpoints")):
-        assert ex.main([f"--workdir={workdir}", f"--output={output}", "--overwrite"]) == 1, output
+        assert ex.main([f"--workdir={workdir}", f"--output={output}", "--overwrite"]) == 2, output
         assert why in _error(capsys), output
         assert sorted(os.listdir(workdir)) == before and restore_params_only(str(workdir))[0] == 4
     assert ex.main([f"--workdir={workdir}", f"--output={workdir / 'hf'}", "--overwrite"]) == 0
@@ -456,7 +456,7 @@ def test_import_refuses_to_write_over_its_source(small_run, tmp_path, capsys):
     out = _hf_dir(tmp_path, small_run)
     before = read_dir(out)
     for workdir, why in ((out, "is --from-hf"), (tmp_path, "contains --from-hf")):
-        assert ex.main([f"--from-hf={out}", f"--workdir={workdir}"]) == 1
+        assert ex.main([f"--from-hf={out}", f"--workdir={workdir}"]) == 2
         assert why in _error(capsys)
     assert read_dir(out) == before
 
@@ -482,7 +482,7 @@ def test_cli_runs_as_a_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "osp_jax.export", f"--workdir={tmp_path / 'nothing'}",
                            f"--output={tmp_path / 'out'}"], capture_output=True, text=True, timeout=60,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("osp_jax.export: error: --workdir=")
 
 
@@ -517,32 +517,32 @@ def test_import_refuses_a_malicious_pickle(small_run, tmp_path, capsys):
     torch.save({"x": _Payload(live)}, str(tmp_path / "live.bin"))
     torch.load(str(tmp_path / "live.bin"), weights_only=False)
     assert os.path.exists(live)
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'imported'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'imported'}"]) == 2
     assert "weights_only=True" in _error(capsys)
     assert not os.path.exists(marker) and not (tmp_path / "imported").exists()
 
 
 def test_import_refuses_remote_code_and_other_architectures(small_run, tmp_path, capsys):
     out = _hf_dir(tmp_path, small_run, auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 2
     assert "auto_map" in _error(capsys) and not (tmp_path / "a").exists()
     cfg = json.load(open(out / "config.json"))
     del cfg["auto_map"]
     cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (out / "config.json").write_text(json.dumps(cfg))
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 2
     assert "only Llama" in _error(capsys) and not (tmp_path / "b").exists()
 
 
 def test_import_names_a_weight_whose_shape_the_config_contradicts(small_run, tmp_path, capsys):
     out = _hf_dir(tmp_path, small_run, num_key_value_heads=4)  # the weights have 2 KV heads of 12
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 2
     err = _error(capsys)
     assert "model.layers.0.self_attn.k_proj.weight has shape [24, 48]" in err and "implies [48, 48]" in err
     cfg = json.load(open(out / "config.json"))
     cfg.update(num_key_value_heads=2, intermediate_size=32)  # 64 in the weights: only a transpose, no reshape
     (out / "config.json").write_text(json.dumps(cfg))
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 2
     assert "mlp.gate_proj.weight has shape [64, 48]" in _error(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -552,7 +552,7 @@ def test_import_names_a_missing_or_unreadable_weight_file(small_run, tmp_path, c
     ex.export(small_run, str(out), dtype="float32", max_shard_size="10KB")
     shard = sorted(json.load(open(out / ex.INDEX_FILE))["weight_map"].values())[-1]
     os.remove(out / shard)
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 2
     assert f"lists the shard {shard}, which is missing" in _error(capsys)
     for reader, name in ((ex.read_safetensors, "x.safetensors"), (ex._read_bin, "pytorch_model.bin")):
         with pytest.raises(ex.ExportError, match=f"cannot read .*{name}"):
