@@ -476,6 +476,10 @@ def test_failure_mid_write_leaves_no_output(small_run, tmp_path, monkeypatch):
         ex.export(small_run, str(tmp_path / "out"), max_shard_size="10KB")
     assert len(calls) == 2 and os.path.exists(calls[0]) is False
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
+    calls.clear()
+    with pytest.raises(OSError, match="simulated"):
+        ex.export(small_run, str(tmp_path / "new" / "parent" / "out"), max_shard_size="10KB")
+    assert list(tmp_path.iterdir()) == []  # nor the parents the export made for it
 
 
 def test_cli_runs_as_a_module(tmp_path):
