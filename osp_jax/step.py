@@ -111,8 +111,12 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
+    new_step = state.step + 1
+
     def update(params, opt_state, grads):
-        updates, new_opt_state = tx.update(grads, schedules_at(opt_state, state.step), params)
+        # The schedules read new_step - 1, not state.step: reading the donated step inside the branch made
+        # XLA copy its buffer (test_the_skip_guard_updates_the_donated_state_in_place).
+        updates, new_opt_state = tx.update(grads, schedules_at(opt_state, new_step - 1), params)
         return optax.apply_updates(params, updates), new_opt_state
 
     # A branch, not `where(finite, new, old)` on every leaf: the select kept the old optimizer state
@@ -122,7 +126,7 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o, g: (p, o),
                                              state.params, state.opt_state, grads)
     new_state = TrainState(
-        step=state.step + 1,
+        step=new_step,
         params=new_params,
         opt_state=new_opt_state,
         rng=state.rng,
