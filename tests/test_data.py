@@ -385,3 +385,18 @@ def test_a_layout_the_streams_do_not_divide_is_refused(data_dir):
     with pytest.raises(StreamLayoutError, match="global_batch_size=6 does not split into the run's 4"):
         four.set_state({"stream_count": 4, "streams": {}})
     assert isinstance(StreamLayoutError("x"), pipeline.PipelineError)
+
+
+def test_an_unwritable_builtin_cache_is_one_data_error_naming_it(tmp_path, monkeypatch):
+    """train and evaluate both report a pipeline DataError in one line: the cache that cannot be written, and
+    OSP_JAX_CACHE (was a PermissionError traceback)."""
+    from osp_jax.data.sources import DataError
+
+    (tmp_path / "file").write_text("x")
+    for cache in (str(tmp_path / "file" / "cache"), "/sys/osp_jax_test_cache"):
+        if cache.startswith("/sys") and not os.path.isdir("/sys"):
+            continue
+        monkeypatch.setenv("OSP_JAX_CACHE", cache)
+        with pytest.raises(DataError, match=re.escape(cache) + r"/builtin-.*set OSP_JAX_CACHE to a writable"):
+            pipeline.resolve_data_dir("builtin")
+    assert os.listdir(tmp_path) == ["file"]

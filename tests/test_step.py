@@ -50,14 +50,17 @@ def _step(cfg, steps=2, batch=_batch):
     return seen, state
 
 
-@pytest.mark.parametrize("optimizer,batch", [("adamw", _batch), ("adamw", _padded_batch), ("muon", _padded_batch)])
-def test_accumulated_micro_batches_equal_one_batch(optimizer, batch):
+@pytest.mark.parametrize("optimizer,batch,model", [("adamw", _batch, {}), ("adamw", _padded_batch, {}),
+                                                   ("muon", _padded_batch, {}),
+                                                   ("adamw", _padded_batch, {"loss_fused": True, "loss_chunk": 8})])
+def test_accumulated_micro_batches_equal_one_batch(optimizer, batch, model):
     """Two micro-batches of 2 give the step one batch of 4 gives (every token counts, float32), also when
-    padding leaves them unequal token counts: the same loss and gradient norm over two steps (Adam's first
-    update does not see the gradient's scale, the norm does), and parameters equal to well within an
-    update (lr 3e-3). The first step's loss is the mean over the batch's unpadded tokens, in float64."""
-    want_seen, want = _step(_config(optimizer=optimizer), batch=batch)
-    got_seen, got = _step(_config(optimizer=optimizer, accum=2), batch=batch)
+    padding leaves them unequal token counts (and with model.loss_fused, whose weights the step gives before
+    the forward pass): the same loss and gradient norm over two steps (Adam's first update does not see the
+    gradient's scale, the norm does), and parameters equal to well within an update (lr 3e-3). The first
+    step's loss is the mean over the batch's unpadded tokens, in float64."""
+    want_seen, want = _step(_config(optimizer=optimizer, **model), batch=batch)
+    got_seen, got = _step(_config(optimizer=optimizer, accum=2, **model), batch=batch)
     np.testing.assert_allclose(got_seen, want_seen, rtol=1e-5)
     cfg = _config(optimizer=optimizer)
     model = Transformer(cfg.model)
