@@ -653,11 +653,13 @@ def test_a_data_position_is_applied_only_to_the_data_it_was_saved_on(tmp_path, c
 def test_a_resume_onto_another_process_count_reads_on_from_the_same_position(tmp_path):
     """Two processes -> one, and one -> two (gloo, two CPU devices in all): a run's checkpoint at step 4, resumed
     on the other process count, trains steps 5 and 6 on the batches the run that stayed trained them on (the same
-    losses), where it used to warn and start the data again."""
+    losses), where it used to warn and start the data again. Validation reads the whole split once on either
+    layout (more batches asked for than it fills; each process its own documents, the counts made equal with
+    padding), so the validation loss at step 6 is the same too."""
     import shutil
 
     flags = [*SMALL, "--config.train.steps=6", "--config.train.checkpoint_every=4", "--config.mesh.fsdp=-1",
-             "--config.optimizer.decay_steps=6"]
+             "--config.optimizer.decay_steps=6", "--config.train.eval_every=6", "--config.train.eval_batches=1000"]
 
     def launch(workdir, processes):
         port = _free_port()
@@ -681,3 +683,25 @@ def test_a_resume_onto_another_process_count_reads_on_from_the_same_position(tmp
         assert "resumed from step 4" in out and "goes on in this job's" in out, out[-3000:]
         want, got = _losses(tmp_path / name), _losses(workdir)
         np.testing.assert_allclose([got[5], got[6]], [want[5], want[6]], rtol=1e-5, err_msg=name)
+        val = [[r["val_loss"] for r in read_metrics(w) if r["step"] == 6][-1] for w in (tmp_path / name, workdir)]
+        np.testing.assert_allclose(val[1], val[0], rtol=1e-5, err_msg=name)
+        assert "fills only" in out
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_data_position_of_another_seed_unless_a_restart_is_allowed(tmp_path):
+    """Resumed with another train.seed: exit 2, one line naming the key, its old and new value and
+    train.allow_data_restart, the workdir's config.json as it was; with the key set, the run goes on from
+    the checkpoint with the data started again, and says so."""
+    workdir = tmp_path / "run"
+    _finish(start_cli(workdir, *SMALL, "--config.train.steps=2"))
+    config = (workdir / "config.json").read_text()
+    proc = start_cli(workdir, *SMALL, "--config.train.steps=3", "--config.train.seed=1")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("osp_jax.train: config error: checkpoint step 2") and "train.seed 0 -> 1" in last, last
+    assert "set train.allow_data_restart=True" in last and (workdir / "config.json").read_text() == config
+    out = _finish(start_cli(workdir, *SMALL, "--config.train.steps=3", "--config.train.seed=1",
+                            "--config.train.allow_data_restart=True"))
+    assert "resumed from step 2" in out and "the data starts again from its beginning" in out
