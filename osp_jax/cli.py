@@ -71,13 +71,21 @@ def guarded(prog: str, fn: Callable[[], Any], labels: Mapping[type, str]) -> int
     return EXIT_OK
 
 
-def absl_flags_parser(prog: str, label: str = "config error") -> Callable[[list[str]], list[str]]:
+def absl_flags_parser(prog: str, label: str = "config error", recipe_flag: str | None = "config"
+                      ) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for absl's `app.run`: what absl leaves as a traceback or a bare "FATAL" (a
     malformed flag, an unknown or misspelt `--config.KEY` of ml_collections' config flags, a value of
-    the wrong type) becomes one line, `prog: LABEL: ...`, with exit code 2."""
+    the wrong type) becomes one line, `prog: LABEL: ...`, with exit code 2. The recipe file of
+    `--RECIPE_FLAG` is loaded first (`check_recipe`), so that one that fails to load is named as such."""
     from absl import flags
 
     def parse(argv: list[str]) -> list[str]:
+        spec = _flag_value(argv, recipe_flag) if recipe_flag else None
+        if spec is not None:
+            try:
+                check_recipe(spec, f"--{recipe_flag}")
+            except UserError as e:
+                die(prog, f"{label}: {e}")
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
@@ -89,6 +97,102 @@ def absl_flags_parser(prog: str, label: str = "config error") -> Callable[[list[
             die(prog, f"{label}: {one_line(e)} (in {' '.join(argv[1:])})")
 
     return parse
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name=VALUE` (or `--name VALUE`) in `argv`, the last one given; None if absent."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def check_recipe(spec: str, flag: str = "--config") -> None:
+    """Raises UserError naming the recipe file `spec` (`FILE.py` or `FILE.py:ARG`, as ml_collections' config
+    flags take it) and why, unless it loads and its `get_config(ARG)` returns a config: missing, not a file,
+    empty, a syntax error (with its line), an exception while it runs (its type, message and line), no
+    get_config, or a get_config that returns something else. The recipe runs here once more than it will."""
+    import importlib.util
+    import traceback
+
+    import ml_collections
+
+    path, _, arg = spec.partition(":")
+    where = f"{flag}={spec}"
+    p = epath.Path(path)
+    if not p.exists():
+        raise UserError(f"{where}: no such file")
+    if p.is_dir():
+        raise UserError(f"{where}: a directory, expected a Python file defining get_config()")
+    if not p.read_bytes().strip():
+        raise UserError(f"{where}: the file is empty, expected Python defining get_config()")
+    try:
+        module_spec = importlib.util.spec_from_file_location("osp_jax_recipe_check", os.fspath(p))
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if get_config is None:
+            raise UserError(f"{where}: the file defines no get_config()")
+        config = get_config(arg) if arg else get_config()
+    except UserError:
+        raise
+    except SyntaxError as e:
+        raise UserError(f"{where}: line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the recipe raises is the user's to fix
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == os.fspath(p)]
+        at = f" line {lines[-1]}:" if lines else ""
+        raise UserError(f"{where}:{at} {type(e).__name__} while loading it: {one_line(e)}") from None
+    if not isinstance(config, (Mapping, ml_collections.ConfigDict)):
+        raise UserError(f"{where}: get_config() returned {type(config).__name__}, expected a ConfigDict")
+
+
+def check_output_dir(path, flag: str) -> None:
+    """Raises UserError unless `path` can be written as a directory: it is one, or it does not exist and its
+    nearest existing ancestor is a directory (the missing ones are made when it is written); and that directory
+    takes a file. Tried by writing and removing a probe file: permission bits do not tell (root, read-only mounts,
+    ACLs). On an object store (gs://) only a file at the path itself is refused; the store checks the rest."""
+    p = epath.Path(path)
+    where = f"{flag}={path}"
+    if not is_local(p):
+        if p.is_file():
+            raise UserError(f"{where} exists and is not a directory")
+        return
+    target = os.path.abspath(os.fspath(p))
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise UserError(f"{where} exists and is not a directory")
+        probe_dir = target
+    else:
+        probe_dir = os.path.dirname(target)
+        while not os.path.lexists(probe_dir):
+            probe_dir = os.path.dirname(probe_dir)
+        if not os.path.isdir(probe_dir):
+            raise UserError(f"{where} cannot be made: {probe_dir} is a file, not a directory")
+    probe = os.path.join(probe_dir, f".osp_jax-write-check-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "xb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{where} cannot be written: {probe_dir} is not writable ({e.strerror or one_line(e)})") from None
+
+
+def check_input_file(path, what: str) -> None:
+    """Raises UserError naming `what` and `path` unless it is a non-empty file."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise UserError(f"{what} {path} not found")
+    if p.is_dir():
+        raise UserError(f"{what} {path} is a directory, expected a file")
+    try:
+        size = p.stat().length
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or one_line(e)}") from None
+    if size == 0:
+        raise UserError(f"{what} {path} is empty")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,7 +274,8 @@ def read_json(path, what: str = "file", error: type[Exception] = UserError) -> d
     except UnicodeDecodeError:
         raise error(f"{what} {path} is not UTF-8 text") from None
     except ValueError as e:
-        raise error(f"{what} {path} is not valid JSON: {e}") from None
+        why = "is empty" if not text.strip() else f"is not valid JSON (truncated or corrupt?): {e}"
+        raise error(f"{what} {path} {why}") from None
     if not isinstance(value, dict):
         raise error(f"{what} {path} holds a JSON {type(value).__name__}, expected an object")
     return value

@@ -109,6 +109,8 @@ def defaults() -> ConfigDict:
     c.train.async_checkpointing = True
     c.train.outlier_every = 50       # kurtosis / max|act| on a fixed held-out batch; 0 disables
     c.train.max_bad_steps = 10       # consecutive non-finite steps before training stops
+    c.train.allow_data_restart = False  # a resume that cannot go on from the saved data position (other data,
+                                        # seed, or layout) starts the data again instead of stopping
     c.train.peak_tflops = ml_collections.config_dict.placeholder(float)  # per device; None: looked up from the device kind
     c.train.tensorboard = True
     # JAX's persistent compilation cache (osp_jax.compilation_cache): a local or gs:// directory; '' off.

@@ -44,7 +44,7 @@ if __name__ == "__main__":  # conversion is host work: keep JAX (and its memory)
 import ml_dtypes  # before safetensors reads or writes bfloat16 through NumPy
 import numpy as np
 
-from osp_jax import roles
+from osp_jax import cli, roles
 from osp_jax.hf_io import (BIN_FILE, BIN_INDEX_FILE, INDEX_FILE, PROG, RECIPE_FILE, SAFETENSORS_METADATA,  # noqa: F401
                            SINGLE_FILE, ExportError, check_not_clobbering, check_output, check_params, read_json,
                            say, staged_directory, write_json)
@@ -365,6 +365,7 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     check_not_clobbering(output, workdir, "--output", "--workdir", keep=RUN_ENTRIES)
     check_output(output, overwrite)
+    cli.check_output_dir(output, "--output")
     if not os.path.isdir(workdir):
         raise ExportError(f"--workdir={workdir} is not a directory")
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -432,22 +433,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.from_hf:
+        if args.output:
+            raise ExportError("--from-hf imports into --workdir; --output is for export only")
+        import_hf(args.from_hf, args.workdir, step=args.step or 0, optimizer=args.optimizer)
+    else:
+        if not args.output:
+            raise ExportError("--output=HF_DIR is required to export (or pass --from-hf=HF_DIR to import)")
+        export(args.workdir, args.output, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+               max_shard_size=args.max_shard_size)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The exit status: 0, 2 for bad input (one line naming it: ExportError, or any cli.UserError), 130 on
+    Ctrl-C."""
     args = _parser().parse_args(argv)
-    try:
-        if args.from_hf:
-            if args.output:
-                raise ExportError("--from-hf imports into --workdir; --output is for export only")
-            import_hf(args.from_hf, args.workdir, step=args.step or 0, optimizer=args.optimizer)
-        else:
-            if not args.output:
-                raise ExportError("--output=HF_DIR is required to export (or pass --from-hf=HF_DIR to import)")
-            export(args.workdir, args.output, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
-                   max_shard_size=args.max_shard_size)
-    except ExportError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return cli.guarded(PROG, lambda: _run(args), {cli.UserError: "error"})
 
 
 if __name__ == "__main__":

@@ -98,8 +98,9 @@ def read_safetensors(path: str) -> LazyTensors:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with open(path, "rb"):  # the OS's own reason for a missing file or a directory
-            pass
+        with open(path, "rb") as f:  # the OS's own reason for a missing file or a directory
+            if not f.read(1):
+                raise ExportError(f"{path} is empty: expected a safetensors file")
         with safe_open(path, framework="np") as f:
             dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
     except OSError as e:
@@ -235,28 +236,39 @@ def osp_params(weights: Mapping[str, np.ndarray], config, param_dtype) -> dict:
     return params
 
 
-def _import_tokenizer(hf_dir: str, hf: dict, out_dir: str) -> None:
-    """Copies tokenizer.json and writes data_metadata.json, the note export reads the special ids from."""
+def _tokenizer_note(hf_dir: str, hf: dict) -> dict | None:
+    """data_metadata.json for the import (the note export reads the special ids from), from HF_DIR's
+    tokenizer.json and generation_config.json, read before any weight is; None without a tokenizer.json."""
     src = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.isfile(src):
         say(f"warning: {hf_dir} has no tokenizer.json; the workdir gets no tokenizer (export will warn too)")
-        return
-    shutil.copyfile(src, os.path.join(out_dir, "tokenizer.json"))
+        return None
     import tokenizers
 
-    tok = tokenizers.Tokenizer.from_file(src)
+    try:
+        tok = tokenizers.Tokenizer.from_file(src)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        why = "is empty" if os.path.getsize(src) == 0 else f"cannot be read ({cli.one_line(e)})"
+        raise ExportError(f"the tokenizer {src} {why}: expected a Hugging Face tokenizer.json") from None
     gen_path = os.path.join(hf_dir, "generation_config.json")
     gen = read_json(gen_path, "generation config") if os.path.isfile(gen_path) else {}
     special = lambda key: _first_id(hf.get(key) if hf.get(key) is not None else gen.get(key))
-    eos, bos, pad = special("eos_token_id"), special("bos_token_id"), special("pad_token_id")
-    write_json(os.path.join(out_dir, "data_metadata.json"), {
+    return {
         "format": "osp_jax.hf_import",
         "note": "written by osp_jax.export --from-hf: the imported model's tokenizer and special ids; "
                 "prepare training data with this tokenizer.json",
         "tokenizer": "tokenizer.json",
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-        "eos_id": eos, "bos_id": bos, "pad_id": pad,
-    })
+        "eos_id": special("eos_token_id"), "bos_id": special("bos_token_id"), "pad_id": special("pad_token_id"),
+    }
+
+
+def _import_tokenizer(hf_dir: str, note: dict | None, out_dir: str) -> None:
+    """Copies tokenizer.json and writes `note` (`_tokenizer_note`) as data_metadata.json."""
+    if note is None:
+        return
+    shutil.copyfile(os.path.join(hf_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
+    write_json(os.path.join(out_dir, "data_metadata.json"), note)
 
 
 def _write_recipe(path: str, config) -> None:
@@ -274,7 +286,7 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
 
     from osp_jax.checkpoint import Checkpointer
     from osp_jax.model import DTYPES
-    from osp_jax.optim import make_optimizer
+    from osp_jax.optim import make_optimizer, schedules_at
     from osp_jax.step import TrainState
 
     if optimizer not in ("adamw", "muon"):
@@ -285,6 +297,7 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
         raise ExportError(f"--from-hf={hf_dir} is not a directory")
     check_not_clobbering(workdir, hf_dir, "--workdir", "--from-hf")
     check_output(workdir, overwrite=False, flag="--workdir")
+    cli.check_output_dir(workdir, "--workdir")
     cfg_path = os.path.join(hf_dir, "config.json")
     hf = read_json(cfg_path, "Hugging Face config")
     _check_llama(hf, cfg_path)
@@ -294,6 +307,7 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
         raise ExportError(f"{cfg_path} lacks the key {e.args[0]!r} a Llama config needs") from None
     except (TypeError, ValueError) as e:
         raise ExportError(f"{cfg_path} holds a value of the wrong type: {e}") from None
+    note = _tokenizer_note(hf_dir, hf)
     weights = read_hf_weights(hf_dir)
     params = osp_params(weights, config, np.dtype(DTYPES[config.model.param_dtype]))
     del weights
@@ -302,11 +316,13 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
 
     params = jax.tree.map(jnp.asarray, params)
     tx, _ = make_optimizer(config)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
+    # The schedules at `step`; the moments' own counts stay 0: they are fresh (optim.schedules_at).
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                       opt_state=schedules_at(tx.init(params), step),
                        rng=jax.random.key_data(jax.random.key(seed)), bad_steps=jnp.zeros([], jnp.int32))
     with staged_directory(workdir, overwrite=False, flag="--workdir") as tmp:
         write_json(os.path.join(tmp, "config.json"), config.to_dict())
-        _import_tokenizer(hf_dir, hf, tmp)
+        _import_tokenizer(hf_dir, note, tmp)
         _write_recipe(os.path.join(tmp, RECIPE_FILE), config)
         ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), save_every=1, keep=config.train.keep_checkpoints,
                             async_save=False)

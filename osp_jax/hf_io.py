@@ -26,8 +26,8 @@ BIN_FILE, BIN_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
 RECIPE_FILE = "import_recipe.py"
 
 
-class ExportError(Exception):
-    """Bad input or an output that cannot be written; the message is one line for the user."""
+class ExportError(cli.UserError):
+    """Bad input or an output that cannot be written; the message is one line for the user (exit code 2)."""
 
 
 def say(msg: str) -> None:
@@ -75,6 +75,9 @@ def staged_directory(final: str, overwrite: bool, flag: str = "--output"):
     failure it is removed, so a partial output is never left behind."""
     final = os.path.abspath(final)
     parent = os.path.dirname(final)
+    made = []  # the missing ancestors this makes, removed again on a failure
+    while not os.path.lexists(os.path.dirname(made[-1] if made else final)):
+        made.append(os.path.dirname(made[-1] if made else final))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     os.mkdir(tmp)  # honours the umask, unlike tempfile.mkdtemp's 0700
@@ -98,6 +101,9 @@ def staged_directory(final: str, overwrite: bool, flag: str = "--output"):
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in made:  # innermost first; one something else wrote into meanwhile stays
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
         raise
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -51,6 +53,35 @@ def schedule(peak: float, config: ml_collections.ConfigDict, steps: int) -> opta
         [warm, warm + stable])
 
 
+def _counted(node) -> bool:
+    return isinstance(node, tuple) and "count" in getattr(node, "_fields", ())
+
+
+def schedules_at(opt_state, step):
+    """`opt_state` with the step every learning-rate schedule in it reads set to `step` (the train state's).
+
+    The train step calls it before each update, so the train state's step is the one counter the schedules
+    follow: a skipped (non-finite) step, which keeps the optimizer state, cannot make them lag it, and a
+    checkpoint imported at step N (`export --from-hf --step=N`) resumes at the schedule's step N. The other
+    counts are left as they are: Adam's bias correction and Muon's count the updates their moments have seen,
+    which after a skip or an import is fewer. Reaches optax's schedule states at any depth of any chain:
+    `scale_by_schedule`'s (every optax optimizer given a schedule, Muon's learning rate too) and
+    `inject_hyperparams`' (its own and its schedules'); a custom transform keeping a step elsewhere is not
+    reached."""
+    def at(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(step, node.count.dtype))
+        if isinstance(node, optax.InjectStatefulHyperparamsState):
+            hyper = jax.tree.map(lambda n: n._replace(count=jnp.asarray(step, n.count.dtype)) if _counted(n) else n,
+                                 node.hyperparams_states, is_leaf=_counted)
+            return node._replace(count=jnp.asarray(step, node.count.dtype), hyperparams_states=hyper,
+                                 inner_state=schedules_at(node.inner_state, step))
+        return node
+
+    schedule_state = (optax.ScaleByScheduleState, optax.InjectStatefulHyperparamsState)
+    return jax.tree.map(at, opt_state, is_leaf=lambda n: isinstance(n, schedule_state))
+
+
 # The mesh axes the Newton–Schulz work is split over: op, the paper's optimizer parallelism, and the
 # axes that already split the momentum (fsdp, tp). Left to the partitioner, an fsdp- or tp-split stack
 # ran Newton–Schulz split along its matrix dimensions, with collectives in every iteration (4.8 GB a
@@ -61,7 +92,8 @@ NS_SHARD_AXES = ("op", "fsdp", "tp")
 
 def make_optimizer(config: ml_collections.ConfigDict, mesh=None
                    ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
-    """The full update for `config` and the learning-rate schedules to log (name -> step -> lr)."""
+    """The full update for `config` and the learning-rate schedules to log (name -> step -> lr). The update
+    expects `schedules_at(opt_state, step)` (the train step does it): its schedules read that step."""
     o = config.optimizer
     steps = config.train.steps
     adam_lr = schedule(o.learning_rate, o, steps)

@@ -29,14 +29,11 @@ from osp_jax.partitioning import (check_mesh_fits, jit_eval_step, jit_init_state
                                   on_mesh, state_shardings, to_global)
 from osp_jax.profiling import StepProfiler
 from osp_jax.resume import restore_state
+# The data's half of the set-up, in its own module; these names stay importable here.
+from osp_jax.run_data import DataError, data_identity, log_epochs, make_data, same_batch_count  # noqa: F401
 from osp_jax.step import TrainState
 
 log = logging.getLogger("osp_jax")
-
-
-class DataError(ValueError):
-    """The data cannot feed this run: missing, unreadable, or tokenised for another vocabulary or
-    tokenizer. Found before anything is written to the workdir."""
 
 
 class Run(NamedTuple):
@@ -73,6 +70,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, *,
     is_main = jax.process_index() == 0
     mesh = _checked_mesh(config, workdir)
     train_iter, val_batches, data_dir = _agreed_data(config, workdir, mesh, make_data_fn or make_data)
+    val_batches = same_batch_count(val_batches, t.global_batch_size // sharding.data_shard(mesh)[1], t.seq_len)
     # Several processes: made by all, one directory seen by all, or an error on every process (no hang).
     make_shared_directory(workdir)
     model = Transformer(config.model)
@@ -83,7 +81,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, *,
     if ckpt_iter is None:
         log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
     with contextlib.ExitStack() as undo:  # on a failure, closes what set-up opened; else the loop does
-        checkpointer = undo.enter_context(_checkpointer(config, workdir, mesh))
+        checkpointer = undo.enter_context(_checkpointer(config, workdir, mesh, data_dir))
         start, state = _restore_or_init(checkpointer, config, model, tx, shardings, mesh, ckpt_iter, workdir)
         if is_main:  # only now: a resume that failed leaves the workdir's files as they were
             write_config(config, workdir)
@@ -124,6 +122,8 @@ def _checked_mesh(config, workdir: str):
         if not cli.is_local(str(path)):
             raise FileNotFoundError(f"{name}={path}: URLs are not supported yet; use a local or mounted path "
                                     "(e.g. a Cloud Storage FUSE mount such as /gcs/BUCKET/...)")
+    cli.check_output_dir(workdir, "--workdir")
+    _check_workdir_files(workdir)
     check_attention_backend(config)
     where = compilation_cache.enable(config.train.compilation_cache_dir)
     log.info("compilation cache: %s", where or "off (train.compilation_cache_dir='')")
@@ -132,15 +132,26 @@ def _checked_mesh(config, workdir: str):
     return mesh
 
 
-def _checkpointer(config, workdir: str, mesh):
+def _check_workdir_files(workdir: str) -> None:
+    """The run's own JSON files, where a resume finds them: each readable (cli.UserError naming it otherwise)."""
+    for name, what in (("config.json", "the run's config"), ("data_metadata.json", "the run's data metadata")):
+        path = epath.Path(workdir) / name
+        if path.exists():
+            cli.read_json(path, what)
+
+
+def _checkpointer(config, workdir: str, mesh, data_dir: str | None):
     """WORKDIR/checkpoints: saved every train.checkpoint_every steps (0: only at the end), the newest
-    train.keep_checkpoints kept."""
+    train.keep_checkpoints kept; each with the data position, which a resume applies only to the same data
+    (seed, path, content) and refuses to drop unless train.allow_data_restart."""
     from osp_jax.checkpoint import Checkpointer
 
     t = config.train
     checkpointer = Checkpointer(str(epath.Path(workdir) / "checkpoints"), save_every=t.checkpoint_every or t.steps,
                                 keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     checkpointer.data_shards = sharding.data_shards(mesh)
+    checkpointer.data_identity = data_identity(config, data_dir)
+    checkpointer.allow_data_restart = bool(t.allow_data_restart)
     return checkpointer
 
 
@@ -189,57 +200,6 @@ def _agreed_data(config, workdir: str, mesh, make_data_fn: Callable):
     if not all_processes_ok(failed is None):
         raise failed or DataError("another process could not set up its data (its log says why)")
     return train_iter, val_batches, data_dir
-
-
-def make_data(config, mesh):
-    """The training iterator and a fixed list of validation batches (host numpy): this process's data
-    shard of `mesh` (sharding.data_shard; without a mesh, its own process's)."""
-    from osp_jax.data import pipeline
-
-    t, d = config.train, config.data
-    # Processes whose devices hold the same batch rows (a tp group across hosts) read the same data.
-    shard, shards = sharding.data_shard(mesh) if mesh is not None else (jax.process_index(), jax.process_count())
-    feed = dict(process_index=shard, process_count=shards)
-    if d.source == "seqio":
-        from osp_jax.data.seqio_source import make_seqio_iterator
-        train_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                         seed=t.seed, split="train", vocab_size=config.model.vocab_size, **feed)
-        val_iter = make_seqio_iterator(d.seqio_task, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                       seed=t.seed, split="validation", **feed)
-        return train_iter, [next(val_iter) for _ in range(t.eval_batches)], None
-    data_dir = pipeline.resolve_data_dir(d.path)
-    meta = pipeline.load_metadata(data_dir)
-    note = pipeline.check_vocab(meta, config.model.vocab_size)
-    if note:
-        log.info("%s", note)
-    val_dir = data_dir
-    if t.eval_data:
-        val_dir = pipeline.resolve_data_dir(t.eval_data)
-        try:
-            pipeline.check_vocab(pipeline.load_metadata(val_dir), config.model.vocab_size)
-        except ValueError as e:
-            raise ValueError(f"train.eval_data={t.eval_data}: {e}") from None
-    log_epochs(t.steps * t.global_batch_size * t.seq_len, int(meta["splits"]["train"]["tokens"]), d.path)
-    train_iter = pipeline.make_iterator(data_dir, "train", seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                        seed=t.seed, worker_count=d.worker_count, prefetch_buffer=d.prefetch, **feed)
-    val_iter = pipeline.make_iterator(val_dir, "validation", seq_len=t.seq_len,
-                                      global_batch_size=t.global_batch_size, seed=t.seed, shuffle=False,
-                                      num_epochs=None, **feed)
-    val_batches = [next(val_iter) for _ in range(t.eval_batches)]
-    return train_iter, val_batches, data_dir
-
-
-def log_epochs(run_tokens: int, split_tokens: int, path: str) -> float:
-    """Says how many passes over the training split the run makes; warns past one, where held-out
-    loss and quantisation cost measure memorisation too (docs/ablation.md, the epochs sections)."""
-    epochs = run_tokens / max(split_tokens, 1)
-    if epochs > 1:
-        log.warning("this run is %.2f epochs of %s's training split (%s tokens): documents repeat, so "
-                    "held-out loss and 4-bit cost measure memorisation as well as learning", epochs, path,
-                    f"{split_tokens:,}")
-    else:
-        log.info("this run is %.3f epoch of %s's training split (%s tokens)", epochs, path, f"{split_tokens:,}")
-    return epochs
 
 
 # ---------------------------------------------------------------- the workdir's files

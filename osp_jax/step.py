@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from osp_jax import metrics as metrics_lib
 from osp_jax.model import LINEAR_INPUTS, Transformer, precast_weights
+from osp_jax.optim import schedules_at
 
 
 class TrainState(NamedTuple):
@@ -65,22 +66,26 @@ def token_losses(model: Transformer, params, batch: dict, pack_mask: bool):
     return _apply_with_targets(model, params, batch, pack_mask), _loss_mask(batch)
 
 
-def _forward_loss(model: Transformer, params, batch, pack_mask: bool):
-    """The mean loss over the tokens the mask keeps, as the model's weighted sum (weights = mask / count:
-    known before the forward pass, which `model.loss_fused` relies on)."""
-    mask = _loss_mask(batch)
-    total, _ = _apply_with_targets(model, params, batch, pack_mask, loss_weights=mask / jnp.maximum(mask.sum(), 1.0))
+def _forward_loss(model: Transformer, params, batch, pack_mask: bool, step_tokens):
+    """This batch's share of the step's loss: the sum of its unmasked tokens' losses over `step_tokens`, the
+    unmasked tokens of the whole step, as the model's weighted sum (weights = mask / step_tokens: known
+    before the forward pass, which `model.loss_fused` relies on). Summed over micro-batches, it is the
+    exact mean over the step's tokens however unevenly padding falls between them."""
+    total, _ = _apply_with_targets(model, params, batch, pack_mask, loss_weights=_loss_mask(batch) / step_tokens)
     return total
 
 
 def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.GradientTransformation,
                grad_accum_steps: int = 1, pack_mask: bool = True) -> tuple[TrainState, dict]:
-    """One optimizer step on `batch` (micro-batches accumulated in float32 when grad_accum_steps > 1).
+    """One optimizer step on `batch` (micro-batches accumulated in float32 when grad_accum_steps > 1): the
+    loss and gradient are the mean over the batch's unmasked tokens, each micro-batch weighted by its own.
 
     A step whose loss or gradients are not finite changes nothing but the step and bad-step
-    counters: parameters and optimizer state are kept, so a NaN never reaches a checkpoint.
+    counters: parameters and optimizer state are kept, so a NaN never reaches a checkpoint. The learning-rate
+    schedules read `state.step` (`optim.schedules_at`), so a skipped step moves them on all the same.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: _forward_loss(model, p, b, pack_mask))
+    step_tokens = jnp.maximum(_loss_mask(batch).sum(), 1.0)  # counted from the batch, before any forward pass
+    grad_fn = jax.value_and_grad(lambda p, b: _forward_loss(model, p, b, pack_mask, step_tokens))
     # model.precast_weights: the matmul weights in the compute dtype once a step, before the
     # accumulation loop and outside the layers' remat; their gradients come back in that dtype, as the
     # model's own casts would have made them, and are cast up with the rest below.
@@ -101,14 +106,17 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros([], jnp.float32), zeros), micro)
-        loss = loss / grad_accum_steps
-        grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grads, state.params)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)  # sums of token-weighted shares
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
+    new_step = state.step + 1
+
     def update(params, opt_state, grads):
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # The schedules read new_step - 1, not state.step: reading the donated step inside the branch made
+        # XLA copy its buffer (test_the_skip_guard_updates_the_donated_state_in_place).
+        updates, new_opt_state = tx.update(grads, schedules_at(opt_state, new_step - 1), params)
         return optax.apply_updates(params, updates), new_opt_state
 
     # A branch, not `where(finite, new, old)` on every leaf: the select kept the old optimizer state
@@ -118,7 +126,7 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, tx: optax.
     new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o, g: (p, o),
                                              state.params, state.opt_state, grads)
     new_state = TrainState(
-        step=state.step + 1,
+        step=new_step,
         params=new_params,
         opt_state=new_opt_state,
         rng=state.rng,

@@ -130,6 +130,8 @@ def _log_step(run: Run, step: int, state, device_metrics: dict, skipped: int) ->
     outlier statistics where due; written to the metrics files and, on process 0, printed."""
     t = run.config.train
     record = {k: float(v) for k, v in device_metrics.items() if k != "bad_steps"}
+    # The rates the step's update applied: the schedules read the train state's step, step - 1 before this
+    # step (optim.schedules_at). A skipped step (record["skipped"]) applied none.
     record.update({name: float(fn(step - 1)) for name, fn in run.schedules.items()})
     if step > run.start_step + 1:
         record.update(run.throughput.measure(step))
@@ -209,9 +211,11 @@ def main(argv) -> None:
         cli.die(PROG, f"config error: {e}")
     except DataError as e:
         cli.die(PROG, f"data error: {e}")
-    except cli.UserError as e:  # an unreadable workdir file (cli.read_json); an unusable compilation cache or W&B
-        cli.die(PROG, f"error: {e}")
-    except (FileNotFoundError, TrainingError, CheckpointError) as e:
+    except cli.UserError as e:  # an unreadable workdir file (cli.read_json), an unwritable workdir; an unusable
+        cli.die(PROG, f"error: {e}")  # compilation cache or W&B
+    except TrainingError as e:  # the data or the settings make the loss diverge: the user's to change
+        cli.die(PROG, f"training error: {cli.one_line(e)}")
+    except (FileNotFoundError, CheckpointError) as e:
         cli.die(PROG, f"{type(e).__name__}: {e}", code=1)
     except ValueError as e:  # anything else refused by a check; the traceback kept at debug level
         log.debug("traceback", exc_info=True)

@@ -305,3 +305,98 @@ def test_batched_windows_of_documents_in_memory(seq_len):
     assert (got["segment_ids"][n:] == 0).all() and len(got["inputs"]) - n < 4
     for k in pipeline.FIELDS:
         np.testing.assert_array_equal(got[k][:n], want[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------- streams
+
+
+def _streams(data_dir, shard, shards, stream_count=None, global_batch_size=8):
+    from osp_jax.data.streams import DataStreams
+
+    def open_stream(stream, count, global_batch):
+        return pipeline.make_iterator(data_dir, "train", seq_len=16, global_batch_size=global_batch, seed=5,
+                                      process_index=stream, process_count=count, prefetch_buffer=0)
+
+    return DataStreams(open_stream, shard=shard, shards=shards, global_batch_size=global_batch_size,
+                       stream_count=stream_count)
+
+
+def _global(iterators, n):
+    """`n` global batches: each iterator's (a data shard's) rows, in shard order."""
+    per = [take(it, n) for it in iterators]
+    return [{k: np.concatenate([p[i][k] for p in per]) for k in pipeline.FIELDS} for i in range(n)]
+
+
+def test_streams_give_the_same_global_batches_on_any_layout(data_dir):
+    """Two streams read by two data shards, or both by one; one stream read by one shard, or shared by two
+    (each keeping its half of the rows): the same global batches. Two shards of two streams are the two
+    processes' pipelines of before (so checkpoints saved then go on)."""
+    two = [_streams(data_dir, p, 2) for p in range(2)]
+    want = _global(two, 3)
+    before = [pipeline.make_iterator(data_dir, "train", seq_len=16, global_batch_size=8, seed=5, process_index=p,
+                                     process_count=2, prefetch_buffer=0) for p in range(2)]
+    assert_batches_equal(_global(before, 3), want)
+    assert_batches_equal(_global([_streams(data_dir, 0, 1, stream_count=2)], 3), want)
+    one = _global([_streams(data_dir, 0, 1)], 3)
+    assert_batches_equal(_global([_streams(data_dir, p, 2, stream_count=1) for p in range(2)], 3), one)
+    assert not np.array_equal(one[0]["inputs"], want[0]["inputs"])
+
+
+def test_a_position_saved_by_two_data_shards_goes_on_in_one_and_back(data_dir):
+    """The position two shards saved goes on exactly in one shard, and one shard's in two (through
+    set_state_from, reading only the states it needs); so does a state saved before streams existed."""
+    two = [_streams(data_dir, p, 2) for p in range(2)]
+    _global(two, 3)
+    saved = [it.get_state() for it in two]
+    json.dumps(saved)
+    want = _global(two, 4)
+    one = _streams(data_dir, 0, 1)
+    read = []
+    one.set_state_from([0, 1], lambda i: read.append(i) or saved[i])
+    assert one.stream_count == 2 and sorted(read) == [0, 1]
+    assert_batches_equal(_global([one], 4), want)
+    legacy = [s["streams"][str(p)] for p, s in enumerate(saved)]  # a process's own pipeline state, as before
+    one = _streams(data_dir, 0, 1)
+    one.set_state_from([0, 1], legacy.__getitem__)
+    assert_batches_equal(_global([one], 4), want)
+
+    single = _streams(data_dir, 0, 1)
+    _global([single], 2)
+    state = single.get_state()
+    want = _global([single], 4)
+    halves = [_streams(data_dir, p, 2) for p in range(2)]
+    for half in halves:
+        half.set_state_from([0], [state].__getitem__)
+    assert [h.stream_count for h in halves] == [1, 1]
+    assert_batches_equal(_global(halves, 4), want)
+    halves[0].restart()  # a fresh run's layout again: one stream a shard
+    assert halves[0].stream_count == 2
+
+
+def test_a_layout_the_streams_do_not_divide_is_refused(data_dir):
+    from osp_jax.data.streams import StreamLayoutError
+
+    two = [_streams(data_dir, p, 2) for p in range(2)]
+    saved = [it.get_state() for it in two]
+    three = _streams(data_dir, 0, 3, global_batch_size=6)
+    with pytest.raises(StreamLayoutError, match="3 data shards cannot share 2 data streams evenly"):
+        three.set_state_from([0, 1], saved.__getitem__)
+    four = _streams(data_dir, 0, 1, global_batch_size=6, stream_count=3)
+    with pytest.raises(StreamLayoutError, match="global_batch_size=6 does not split into the run's 4"):
+        four.set_state({"stream_count": 4, "streams": {}})
+    assert isinstance(StreamLayoutError("x"), pipeline.PipelineError)
+
+
+def test_an_unwritable_builtin_cache_is_one_data_error_naming_it(tmp_path, monkeypatch):
+    """train and evaluate both report a pipeline DataError in one line: the cache that cannot be written, and
+    OSP_JAX_CACHE (was a PermissionError traceback)."""
+    from osp_jax.data.sources import DataError
+
+    (tmp_path / "file").write_text("x")
+    for cache in (str(tmp_path / "file" / "cache"), "/sys/osp_jax_test_cache"):
+        if cache.startswith("/sys") and not os.path.isdir("/sys"):
+            continue
+        monkeypatch.setenv("OSP_JAX_CACHE", cache)
+        with pytest.raises(DataError, match=re.escape(cache) + r"/builtin-.*set OSP_JAX_CACHE to a writable"):
+            pipeline.resolve_data_dir("builtin")
+    assert os.listdir(tmp_path) == ["file"]

@@ -305,6 +305,50 @@ def test_export_import_export_is_byte_identical_and_resumable(tmp_path, tokenize
     assert (meta["eos_id"], meta["pad_id"], meta["tokenizer"]) == (0, 1, "tokenizer.json")
 
 
+def test_import_at_a_step_trains_on_with_the_schedule_at_that_step(small_run, tmp_path):
+    """`--from-hf --step=50`: the checkpoint's schedules stand at step 50 and the moments' counts at 0 (they
+    are fresh), so the first step applies the schedules' rates at step 50, the ones train logs for it: the
+    update equals one from constant rates of those values. (It applied step 0's, 0 in the warmup.)"""
+    import ml_collections
+
+    from osp_jax import config as config_lib
+    from osp_jax.step import init_state, train_step
+
+    workdir = str(tmp_path / "imported")
+    assert ex.main([f"--from-hf={_hf_dir(tmp_path, small_run)}", f"--workdir={workdir}", "--step=50",
+                    "--optimizer=muon"]) == 0
+    cfg = config_lib.from_dict(json.load(open(os.path.join(workdir, "config.json"))))
+    model = Transformer(cfg.model)
+    tx, schedules = make_optimizer(cfg)
+    shapes = jax.eval_shape(lambda k: init_state(cfg, model, tx, k), jax.random.key(0))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=3) as ckpt:
+        step, state = ckpt.restore(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                                                shapes))
+    assert step == 50 and int(state.step) == 50
+    counts = {}
+    for node in jax.tree.leaves(state.opt_state, is_leaf=lambda n: "count" in getattr(n, "_fields", ())):
+        counts.setdefault(type(node).__name__, set()).add(int(node.count))
+    assert counts == {"ScaleByScheduleState": {50}, "ScaleByAdamState": {0}, "ScaleByMuonState": {0}}, counts
+
+    tokens = np.random.RandomState(0).randint(0, VOCAB, (2, SEQ + 1))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((2, SEQ), np.int32),
+             "positions": np.tile(np.arange(SEQ), (2, 1))}
+    const = ml_collections.ConfigDict(cfg.to_dict())
+    const.optimizer.schedule, const.optimizer.warmup_steps = "constant", 0
+    const.optimizer.learning_rate = float(schedules["learning_rate"](50))
+    const.optimizer.muon_learning_rate = float(schedules["muon_learning_rate"](50))
+    assert 0 < const.optimizer.learning_rate < cfg.optimizer.learning_rate  # on the cosine, after the warmup
+    ref_tx, _ = make_optimizer(const)
+    fresh = state._replace(step=jnp.int32(0), opt_state=ref_tx.init(state.params))
+    got, _ = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx))(state, batch)
+    want, _ = jax.jit(lambda s, b: train_step(s, b, model=model, tx=ref_tx))(fresh, batch)
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(state.params)))
+    assert moved > 1e-4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), got.params, want.params)
+
+
 def test_import_reads_bin_and_matches_safetensors(tmp_path, tokenizer_file):
     config = make_config("channel", False, False, False)
     workdir = make_workdir(str(tmp_path / "run"), config, make_params(config, 7), tokenizer_file, opt_state=False)
@@ -367,13 +411,13 @@ def _error(capsys):
 
 def test_no_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert ex.main([f"--workdir={tmp_path / 'empty'}", f"--output={tmp_path / 'out'}"]) == 1
+    assert ex.main([f"--workdir={tmp_path / 'empty'}", f"--output={tmp_path / 'out'}"]) == 2
     assert "no checkpoint in" in _error(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_step_lists_the_steps_there_are(small_run, tmp_path, capsys):
-    assert ex.main([f"--workdir={small_run}", "--step=3", f"--output={tmp_path / 'out'}"]) == 1
+    assert ex.main([f"--workdir={small_run}", "--step=3", f"--output={tmp_path / 'out'}"]) == 2
     err = _error(capsys)
     assert "step 3" in err and "[2, 4]" in err
     assert ex.main([f"--workdir={small_run}", "--step=2", f"--output={tmp_path / 'out'}"]) == 0
@@ -383,7 +427,7 @@ def test_non_empty_output_needs_overwrite(small_run, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert ex.main([f"--workdir={small_run}", f"--output={out}"]) == 1
+    assert ex.main([f"--workdir={small_run}", f"--output={out}"]) == 2
     assert "not empty" in _error(capsys) and (out / "keep.txt").read_text() == "mine"
     assert ex.main([f"--workdir={small_run}", f"--output={out}", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
@@ -401,7 +445,7 @@ def test_output_that_would_delete_the_run_is_refused(small_run, tmp_path, capsys
                         (tmp_path / "alias" / "run", "is --workdir"), (f"{workdir}/sub/..", "is --workdir"),
                         (workdir / "checkpoints", "own checkpoints"),
                         (workdir / "checkpoints" / "4", "own checkpoints")):
-        assert ex.main([f"--workdir={workdir}", f"--output={output}", "--overwrite"]) == 1, output
+        assert ex.main([f"--workdir={workdir}", f"--output={output}", "--overwrite"]) == 2, output
         assert why in _error(capsys), output
         assert sorted(os.listdir(workdir)) == before and restore_params_only(str(workdir))[0] == 4
     assert ex.main([f"--workdir={workdir}", f"--output={workdir / 'hf'}", "--overwrite"]) == 0
@@ -412,7 +456,7 @@ def test_import_refuses_to_write_over_its_source(small_run, tmp_path, capsys):
     out = _hf_dir(tmp_path, small_run)
     before = read_dir(out)
     for workdir, why in ((out, "is --from-hf"), (tmp_path, "contains --from-hf")):
-        assert ex.main([f"--from-hf={out}", f"--workdir={workdir}"]) == 1
+        assert ex.main([f"--from-hf={out}", f"--workdir={workdir}"]) == 2
         assert why in _error(capsys)
     assert read_dir(out) == before
 
@@ -432,13 +476,17 @@ def test_failure_mid_write_leaves_no_output(small_run, tmp_path, monkeypatch):
         ex.export(small_run, str(tmp_path / "out"), max_shard_size="10KB")
     assert len(calls) == 2 and os.path.exists(calls[0]) is False
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
+    calls.clear()
+    with pytest.raises(OSError, match="simulated"):
+        ex.export(small_run, str(tmp_path / "new" / "parent" / "out"), max_shard_size="10KB")
+    assert list(tmp_path.iterdir()) == []  # nor the parents the export made for it
 
 
 def test_cli_runs_as_a_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "osp_jax.export", f"--workdir={tmp_path / 'nothing'}",
                            f"--output={tmp_path / 'out'}"], capture_output=True, text=True, timeout=60,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("osp_jax.export: error: --workdir=")
 
 
@@ -473,32 +521,32 @@ def test_import_refuses_a_malicious_pickle(small_run, tmp_path, capsys):
     torch.save({"x": _Payload(live)}, str(tmp_path / "live.bin"))
     torch.load(str(tmp_path / "live.bin"), weights_only=False)
     assert os.path.exists(live)
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'imported'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'imported'}"]) == 2
     assert "weights_only=True" in _error(capsys)
     assert not os.path.exists(marker) and not (tmp_path / "imported").exists()
 
 
 def test_import_refuses_remote_code_and_other_architectures(small_run, tmp_path, capsys):
     out = _hf_dir(tmp_path, small_run, auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 2
     assert "auto_map" in _error(capsys) and not (tmp_path / "a").exists()
     cfg = json.load(open(out / "config.json"))
     del cfg["auto_map"]
     cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (out / "config.json").write_text(json.dumps(cfg))
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 2
     assert "only Llama" in _error(capsys) and not (tmp_path / "b").exists()
 
 
 def test_import_names_a_weight_whose_shape_the_config_contradicts(small_run, tmp_path, capsys):
     out = _hf_dir(tmp_path, small_run, num_key_value_heads=4)  # the weights have 2 KV heads of 12
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 2
     err = _error(capsys)
     assert "model.layers.0.self_attn.k_proj.weight has shape [24, 48]" in err and "implies [48, 48]" in err
     cfg = json.load(open(out / "config.json"))
     cfg.update(num_key_value_heads=2, intermediate_size=32)  # 64 in the weights: only a transpose, no reshape
     (out / "config.json").write_text(json.dumps(cfg))
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'b'}"]) == 2
     assert "mlp.gate_proj.weight has shape [64, 48]" in _error(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -508,7 +556,7 @@ def test_import_names_a_missing_or_unreadable_weight_file(small_run, tmp_path, c
     ex.export(small_run, str(out), dtype="float32", max_shard_size="10KB")
     shard = sorted(json.load(open(out / ex.INDEX_FILE))["weight_map"].values())[-1]
     os.remove(out / shard)
-    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 1
+    assert ex.main([f"--from-hf={out}", f"--workdir={tmp_path / 'a'}"]) == 2
     assert f"lists the shard {shard}, which is missing" in _error(capsys)
     for reader, name in ((ex.read_safetensors, "x.safetensors"), (ex._read_bin, "pytorch_model.bin")):
         with pytest.raises(ex.ExportError, match=f"cannot read .*{name}"):

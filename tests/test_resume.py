@@ -530,3 +530,178 @@ def test_cli_refuses_a_changed_state_shape_with_exit_2_and_keeps_config_json(tmp
     (line,) = [x for x in out.splitlines() if x.startswith("osp_jax.train:")]
     assert "config error: checkpoint step 3" in line and "model.vocab_size 4096 -> 8192" in line
     assert "Traceback" not in out and (tmp_path / "config.json").read_text() == '{"kept": true}'
+
+
+# ---------------------------------------------------------------------------------------------------- data position
+
+
+def _tiny_state():
+    import jax.numpy as jnp
+
+    return {"w": jnp.arange(4.0)}
+
+
+def _tiny_target():
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=dev)}
+
+
+def _builtin_streams(shard, shards, seed=0):
+    from osp_jax.data import pipeline
+    from osp_jax.data.streams import DataStreams
+
+    data_dir = pipeline.resolve_data_dir("builtin")
+
+    def open_stream(stream, count, global_batch):
+        return pipeline.make_iterator(data_dir, "train", seq_len=16, global_batch_size=global_batch, seed=seed,
+                                      process_index=stream, process_count=count, prefetch_buffer=0)
+
+    return DataStreams(open_stream, shard=shard, shards=shards, global_batch_size=4)
+
+
+def _next_global(iterators, n=2):
+    batches = [[next(it) for _ in range(n)] for it in iterators]
+    return [np.concatenate([b[i]["inputs"] for b in batches]) for i in range(n)]
+
+
+def _as_saved_by_two_processes(step_dir, states) -> None:
+    """Rewrites a step saved by this one process as two processes (data shards 0 and 1) would have saved it."""
+    import json
+
+    for p in (step_dir / "data").glob("process_*"):
+        p.unlink()
+    for i, state in enumerate(states):
+        (step_dir / "data" / f"process_{i}-of-2.json").write_text(json.dumps({"json": state}))
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta.update(process_count=2, data_shards=[0, 1])
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_a_data_position_saved_by_two_processes_goes_on_in_one(tmp_path):
+    """A checkpoint whose data position two processes saved restores onto one process at the same global
+    position (Checkpointer.restore -> iterator_state -> DataStreams.set_state_from); an input that cannot map a
+    position between layouts is refused, naming train.allow_data_restart, unless that allows a restart."""
+    two = [_builtin_streams(p, 2) for p in range(2)]
+    _next_global(two, 3)
+    saved = [it.get_state() for it in two]
+    want = _next_global(two)
+    with checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3, async_save=False) as ckpt:
+        ckpt.data_shards = [0]
+        ckpt.save(1, _tiny_state(), data_iterator=two[0])
+        _as_saved_by_two_processes(tmp_path / "1", saved)
+        one = _builtin_streams(0, 1)
+        ckpt.restore(_tiny_target(), data_iterator=one)
+        for got, expected in zip(_next_global([one]), want):
+            np.testing.assert_array_equal(got, expected)
+
+        class Plain:  # get_state/set_state only: no way to map a position between layouts
+            state = None
+
+            def get_state(self):
+                return {}
+
+            def set_state(self, state):
+                self.state = state
+
+        ckpt.allow_data_restart = False
+        with pytest.raises(checkpoint.CheckpointMismatch,
+                           match=r"saved by 2 processes, but this job has 1.*set train.allow_data_restart=True"):
+            ckpt.restore(_tiny_target(), data_iterator=Plain())
+        ckpt.allow_data_restart = True
+        plain = Plain()
+        ckpt.restore(_tiny_target(), data_iterator=plain)
+        assert plain.state is None
+
+
+def test_a_data_position_is_applied_only_to_the_data_it_was_saved_on(tmp_path, caplog):
+    """meta records train.seed, data.path and the data's content; a resume with another seed or other content
+    refuses the position (CheckpointMismatch naming the key and train.allow_data_restart), or with the restart
+    allowed starts the data again; a moved data.path with the same content goes on, with a warning."""
+    import logging
+
+    content = {"tokenizer_sha256": "a" * 64, "train_documents": 10}
+    ident = {"train.seed": 0, "data.path": "/data/a", "data.content": content}
+    it = _builtin_streams(0, 1)
+    _next_global([it], 3)
+    want = _next_global([it])
+    fresh = _next_global([_builtin_streams(0, 1)])
+    it = _builtin_streams(0, 1)
+    _next_global([it], 3)
+    with checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3, async_save=False) as ckpt:
+        ckpt.data_shards, ckpt.data_identity, ckpt.allow_data_restart = [0], ident, False
+        ckpt.save(1, _tiny_state(), data_iterator=it)
+        for changed, match in (({"train.seed": 1}, r"train.seed 0 -> 1"),
+                               ({"data.content": {**content, "train_documents": 11}},
+                                r"the content of data.path='/data/a' \(train_documents 10 -> 11\)")):
+            ckpt.data_identity = {**ident, **changed}
+            with pytest.raises(checkpoint.CheckpointMismatch, match=match + r".*train.allow_data_restart=True"):
+                ckpt.restore(_tiny_target(), data_iterator=_builtin_streams(0, 1))
+        ckpt.allow_data_restart = True
+        restarted = _builtin_streams(0, 1)
+        ckpt.restore(_tiny_target(), data_iterator=restarted)
+        assert all(np.array_equal(a, b) for a, b in zip(_next_global([restarted]), fresh))
+        ckpt.data_identity, ckpt.allow_data_restart = {**ident, "data.path": "/mnt/a"}, False
+        moved = _builtin_streams(0, 1)
+        with caplog.at_level(logging.WARNING):
+            ckpt.restore(_tiny_target(), data_iterator=moved)
+        assert "data.path '/data/a' -> '/mnt/a', the same content" in caplog.text
+        assert all(np.array_equal(a, b) for a, b in zip(_next_global([moved]), want))
+
+
+@pytest.mark.slow
+def test_a_resume_onto_another_process_count_reads_on_from_the_same_position(tmp_path):
+    """Two processes -> one, and one -> two (gloo, two CPU devices in all): a run's checkpoint at step 4, resumed
+    on the other process count, trains steps 5 and 6 on the batches the run that stayed trained them on (the same
+    losses), where it used to warn and start the data again. Validation reads the whole split once on either
+    layout (more batches asked for than it fills; each process its own documents, the counts made equal with
+    padding), so the validation loss at step 6 is the same too."""
+    import shutil
+
+    flags = [*SMALL, "--config.train.steps=6", "--config.train.checkpoint_every=4", "--config.mesh.fsdp=-1",
+             "--config.optimizer.decay_steps=6", "--config.train.eval_every=6", "--config.train.eval_batches=1000"]
+
+    def launch(workdir, processes):
+        port = _free_port()
+        dist = lambda i: dict(OSP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OSP_NUM_PROCESSES=str(processes),
+                              OSP_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+        return [start_cli(workdir, *flags, devices=2 // processes, **(dist(i) if processes > 1 else {}))
+                for i in range(processes)]
+
+    stayed = {"two": launch(tmp_path / "two", 2), "one": launch(tmp_path / "one", 1)}
+    for procs in stayed.values():
+        for p in procs:
+            _finish(p)
+    moved = {}
+    for name, other in (("two", 1), ("one", 2)):
+        workdir = tmp_path / f"{name}-then-{other}"
+        shutil.copytree(tmp_path / name, workdir)
+        shutil.rmtree(workdir / "checkpoints" / "6")
+        moved[name] = (workdir, launch(workdir, other))
+    for name, (workdir, procs) in moved.items():
+        out = [_finish(p) for p in procs][0]
+        assert "resumed from step 4" in out and "goes on in this job's" in out, out[-3000:]
+        want, got = _losses(tmp_path / name), _losses(workdir)
+        np.testing.assert_allclose([got[5], got[6]], [want[5], want[6]], rtol=1e-5, err_msg=name)
+        val = [[r["val_loss"] for r in read_metrics(w) if r["step"] == 6][-1] for w in (tmp_path / name, workdir)]
+        np.testing.assert_allclose(val[1], val[0], rtol=1e-5, err_msg=name)
+        assert "fills only" in out
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_data_position_of_another_seed_unless_a_restart_is_allowed(tmp_path):
+    """Resumed with another train.seed: exit 2, one line naming the key, its old and new value and
+    train.allow_data_restart, the workdir's config.json as it was; with the key set, the run goes on from
+    the checkpoint with the data started again, and says so."""
+    workdir = tmp_path / "run"
+    _finish(start_cli(workdir, *SMALL, "--config.train.steps=2"))
+    config = (workdir / "config.json").read_text()
+    proc = start_cli(workdir, *SMALL, "--config.train.steps=3", "--config.train.seed=1")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("osp_jax.train: config error: checkpoint step 2") and "train.seed 0 -> 1" in last, last
+    assert "set train.allow_data_restart=True" in last and (workdir / "config.json").read_text() == config
+    out = _finish(start_cli(workdir, *SMALL, "--config.train.steps=3", "--config.train.seed=1",
+                            "--config.train.allow_data_restart=True"))
+    assert "resumed from step 2" in out and "the data starts again from its beginning" in out

@@ -158,3 +158,29 @@ def test_eval_data_vocabulary_is_checked(tmp_path):
     cfg.train.eval_data = str(tmp_path)
     with pytest.raises(ValueError, match=f"train.eval_data={tmp_path}: .* vocabulary 100000 .* vocab_size is 4096"):
         train_lib.make_data(cfg, None)
+
+
+def test_validation_is_one_finite_pass_warned_when_the_split_is_short(caplog):
+    """train.eval_batches beyond what the validation split fills: every validation token is read once, in the
+    split's order (never wrapped round to be read again), the last batch padded, and a warning gives the
+    split's size."""
+    import logging
+
+    import numpy as np
+
+    from osp_jax import train as train_lib
+    from osp_jax.data import pipeline
+    from tests.helpers import load_recipe
+    from tests.test_data import records, stream
+
+    cfg = load_recipe("tiny")
+    cfg.train.eval_batches = 1000
+    with caplog.at_level(logging.WARNING, logger="osp_jax"):
+        train_iter, batches, data_dir = train_lib.make_data(cfg, None)
+    train_iter.close()
+    assert 0 < len(batches) < 1000
+    np.testing.assert_array_equal(stream(batches), np.concatenate(records(data_dir, "validation")))
+    assert (batches[-1]["segment_ids"] == 0).any()
+    split = pipeline.load_metadata(data_dir)["splits"]["validation"]
+    (message,) = [r.getMessage() for r in caplog.records if "train.eval_batches=1000" in r.getMessage()]
+    assert f"({split['documents']} documents, {split['tokens']:,} tokens) fills only {len(batches)} batch" in message

@@ -38,6 +38,11 @@ class Checkpointer:
         # Each process's data shard (sharding.data_shards), if the caller says: saved with the iterator
         # states, which a resume restores only onto the same layout.
         self.data_shards: list[int] | None = None
+        # What the data position belongs to (train.seed, data.path, the data's content), saved in `meta` and
+        # checked on restore; and whether a position that cannot be applied starts the data again (True: the
+        # library's default) or is refused (iterator_state.restore).
+        self.data_identity: dict | None = None
+        self.allow_data_restart: bool = True
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep,
@@ -89,7 +94,7 @@ class Checkpointer:
                 f"refusing to save step {step}: {len(bad)} leaf(s) of the train state hold NaN or Inf "
                 f"(first: {', '.join(bad[:5])}); nothing was written to {self.directory}"
             )
-        meta = MetaSave(meta_fields(step, self.data_shards), checksums.start(state))
+        meta = MetaSave(meta_fields(step, self.data_shards, self.data_identity), checksums.start(state))
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": meta}
         if config is not None:
             items["config"] = ocp.args.JsonSave(jsonable(config))
@@ -141,7 +146,8 @@ class Checkpointer:
             meta = restored.meta or {}
             checksums.verify(restored.state, meta.get("checksums"), s)
             if data_iterator is not None:
-                iterator_state.restore(self._mngr, s, meta, data_iterator, self.data_shards)
+                iterator_state.restore(self._mngr, s, meta, data_iterator, self.data_shards, self.data_identity,
+                                       self.allow_data_restart)
             return restored.state
 
         candidates = recovery.candidates(self.directory, step, warn_unfinished=False)

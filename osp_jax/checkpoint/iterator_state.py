@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from osp_jax.checkpoint.errors import CheckpointMismatch
 from osp_jax.checkpoint.steps import step_path, uncached
 
 try:
@@ -63,37 +64,105 @@ def save_args(iterator) -> ocp.args.CheckpointArgs:
     return ocp.args.JsonSave({"state": StateAdapter(iterator).get_state().decode()})
 
 
-def _layout_differs(step: int, meta: Mapping[str, Any], data_shards: list[int] | None) -> bool:
-    """Whether the saved iterator states belong to another process count or data-shard layout (warned about)."""
-    saved = meta.get("process_count")
-    if saved is not None and int(saved) != jax.process_count():
-        log.warning(
-            "checkpoint step %d holds data-iterator state for %s processes but this job has %d; "
-            "the iterator is left as it is (each process's position in the data cannot be mapped)",
-            step, saved, jax.process_count(),
-        )
-        return True
-    # Before data_shards were saved, each process read the shard of its own index.
-    layout = meta.get("data_shards", list(range(int(saved))) if saved is not None else None)
-    if data_shards is not None and layout is not None and list(layout) != list(data_shards):
-        log.warning("checkpoint step %d holds data-iterator states for the processes' data shards %s, but "
-                    "this job's are %s (another mesh): the iterator is left as it is, so processes that "
-                    "share rows stay in step", step, list(layout), list(data_shards))
-        return True
-    return False
+# The config key that lets a resume start the data again where it cannot go on from the saved position.
+RESTART_KEY = "train.allow_data_restart"
+
+
+def _read_saved_state(data_dir, process: int, process_count: int) -> dict:
+    """The state process `process` of `process_count` saved, as Grain's handler wrote it (named, not listed)."""
+    path = data_dir / f"process_{process}-of-{process_count}.json"
+    return json.loads(uncached(path).read_text())["json"]  # StateAdapter's wrapping of a dict state
+
+
+def _refuse_or_restart(step: int, why: str, iterator, allow_restart: bool | None) -> None:
+    """Raises CheckpointMismatch naming RESTART_KEY, unless a restart is allowed: then warns and starts the
+    iterator again from the beginning of its data."""
+    if not allow_restart:
+        raise CheckpointMismatch(f"checkpoint step {step}: {why}; set {RESTART_KEY}=True to start the data "
+                                 "again from its beginning instead")
+    log.warning("checkpoint step %d: %s; the data starts again from its beginning (%s)", step, why, RESTART_KEY)
+    if hasattr(iterator, "restart"):
+        iterator.restart()
+
+
+def _identity_changes(step: int, saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> str | None:
+    """What differs between the data a position was saved on and this run's (`identity`: the keys of
+    `train.seed`, `data.path` and the data's content, "data.content"), as the reason to refuse it; None if
+    nothing that moves the data differs. A moved data.path with the same content is only logged."""
+    if current is None:
+        return None
+    if saved is None:
+        log.info("checkpoint step %d records no data identity (saved before it was recorded): the data position is "
+                 "applied without checking train.seed and data.path", step)
+        return None
+    changed = [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in current
+               if key != "data.content" and saved.get(key) != current.get(key)]
+    if saved.get("data.content") == current.get("data.content"):
+        if changed == [f"data.path {saved.get('data.path')!r} -> {current.get('data.path')!r}"]:
+            log.warning("checkpoint step %d: %s, the same content (tokenizer and train shards): the data position "
+                        "goes on there", step, changed[0])
+            return None
+        return ", ".join(changed) or None
+    old, new = saved.get("data.content") or {}, current.get("data.content") or {}
+    what = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new.keys() | old.keys()) if old.get(k) != new.get(k)]
+    changed.append(f"the content of data.path={current.get('data.path')!r} ({'; '.join(what)})")
+    return ", ".join(changed)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, meta: Mapping[str, Any], iterator,
-            data_shards: list[int] | None) -> None:
-    """Sets `iterator` to its state saved at `step`, if that step has one for this job's layout of data shards."""
+            data_shards: list[int] | None, identity: Mapping[str, Any] | None = None,
+            allow_restart: bool | None = True) -> None:
+    """Sets `iterator` to the data position saved at `step`, if it belongs to this run's data (`identity`,
+    against the one `meta` records). On the layout of data shards that saved it, from this process's own state; on
+    another (another process count or mesh), through `iterator.set_state_from` where the iterator can map it
+    (osp_jax.data.streams), reading the states of the processes that held its part. Where the data differs, or
+    the position cannot be mapped, refuses (CheckpointMismatch naming RESTART_KEY) unless `allow_restart`, which
+    starts the data again (the library default, for any iterator)."""
     data_dir = uncached(step_path(manager.directory, step) / "data")
     if not data_dir.exists():
         log.info("checkpoint step %d has no data-iterator state; the iterator is left as it is", step)
         return
-    if _layout_differs(step, meta, data_shards):
+    changed = _identity_changes(step, meta.get("data"), identity)
+    if changed:
+        _refuse_or_restart(step, f"its data position belongs to other data than this run's: {changed}", iterator,
+                           allow_restart)
         return
-    if any(p.name.startswith("process_") for p in data_dir.iterdir()):
-        manager.restore(step, args=ocp.args.Composite(data=_GrainRestore(StateAdapter(iterator))))
-    else:  # written by the JSON fallback
-        state = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data["state"]
-        StateAdapter(iterator).set_state(state.encode())
+    saved = meta.get("process_count")
+    # Before data_shards were saved, each process read the shard of its own index.
+    layout = list(meta.get("data_shards", range(int(saved)) if saved is not None else []))
+    same_count = saved is None or int(saved) == jax.process_count()
+    if same_count and (data_shards is None or not layout or layout == list(data_shards)):
+        _restore_own(manager, step, data_dir, iterator, allow_restart)
+        return
+    if same_count:
+        where = (f"its data position was saved by processes reading data shards {layout}, but this job's are "
+                 f"{list(data_shards)} (another mesh)")
+    else:
+        where = f"its data position was saved by {saved} processes, but this job has {jax.process_count()}"
+    if not hasattr(iterator, "set_state_from"):
+        _refuse_or_restart(step, f"{where}, and this input cannot map a position between layouts", iterator,
+                           allow_restart)
+        return
+    from osp_jax.data.pipeline import PipelineError  # the data's own refusals (no import of it at load time)
+
+    try:
+        iterator.set_state_from(layout, lambda i: _read_saved_state(data_dir, i, int(saved)))
+    except PipelineError as e:
+        _refuse_or_restart(step, f"{where}: {e}", iterator, allow_restart)
+        return
+    log.info("checkpoint step %d: the data position of %s processes (data shards %s) goes on in this job's %d",
+             step, saved, layout, jax.process_count())
+
+
+def _restore_own(manager, step: int, data_dir, iterator, allow_restart: bool | None) -> None:
+    """This process's own saved state, read by Grain's handler (or the JSON item the fallback wrote)."""
+    from osp_jax.data.pipeline import PipelineError
+
+    try:
+        if any(p.name.startswith("process_") for p in data_dir.iterdir()):
+            manager.restore(step, args=ocp.args.Composite(data=_GrainRestore(StateAdapter(iterator))))
+        else:  # written by the JSON fallback
+            state = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data["state"]
+            StateAdapter(iterator).set_state(state.encode())
+    except PipelineError as e:  # e.g. another data.worker_count: a position grain cannot map
+        _refuse_or_restart(step, str(e), iterator, allow_restart)

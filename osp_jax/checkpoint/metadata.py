@@ -1,6 +1,7 @@
 """The JSON items of a step: `meta` (what the step records about itself) and `config` (the run's config).
 
-`meta` holds the step, the time, the process and device counts, the data-shard layout, the versions, and the
+`meta` holds the step, the time, the process and device counts, the data-shard layout, what the data position
+belongs to (`data`: train.seed, data.path and the data's content, where the caller gives it), the versions, and the
 checksum of every state leaf. Its checksums are computed on the devices while the save goes on in the background:
 `MetaSave`'s handler waits for them in Orbax's background thread and only then writes the item, which Orbax
 finishes before it commits the step. So a save does not wait for them, and a step never becomes complete without
@@ -36,14 +37,15 @@ def version() -> str:
         return str(getattr(osp_jax, "__version__", "unknown"))
 
 
-def meta_fields(step: int, data_shards: list[int] | None) -> dict[str, Any]:
-    """Everything `meta` records but the checksums."""
+def meta_fields(step: int, data_shards: list[int] | None, data: dict | None = None) -> dict[str, Any]:
+    """Everything `meta` records but the checksums; `data`: what the data position belongs to."""
     return {
         "step": step,
         "time": time.time(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "process_count": jax.process_count(),
         **({"data_shards": list(data_shards)} if data_shards is not None else {}),
+        **({"data": data} if data is not None else {}),
         "device_count": jax.device_count(),
         "osp_jax_version": version(),
         "jax_version": jax.__version__,

@@ -89,9 +89,10 @@ def resolve_data_dir(path: str) -> str:
             print(f"osp_jax: preparing the built-in corpus into {out} (once)", file=sys.stderr, flush=True)
             try:
                 prepare_lib.prepare([corpus], out, tok, val_fraction=0.0, quiet=True)
-            except PermissionError as e:
-                raise PermissionError(f"cannot write the built-in data cache {out} ({e.strerror}): set "
-                                      "OSP_JAX_CACHE to a writable directory") from None
+            except OSError as e:  # read-only, not a directory, full: one line for train and evaluate alike
+                where = f" ({e.filename})" if e.filename and str(e.filename) != out else ""
+                raise PipelineError(f"cannot write the built-in data cache {out}{where}: {e.strerror or e}; set "
+                                    "OSP_JAX_CACHE to a writable directory") from None
         return out
     out = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isfile(os.path.join(out, "metadata.json")):
