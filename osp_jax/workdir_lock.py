@@ -231,7 +231,9 @@ class _GcsLock:
 
 
 class WorkdirLock:
-    """The lock on `workdir` (`LOCK_NAME` in it): `acquire()` or WorkdirBusy; `release()`; a context manager.
+    """The lock on `workdir` (`LOCK_NAME` in it): `acquire()`, or WorkdirBusy (held by another process) or
+    cli.UserError (a gs:// workdir that cannot be written: the bucket, credentials, a permission); `release()`;
+    a context manager.
     A local workdir this lock made, and left empty when released, is removed with it: a refused run leaves
     nothing behind."""
 
@@ -243,13 +245,13 @@ class WorkdirLock:
 
     def acquire(self) -> "WorkdirLock":
         if storage.is_remote(self.workdir):
-            impl = _GcsLock(self.path)
             try:
+                impl = _GcsLock(self.path)
                 impl.acquire()
             except WorkdirBusy:
                 raise
             except Exception as e:  # noqa: BLE001 - a bucket, credentials or permission problem
-                raise WorkdirBusy(f"--workdir={self.workdir}: cannot write there: {storage.cause(e)}") from None
+                raise cli.UserError(f"--workdir={self.workdir}: cannot write there: {storage.cause(e)}") from None
         else:
             self._made_dir = not os.path.isdir(self.workdir)
             os.makedirs(self.workdir, exist_ok=True)

@@ -127,8 +127,8 @@ def test_a_stale_gcs_lock_of_another_host_is_taken_over_only_after_its_heartbeat
 
 
 def test_a_gcs_workdir_in_a_missing_bucket_or_refused_is_one_line(gcs_emulator):
-    from osp_jax import workdir_lock
+    from osp_jax import cli, workdir_lock
 
-    with pytest.raises(workdir_lock.WorkdirBusy, match=r"--workdir=gs://no-such-bucket-x/run: cannot write there: "
+    with pytest.raises(cli.UserError, match=r"--workdir=gs://no-such-bucket-x/run: cannot write there: "
                                                        r"the bucket does not exist"):
         workdir_lock.WorkdirLock("gs://no-such-bucket-x/run").acquire()
