@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -35,6 +36,13 @@ PROBE_PREFIX = ".osp_jax-probe-"
 def is_remote(path) -> bool:
     """Whether `path` is a URL (gs://...) rather than a local path."""
     return not cli.is_local(os.fspath(path))
+
+
+def normalized(path) -> str:
+    """A user's path as the project keeps it: a URL unchanged (no trailing slash); a local path absolute, with
+    `~` expanded."""
+    text = os.fspath(path)
+    return text.rstrip("/") if is_remote(text) else os.path.abspath(os.path.expanduser(text))
 
 
 def split_gs(path) -> tuple[str, str]:
@@ -79,6 +87,71 @@ def is_dir(path) -> bool:
 def is_file(path) -> bool:
     """A local file, or a gs:// object (asked of the storage now)."""
     return uncached(path).is_file()
+
+
+def glob(pattern) -> list[str]:
+    """The paths matching a glob `pattern` (`**` recurses), sorted; a pattern without wildcards matches itself if
+    it exists. On gs://, asked of the storage now."""
+    import glob as glob_lib
+
+    text = os.fspath(pattern)
+    if not glob_lib.has_magic(text):
+        return [text] if exists(text) else []
+    if not is_remote(text):
+        return sorted(glob_lib.glob(text, recursive=True))
+    fs = gcsfs_filesystem()  # epath refuses `**` on gs://; gcsfs lists the prefix once for it
+    fs.invalidate_cache()
+    return sorted("gs://" + p.removeprefix("gs://") for p in fs.glob(text))
+
+
+def walk(top) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(top)` (top-down; sort `dirs` in place to order the descent), for a local or gs:// directory."""
+    if not is_remote(top):
+        yield from os.walk(top)
+        return
+    scheme = os.fspath(top).split("://", 1)[0] + "://"
+    for root, dirs, files in uncached(top).walk():
+        root = os.fspath(root)
+        yield (root if "://" in root else scheme + root), dirs, files  # fsspec gives roots without the scheme
+
+
+def open_read(path):
+    """A binary file object reading `path`, local or gs://."""
+    return open(path, "rb") if not is_remote(path) else epath.Path(path).open("rb")  # noqa: SIM115
+
+
+def stat(path) -> tuple[int, int]:
+    """(size in bytes, modification time in ns) of a file; on gs://, the object's (its time to the second)."""
+    if not is_remote(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    st = uncached(path).stat()
+    return int(st.length), int(st.mtime) * 10**9
+
+
+def names(directory) -> list[str]:
+    """The names directly under `directory`, sorted, asked of the storage now; [] if it does not exist."""
+    try:
+        return sorted(p.name for p in uncached(directory).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def remove(path) -> None:
+    """Removes a file (a gs:// object); no error if it is absent."""
+    with contextlib.suppress(FileNotFoundError):
+        epath.Path(path).unlink()
+
+
+def move(src, dst) -> None:
+    """Moves the file `src` to `dst`, replacing it: a local rename; on gs://, a copy made by the server and a
+    delete (an object has no rename; the copy appears whole)."""
+    if not is_remote(src) and not is_remote(dst):
+        os.replace(src, dst)
+        return
+    fs = gcsfs_filesystem()
+    fs.copy(os.fspath(src), os.fspath(dst))
+    fs.rm_file(os.fspath(src))
 
 
 def remove_tree(path) -> None:
@@ -222,17 +295,20 @@ def check(path, *, write: bool, flag: str) -> None:
             probe = bucket.blob(f"{name}/{PROBE_PREFIX}{uuid.uuid4().hex[:12]}".lstrip("/"))
             probe.upload_from_string(b"", if_generation_match=0)
             probe.delete()
-        else:
-            next(iter(bucket.list_blobs(prefix=name, max_results=1)), None)
+        else:  # a glob's fixed part: the bucket and the prefix are what can be refused
+            prefix = re.split(r"[*?\[{]", name, maxsplit=1)[0]
+            next(iter(bucket.list_blobs(prefix=prefix, max_results=1)), None)
     except Exception as e:  # noqa: BLE001 - every failure here is reported as the cause it names
         raise cli.UserError(f"{flag}={path}: cannot {'write' if write else 'read'} there: {cause(e)}") from None
 
 
-def check_all(reads: dict[str, str] | None = None, writes: dict[str, str] | None = None) -> None:
-    """`check` for every {flag: path} of `reads` and `writes` (None or '' skipped), writes first."""
-    for flag, path in (writes or {}).items():
+def check_all(reads=(), writes=()) -> None:
+    """`check` for every (flag, path) of `reads` and `writes` (dicts or pairs; '' and None skipped), writes
+    first."""
+    pairs = lambda given: given.items() if isinstance(given, dict) else given  # noqa: E731
+    for flag, path in pairs(writes):
         if path:
             check(path, write=True, flag=flag)
-    for flag, path in (reads or {}).items():
+    for flag, path in pairs(reads):
         if path:
             check(path, write=False, flag=flag)

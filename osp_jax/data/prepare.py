@@ -13,6 +13,9 @@ of the text against --val-fraction (so duplicates land on the same side). Output
     metadata.json                            written last: its presence means DIR is complete
 
 Writing is atomic: shards are written under .tmp- names, fsynced and renamed; metadata.json goes last.
+--output (and --input, --tokenizer) may be gs:// paths: the shards and the tokenizer are written on the
+local disk first (array_record and the tokenizer libraries write local files), each shard uploaded once
+closed; metadata.json, uploaded last, still marks DIR complete.
 A second run with the same inputs (path, size, mtime), tokenizer and options prints "reusing" and
 does nothing, unless a shard's size (metadata "file_bytes") or the tokenizer's hash no longer matches:
 then it rebuilds, as --force does. Malformed records are skipped and counted in metadata["skipped"] by
@@ -30,13 +33,15 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from typing import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, storage
 from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
 from osp_jax.data.shards import token_dtype  # noqa: F401 - re-exported: it was defined here
@@ -165,13 +170,13 @@ def _tokenizer_source(spec: str) -> dict:
         except ValueError:
             raise DataError(f"--tokenizer={spec!r}: expected train:VOCAB with an integer VOCAB") from None
         return {"train_vocab": vocab}
-    path = os.path.abspath(tokenizer_lib.resolve_tokenizer_path(os.path.expanduser(spec)))
+    path = storage.normalized(tokenizer_lib.resolve_tokenizer_path(storage.normalized(spec)))
     return {"path": path, "sha256": tokenizer_lib.file_sha256(path)}
 
 
 def _load_existing(output: str) -> dict | None:
     try:
-        return cli.read_json(os.path.join(output, "metadata.json"), "metadata")
+        return cli.read_json(epath.Path(output) / "metadata.json", "metadata")
     except cli.UserError:  # missing or unreadable: not reusable, rebuilt
         return None
 
@@ -183,16 +188,21 @@ def _reusable(meta: dict | None, want: dict, output: str) -> bool:
     for k in ("format", "format_version", "inputs", "tokenizer_source", "options"):
         if meta.get(k) != want[k]:
             return False
-    tok = os.path.join(output, meta.get("tokenizer") or "")
-    if not (os.path.isfile(tok) and tokenizer_lib.file_sha256(tok) == meta.get("tokenizer_sha256")):
+    tok = epath.Path(output) / (meta.get("tokenizer") or "")
+    if not (meta.get("tokenizer") and storage.is_file(tok) and
+            tokenizer_lib.file_sha256(tok) == meta.get("tokenizer_sha256")):
         return False
-    return all(shards_lib.intact(os.path.join(output, s["file"]), s)
+    return all(shards_lib.intact(os.fspath(epath.Path(output) / s["file"]), s)
                for sp in meta.get("splits", {}).values() for s in sp.get("shards", []))
 
 
 @contextlib.contextmanager
 def _locked(output: str):
-    """One prepare at a time per output directory (e.g. several processes resolving "builtin")."""
+    """One prepare at a time per local output directory (e.g. several processes resolving "builtin"). A gs://
+    output is not locked: two prepares into one gs:// directory at once are the user's to avoid."""
+    if storage.is_remote(output):
+        yield
+        return
     with open(os.path.join(output, ".prepare.lock"), "a") as lf:
         fcntl.flock(lf, fcntl.LOCK_EX)
         try:
@@ -215,7 +225,7 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
     if workers < 1:
         raise DataError(f"--workers={workers}: expected a positive integer")
     say = (lambda m: None) if quiet else log
-    output = os.path.abspath(os.path.expanduser(output))
+    output = storage.normalized(output)
     input_files = sources.expand_inputs(inputs)
     want = {
         "format": FORMAT,
@@ -224,17 +234,28 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
         "tokenizer_source": _tokenizer_source(tokenizer),
         "options": {"val_fraction": val_fraction, "text_field": text_field, "split_field": split_field},
     }
-    os.makedirs(output, exist_ok=True)
-    with _locked(output):
+    epath.Path(output).mkdir(parents=True, exist_ok=True)
+    with _locked(output), _staging(output) as stage:
         if not force and _reusable(_load_existing(output), want, output):
             say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
             return _load_existing(output)
-        for name in os.listdir(output):  # we hold the lock: any .tmp- file is from a crashed run
+        for name in storage.names(output):  # we hold the lock: any .tmp- file is from a crashed run
             if shards_lib.TMP_PREFIX in name:  # ours, and cli.write_text_atomic's .NAME.tmp-
-                os.remove(os.path.join(output, name))
-        return _prepare_locked(input_files, output, want, text_field=text_field, split_field=split_field,
-                               workers=workers, shard_bytes=int(shard_size_mb * 2**20), say=say,
-                               quiet=quiet)
+                storage.remove(epath.Path(output) / name)
+        return _prepare_locked(input_files, output, want, stage=stage, text_field=text_field,
+                               split_field=split_field, workers=workers, shard_bytes=int(shard_size_mb * 2**20),
+                               say=say, quiet=quiet)
+
+
+@contextlib.contextmanager
+def _staging(output: str):
+    """Where the shards and the tokenizer are written first: `output` itself on a local disk, a temporary local
+    directory (removed on leaving) for a gs:// output."""
+    if not storage.is_remote(output):
+        yield output
+        return
+    with tempfile.TemporaryDirectory(prefix="osp_jax-prepare-") as stage:
+        yield stage
 
 
 def _split_of(doc: Document, val_fraction: float) -> str:
@@ -243,18 +264,19 @@ def _split_of(doc: Document, val_fraction: float) -> str:
     return "validation" if is_validation(doc.text, val_fraction) else "train"
 
 
-def _prepare_locked(input_files, output, want, *, text_field, split_field, workers, shard_bytes, say,
+def _prepare_locked(input_files, output, want, *, stage, text_field, split_field, workers, shard_bytes, say,
                     quiet) -> dict:
     t0 = time.monotonic()
     val_fraction = want["options"]["val_fraction"]
     split_of = functools.partial(_split_of, val_fraction=val_fraction)
-    tok_name, tmp_tok = _stage_tokenizer(want["tokenizer_source"], input_files, output, say=say,
+    tok_name, tmp_tok = _stage_tokenizer(want["tokenizer_source"], input_files, stage, say=say,
                                          text_field=text_field, split_field=split_field, split_of=split_of)
     try:
         tok = tokenizer_lib.load_tokenizer(tmp_tok)
-        writers, shards, skips = _write_splits(input_files, output, tmp_tok, text_field=text_field,
+        writers, shards, skips = _write_splits(input_files, stage, tmp_tok, text_field=text_field,
                                                split_field=split_field, split_of=split_of, workers=workers,
-                                               shard_bytes=shard_bytes, quiet=quiet)
+                                               shard_bytes=shard_bytes, quiet=quiet,
+                                               upload_to=output if stage != output else None)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_tok)
@@ -264,11 +286,13 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
             f"{writers['train'].documents} documents)")
 
     # Publish: drop the old metadata first, so a crash from here on leaves DIR visibly incomplete.
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output, "metadata.json"))
+    storage.remove(epath.Path(output) / "metadata.json")
     shards_lib.publish(output, shards)
-    os.replace(tmp_tok, os.path.join(output, tok_name))
-    cli.fsync(output)
+    if stage == output:
+        os.replace(tmp_tok, os.path.join(output, tok_name))
+        cli.fsync(output)
+    else:
+        storage.upload(tmp_tok, epath.Path(output) / tok_name)
 
     elapsed = time.monotonic() - t0
     meta = {
@@ -278,7 +302,7 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
         "tokenizer": tok_name,
-        "tokenizer_sha256": tokenizer_lib.file_sha256(os.path.join(output, tok_name)),
+        "tokenizer_sha256": tokenizer_lib.file_sha256(epath.Path(output) / tok_name),
         "tokenizer_kind": tok.kind,
         "dtype": shards_lib.token_dtype(tok.vocab_size),
         "splits": {s: {"documents": writers[s].documents, "tokens": writers[s].tokens, "shards": shards[s]}
@@ -290,7 +314,7 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(elapsed, 3),
     }
-    cli.write_json(os.path.join(output, "metadata.json"), meta)  # last: its presence means DIR is complete
+    cli.write_json(epath.Path(output) / "metadata.json", meta)  # last: its presence means DIR is complete
     tr, va = meta["splits"]["train"], meta["splits"]["validation"]
     say(f"prepare: wrote {output}: train {tr['documents']:,} docs / {tr['tokens']:,} tokens in "
         f"{len(tr['shards'])} shard(s), validation {va['documents']:,} docs / {va['tokens']:,} tokens; "
@@ -298,14 +322,15 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
     return meta
 
 
-def _stage_tokenizer(src: dict, input_files, output: str, *, say, text_field, split_field,
+def _stage_tokenizer(src: dict, input_files, stage: str, *, say, text_field, split_field,
                      split_of) -> tuple[str, str]:
-    """(final name, .tmp- path) of the tokenizer DIR will keep: trained on the training documents, or a
-    copy of the given file."""
+    """(final name, .tmp- path in the local directory `stage`) of the tokenizer DIR will keep: trained on the
+    training documents, or a copy of the given file."""
     if "train_vocab" not in src:
         tok_name = "tokenizer.json" if tokenizer_lib.load_tokenizer(src["path"]).kind == "hf" else "tokenizer.model"
-        tmp_tok = shards_lib.tmp_name(output, tok_name)
-        shutil.copyfile(src["path"], tmp_tok)
+        tmp_tok = shards_lib.tmp_name(stage, tok_name)
+        with storage.open_read(src["path"]) as f_in, open(tmp_tok, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
         return tok_name, tmp_tok
     say(f"prepare: training a byte-level BPE with vocabulary {src['train_vocab']} on the inputs")
     n_train = [0]
@@ -319,17 +344,18 @@ def _stage_tokenizer(src: dict, input_files, output: str, *, say, text_field, sp
     tok = tokenizer_lib.train_bpe(train_texts(), src["train_vocab"])
     if n_train[0] == 0:
         raise DataError(f"no valid training documents in {len(input_files)} input(s) to train a tokenizer on")
-    tmp_tok = shards_lib.tmp_name(output, "tokenizer.json")
+    tmp_tok = shards_lib.tmp_name(stage, "tokenizer.json")
     tok.save(tmp_tok)
     return "tokenizer.json", tmp_tok
 
 
-def _write_splits(input_files, output: str, tokenizer_path: str, *, text_field, split_field, split_of, workers,
-                  shard_bytes, quiet) -> tuple[dict, dict, SkipLog]:
-    """Reads, tokenises and writes every document into .tmp- shards of its split: (writers, shards, skips)
-    by split. On any failure its .tmp- shards are removed."""
+def _write_splits(input_files, stage: str, tokenizer_path: str, *, text_field, split_field, split_of, workers,
+                  shard_bytes, quiet, upload_to: str | None = None) -> tuple[dict, dict, SkipLog]:
+    """Reads, tokenises and writes every document into .tmp- shards of its split in the local directory `stage`
+    (uploaded to `upload_to` as each closes, if given): (writers, shards, skips) by split. On any failure its
+    .tmp- shards are removed."""
     skips = SkipLog()
-    writers = {s: shards_lib.ShardWriter(output, s, shard_bytes) for s in SPLITS}
+    writers = {s: shards_lib.ShardWriter(stage, s, shard_bytes, upload_to=upload_to) for s in SPLITS}
     progress = _Progress(enabled=not quiet, files=len(input_files))
 
     def documents():
@@ -392,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> None:
+    inputs = [p.strip() for pat in args.input for p in sources._split_top_level(pat) if p.strip()]
+    tokenizer = args.tokenizer if not args.tokenizer.startswith("train:") else ""
+    storage.check_all(reads=[("--tokenizer", tokenizer)] + [("--input", p) for p in inputs],
+                      writes={"--output": args.output})
     try:
         prepare(args.input, args.output, args.tokenizer, val_fraction=args.val_fraction,
                 text_field=args.text_field, split_field=args.split_field or None, workers=args.workers,

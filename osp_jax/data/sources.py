@@ -10,6 +10,8 @@ Kinds (chosen by name):
   hint of its documents ("train"; "validation", "valid", "test", ... count as validation).
 - any other directory: the supported files under it, recursively.
 
+Paths and globs may be local or gs:// (read through etils.epath: osp_jax.storage).
+
 A record may carry a split hint (`split_field`, "train" or "validation"), which overrides the hashed
 hold-out (and a DatasetDict split's name); the shipped corpus uses it. Malformed records are skipped and
 counted by reason in `SkipLog`. A truncated or corrupt compressed file is a DataError naming the file.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import gzip
 import io
 import json
@@ -26,6 +27,10 @@ import lzma
 import os
 import sys
 from typing import Callable, Iterator, Sequence
+
+from etils import epath
+
+from osp_jax import storage
 
 COMPRESSIONS = (".gz", ".xz", ".zst", ".bz2")
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
@@ -86,7 +91,7 @@ def _strip_compression(path: str) -> tuple[str, str]:
 
 def kind_of(path: str) -> str | None:
     """The input kind of a path, or None if it is not a supported input."""
-    if os.path.isdir(path):
+    if storage.is_dir(path):
         return "hf_dataset" if _is_hf_dataset(path) else None
     base, comp = _strip_compression(path.lower())
     if base.endswith(".txt"):
@@ -99,8 +104,7 @@ def kind_of(path: str) -> str | None:
 
 
 def _is_hf_dataset(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, n))
-               for n in ("state.json", "dataset_info.json", "dataset_dict.json"))
+    return any(storage.is_file(epath.Path(path) / n) for n in ("state.json", "dataset_info.json", "dataset_dict.json"))
 
 
 def expand_inputs(patterns: str | Sequence[str]) -> list[InputFile]:
@@ -118,8 +122,7 @@ def expand_inputs(patterns: str | Sequence[str]) -> list[InputFile]:
         pat = os.path.expanduser(pat)
         matches = []
         for one in _expand_braces(pat):
-            matches += sorted(glob.glob(one, recursive=True)) if glob.has_magic(one) else (
-                [one] if os.path.exists(one) else [])
+            matches += storage.glob(one)
         found = []
         for m in matches:
             found.extend(_expand_one(m))
@@ -163,20 +166,20 @@ def _expand_braces(pattern: str) -> list[str]:
 
 
 def _expand_one(path: str) -> list[InputFile]:
-    path = os.path.abspath(path)
+    path = storage.normalized(path)
     k = kind_of(path)
     if k is not None:
         return [InputFile(path, k)]
-    if os.path.isdir(path):
+    if storage.is_dir(path):
         found = []
-        for root, dirs, files in os.walk(path):
+        for root, dirs, files in storage.walk(path):
             dirs.sort()
             if _is_hf_dataset(root) and root != path:
                 found.append(InputFile(root, "hf_dataset"))
                 dirs[:] = []
                 continue
             for name in sorted(files):
-                p = os.path.join(root, name)
+                p = os.fspath(epath.Path(root) / name)
                 if kind_of(p) is not None:
                     found.append(InputFile(p, kind_of(p)))
         return found
@@ -189,8 +192,8 @@ def fingerprint(inputs: Sequence[InputFile]) -> list[dict]:
     out = []
     for inp in inputs:
         for p, split in inp.data_files():
-            st = os.stat(p)
-            out.append({"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            size, mtime_ns = storage.stat(p)
+            out.append({"path": p, "size": size, "mtime_ns": mtime_ns}
                        | ({"split": split} if split is not None else {}))
     return out
 
@@ -203,18 +206,40 @@ def open_binary(path: str):
     """Opens a file for reading bytes, decompressing by extension."""
     _, comp = _strip_compression(path.lower())
     try:
-        if comp == ".gz":
-            return gzip.open(path, "rb")
-        if comp == ".xz":
-            return lzma.open(path, "rb")
-        if comp == ".bz2":
-            import bz2
-            return bz2.open(path, "rb")
+        if comp in (".gz", ".xz", ".bz2"):
+            # A local file by its name, as before; a gs:// object as a file object, closed with the reader.
+            return _decompressed(path, comp) if not storage.is_remote(path) else _closing(storage.open_read(path), comp)
         if comp == ".zst":
             return io.BufferedReader(_ZstdReader(path))
-        return open(path, "rb")
+        return storage.open_read(path)
     except OSError as e:
         raise DataError(f"cannot open {path}: {e.strerror or e}") from None
+
+
+def _decompressed(source, comp: str):
+    """A reader of `source` (a file name, or a file object: a gs:// object) decompressing `comp`."""
+    if comp == ".gz":
+        return gzip.open(source, "rb")
+    if comp == ".xz":
+        return lzma.open(source, "rb")
+    import bz2
+    return bz2.open(source, "rb")
+
+
+def _closing(raw, comp: str):
+    """A reader decompressing the file object `raw`, whose close() closes `raw` too (a decompressor leaves a file
+    object it was given open)."""
+    reader = _decompressed(raw, comp)
+    close = reader.close
+
+    def close_both():
+        try:
+            close()
+        finally:
+            raw.close()
+
+    reader.close = close_both
+    return reader
 
 
 class _ZstdReader(io.RawIOBase):
@@ -230,7 +255,7 @@ class _ZstdReader(io.RawIOBase):
             raise DataError(f"reading {path} needs the zstandard package: pip install zstandard") from None
         self._zstd = zstandard
         self._dctx = zstandard.ZstdDecompressor()
-        self._fh = open(path, "rb")
+        self._fh = storage.open_read(path)
         self._frame = None    # the decompressor of the frame being read, None between frames
         self._input = b""     # compressed bytes read past the end of the last frame
         self._out = memoryview(b"")
@@ -391,7 +416,7 @@ def _read_parquet(path, text_field, skips, split_field):
     _import_pyarrow(path)
     import pyarrow.parquet as pq
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path if not storage.is_remote(path) else storage.open_read(path))
     except Exception as e:
         raise DataError(f"cannot read parquet file {path}: {e}") from None
     schema = pf.schema_arrow
@@ -404,31 +429,31 @@ def _read_parquet(path, text_field, skips, split_field):
 
 def _hf_arrow_files(path: str) -> list[tuple[str, str | None]]:
     """(arrow file, split name) pairs of a save_to_disk directory (Dataset or DatasetDict)."""
-    dd = os.path.join(path, "dataset_dict.json")
-    if os.path.isfile(dd):
+    dd = os.fspath(epath.Path(path) / "dataset_dict.json")
+    if storage.is_file(dd):
         try:
-            splits = json.load(open(dd))["splits"]
+            splits = json.loads(epath.Path(dd).read_text())["splits"]
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"cannot read {dd}: {e}") from None
         out = []
         for s in splits:
-            out.extend((p, s) for p, _ in _hf_arrow_files(os.path.join(path, s)))
+            out.extend((p, s) for p, _ in _hf_arrow_files(os.fspath(epath.Path(path) / s)))
         return out
-    state = os.path.join(path, "state.json")
+    state = os.fspath(epath.Path(path) / "state.json")
     files = None
-    if os.path.isfile(state):
+    if storage.is_file(state):
         try:
-            files = [d["filename"] for d in json.load(open(state))["_data_files"]]
+            files = [d["filename"] for d in json.loads(epath.Path(state).read_text())["_data_files"]]
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"cannot read {state}: {e}") from None
     if files is None:  # no state.json: take the arrow files in name order
-        files = sorted(n for n in os.listdir(path) if n.endswith(".arrow"))
+        files = sorted(p.name for p in storage.uncached(path).iterdir() if p.name.endswith(".arrow"))
     if not files:
         raise DataError(f"dataset directory {path} lists no .arrow data files")
     out = []
     for n in files:
-        p = os.path.join(path, n)
-        if not os.path.isfile(p):
+        p = os.fspath(epath.Path(path) / n)
+        if not storage.is_file(p):
             raise DataError(f"dataset directory {path}: data file {n} is missing")
         out.append((p, None))
     return out
@@ -437,11 +462,13 @@ def _hf_arrow_files(path: str) -> list[tuple[str, str | None]]:
 def _read_hf_dataset(path, text_field, skips, split_field):
     pa = _import_pyarrow(path)
     for arrow_path, split in _hf_arrow_files(path):
+        source = (lambda: pa.memory_map(arrow_path)) if not storage.is_remote(arrow_path) else (
+            lambda: pa.PythonFile(storage.open_read(arrow_path), mode="r"))
         try:
-            reader = pa.ipc.open_stream(pa.memory_map(arrow_path))  # what save_to_disk writes
+            reader = pa.ipc.open_stream(source())  # what save_to_disk writes
         except pa.ArrowInvalid:
             try:
-                reader = pa.ipc.open_file(pa.memory_map(arrow_path))
+                reader = pa.ipc.open_file(source())
             except pa.ArrowInvalid as e:
                 raise DataError(f"cannot read Arrow file {arrow_path}: {e}") from None
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
