@@ -277,10 +277,11 @@ def cause(e: BaseException) -> str:
     return cli.one_line(e)
 
 
-def check(path, *, write: bool, flag: str) -> None:
+def check(path, *, write: bool, flag: str, file: bool = False) -> None:
     """For a gs:// `path`: raises cli.UserError, one line naming `flag`, the path and the cause, unless the
     bucket exists and this process may read there (and, with `write`, write: a small object is written and
-    deleted). Local paths are left to the callers' own checks."""
+    deleted, under the directory `path`, or beside it if it names a `file`). Local paths are left to the
+    callers' own checks."""
     if not is_remote(path):
         return
     try:
@@ -292,7 +293,8 @@ def check(path, *, write: bool, flag: str) -> None:
     try:
         bucket = gcs_client().bucket(bucket_name)
         if write:
-            probe = bucket.blob(f"{name}/{PROBE_PREFIX}{uuid.uuid4().hex[:12]}".lstrip("/"))
+            where = name.rpartition("/")[0] if file else name
+            probe = bucket.blob(f"{where}/{PROBE_PREFIX}{uuid.uuid4().hex[:12]}".lstrip("/"))
             probe.upload_from_string(b"", if_generation_match=0)
             probe.delete()
         else:  # a glob's fixed part: the bucket and the prefix are what can be refused
@@ -302,13 +304,13 @@ def check(path, *, write: bool, flag: str) -> None:
         raise cli.UserError(f"{flag}={path}: cannot {'write' if write else 'read'} there: {cause(e)}") from None
 
 
-def check_all(reads=(), writes=()) -> None:
+def check_all(reads=(), writes=(), files=()) -> None:
     """`check` for every (flag, path) of `reads` and `writes` (dicts or pairs; '' and None skipped), writes
-    first."""
+    first; `files` names the flags whose path is a file (its directory is probed)."""
     pairs = lambda given: given.items() if isinstance(given, dict) else given  # noqa: E731
     for flag, path in pairs(writes):
         if path:
-            check(path, write=True, flag=flag)
+            check(path, write=True, flag=flag, file=flag in files)
     for flag, path in pairs(reads):
         if path:
             check(path, write=False, flag=flag)
