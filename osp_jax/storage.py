@@ -174,6 +174,12 @@ def upload(local_path, remote_path) -> None:
         shutil.copyfileobj(src, dst, length=8 << 20)
 
 
+def download(path, local_path) -> None:
+    """Streams the file `path` (local or gs://) to the local file `local_path`."""
+    with open_read(path) as src, open(local_path, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=8 << 20)
+
+
 @contextlib.contextmanager
 def local_copy(path, suffix: str = "") -> Iterator[str]:
     """A local file with `path`'s bytes, for libraries that read only local files: `path` itself when it is
@@ -182,9 +188,9 @@ def local_copy(path, suffix: str = "") -> Iterator[str]:
         yield os.fspath(path)
         return
     fd, tmp = tempfile.mkstemp(prefix="osp_jax-", suffix=suffix or epath.Path(path).suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as dst, epath.Path(path).open("rb") as src:
-            shutil.copyfileobj(src, dst, length=8 << 20)
+        download(path, tmp)
         yield tmp
     finally:
         os.unlink(tmp)
