@@ -212,18 +212,22 @@ def publish_dir(local_dir, remote_dir, last: Iterable[str] = ()) -> list[str]:
 
 class Appender:
     """Appends text to a file, each `write` durable on return: a local file held open in append mode; on
-    gs://, an upload of the new bytes composed onto the object (GCS has no append)."""
+    gs://, an upload of the new bytes composed onto the object (GCS has no append). The one writer of the file
+    (the workdir's lock holder): whether the object exists is asked once, then known."""
 
     def __init__(self, path):
         self.path = epath.Path(path)
-        self._file = None if is_remote(self.path) else open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        remote = is_remote(self.path)
+        self._file = None if remote else open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._exists = remote and is_file(self.path)
 
     def write(self, text: str) -> None:
         if self._file is not None:
             self._file.write(text)
             self._file.flush()
             return
-        append_remote(self.path, text.encode("utf-8"))
+        append_remote(self.path, text.encode("utf-8"), exists=self._exists)
+        self._exists = True
 
     def close(self) -> None:
         if self._file is not None:
@@ -231,24 +235,25 @@ class Appender:
             self._file = None
 
 
-def append_remote(path, data: bytes) -> None:
-    """Appends `data` to the object `path` (made if missing) by GCS compose: one upload of `data` as a part
-    object, one compose of [object, part] into the object, one delete of the part."""
+def append_remote(path, data: bytes, exists: bool) -> None:
+    """Appends `data` to the object `path`: if it `exists`, by one upload of `data` as a part object, one compose
+    of [object, part] into the object and one delete of the part; else by writing it."""
     fs, target = gcsfs_filesystem(), os.fspath(path)
+    if not exists:
+        fs.pipe_file(target, data)
+        return
     part = f"{target}.part-{uuid.uuid4().hex[:12]}"
     fs.pipe_file(part, data)
     try:
         fs.merge(target, [target, part])
-    except FileNotFoundError:  # no object yet: the part becomes it
-        fs.pipe_file(target, data)
     finally:
         fs.rm_file(part)
 
 
 def append_text(path, text: str) -> None:
-    """Appends `text` to the file (`Appender`); a local file is flushed to disk."""
+    """Appends `text` to the file; a local file is flushed to disk."""
     if is_remote(path):
-        append_remote(path, text.encode("utf-8"))
+        append_remote(path, text.encode("utf-8"), exists=is_file(path))
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)

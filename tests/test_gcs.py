@@ -1,7 +1,16 @@
-"""The GCS emulator the gs:// tests run against: etils.epath and Orbax reach it, and nothing else."""
+"""gs:// end to end on the GCS emulator (tests/gcs_emulator.py): prepare, train, SIGKILL, resume, evaluate, export
+and import, every path a gs:// one, and nothing reaching the internet."""
+import json
+import signal
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from tests.test_resume import SMALL, _finish, _wait_for
+from tests.test_train import start_cli
 
 
 def test_epath_and_orbax_read_and_write_on_the_emulator(gcs_bucket):
@@ -21,3 +30,87 @@ def test_epath_and_orbax_read_and_write_on_the_emulator(gcs_bucket):
         target = {"w": jax.ShapeDtypeStruct((6,), jnp.float32)}
         restored = mngr.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     np.testing.assert_array_equal(restored.state["w"], np.arange(6.0))
+
+
+def _read_metrics(workdir: str) -> list[dict]:
+    from etils import epath
+
+    return [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _prepare(data: str) -> None:
+    from osp_jax.data import pipeline, prepare
+
+    corpus, tok = pipeline.builtin_files()
+    assert prepare.main(["--input", corpus, "--output", data, "--tokenizer", tok, "--val-fraction", "0.05",
+                         "--quiet"]) == 0
+
+
+@pytest.mark.slow
+def test_prepare_train_kill_resume_evaluate_export_and_import_on_gcs(gcs_emulator, gcs_bucket, tmp_path, capsys):
+    from osp_jax import evaluate, export
+
+    bucket = gcs_bucket
+    data, straight, killed = f"{bucket}/data", f"{bucket}/straight", f"{bucket}/killed"
+    _prepare(data)
+    assert "data/metadata.json" in gcs_emulator.objects(bucket, "data/")
+
+    # The shards are read from gs:// by array_record itself; the schedule must not depend on train.steps.
+    fixed = [*SMALL, "--config.optimizer.decay_steps=12", f"--config.data.path={data}"]
+    runs = [start_cli(straight, *fixed, "--config.train.steps=12") for _ in range(2)]  # two at once: one trains
+    victim = start_cli(killed, *fixed, "--config.train.steps=100000")
+    commit = "killed/checkpoints/6/commit_success.txt"
+    _wait_for(lambda: commit in gcs_emulator.objects(bucket, "killed/checkpoints/6/"), victim, timeout=600)
+    victim.send_signal(signal.SIGKILL)  # no handler runs: its lock object stays behind
+    victim.wait()
+    assert "killed/train.lock" in gcs_emulator.objects(bucket, "killed/")
+    assert not [o for o in gcs_emulator.objects(bucket, "killed/checkpoints/") if "/12/" in o]
+
+    outs = [p.communicate(timeout=900)[0] for p in runs]
+    refused = [o for p, o in zip(runs, outs) if p.returncode == 2]
+    assert len(refused) == 1 and sorted(p.returncode for p in runs) == [0, 2], [o[-2000:] for o in outs]
+    assert "error: the workdir is in use: gs://" in refused[0] and "train.lock is held by host" in refused[0]
+    out = _finish(start_cli(killed, *fixed, "--config.train.steps=12"))
+    assert "resumed from step 6" in out and "took over the stale lock" in out
+
+    a = {r["step"]: r["loss"] for r in _read_metrics(straight)}
+    rows = _read_metrics(killed)
+    assert [r["step"] for r in rows] == list(range(1, 13)) == sorted(a)  # one history: no row twice
+    assert [r["loss"] for r in rows] == [a[s] for s in range(1, 13)]  # bit-identical losses
+    names = gcs_emulator.objects(bucket, "killed/")
+    assert "killed/metrics.abandoned.jsonl" in names and "killed/train.lock" not in names
+    assert any(n.startswith("killed/tensorboard/events.out.tfevents") for n in names)
+    assert {"killed/config.json", "killed/tokenizer.json", "killed/data_metadata.json"} <= set(names)
+
+    # evaluate and export read the gs:// workdir and write gs:// outputs.
+    assert evaluate.main([f"--workdir={killed}", f"--data={data}", "--bits=4,4,16", "--max-tokens=512",
+                          "--batch-size=2", "--seq-len=64", f"--output={bucket}/eval/e.json",
+                          f"--plot={bucket}/eval/e.png", "--compilation-cache-dir="]) == 0
+    from osp_jax import cli
+    result = cli.read_json(f"{bucket}/eval/e.json")
+    assert result["step"] == 12 and result["workdir"] == killed and np.isfinite(result["ppl"])
+    assert "eval/e.png" in gcs_emulator.objects(bucket, "eval/")
+
+    local = tmp_path / "hf"
+    assert export.main([f"--workdir={killed}", f"--output={local}"]) == 0
+    assert export.main([f"--workdir={killed}", f"--output={bucket}/hf"]) == 0
+    hf = {n.removeprefix("hf/") for n in gcs_emulator.objects(bucket, "hf/")}
+    assert hf == {p.name for p in local.iterdir()}
+    from etils import epath
+    for name in hf:  # the same bytes as an export to a local disk
+        assert (epath.Path(bucket) / "hf" / name).read_bytes() == (local / name).read_bytes(), name
+    capsys.readouterr()
+    assert export.main([f"--workdir={killed}", f"--output={bucket}/hf"]) != 0  # never overwritten unasked
+    assert f"--output={bucket}/hf is not empty" in capsys.readouterr().err
+
+    assert export.main([f"--from-hf={bucket}/hf", f"--workdir={bucket}/imported", "--step=12"]) == 0
+    imported = gcs_emulator.objects(bucket, "imported/")
+    assert "imported/checkpoints/12/commit_success.txt" in imported and "imported/config.json" in imported
+
+
+def test_a_save_cut_off_by_the_storage_going_away_is_never_taken_for_a_checkpoint(tmp_path):
+    """The emulator keeps its objects on disk here; it is killed while a step is being written (after the first
+    object of step 2 appears, before its commit file), the trainer is killed too, and the emulator is started
+    again on the same objects: step 2 is there, unfinished, and is not a complete step; the next run falls back
+    to step 1 and sets step 2 aside."""
+    pytest.skip("written below")
