@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
+import io
 import json
 import math
 import os
@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from osp_jax import cli, compilation_cache
+from osp_jax import cli, compilation_cache, storage
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
 from osp_jax import ptq
@@ -70,7 +70,7 @@ class EvalError(ValueError):
 def _text_batches(path: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int):
     from osp_jax.data import pipeline, tokenizer as tokenizer_lib
 
-    if not glob.glob(path):
+    if not storage.glob(path):
         raise EvalError(f"--data={path}: no such file")
     try:
         tok_path = tokenizer_lib.run_tokenizer_path(workdir)
@@ -110,7 +110,7 @@ def check_tokenizer(data: str, data_dir: str, meta: dict, workdir: str) -> None:
         run_sha, run_tok = run_tokenizer_sha256(workdir)
     except ValueError as e:
         raise EvalError(str(e)) from None
-    run_tok = run_tok or f"(recorded in {os.path.join(workdir, 'data_metadata.json')})"
+    run_tok = run_tok or f"(recorded in {epath.Path(workdir) / 'data_metadata.json'})"
     if data_sha is None or run_sha is None:
         unknown = f"{data_dir} names no tokenizer" if data_sha is None else f"{workdir} keeps no tokenizer"
         _warn(f"{unknown}: cannot check that --data={data} was tokenised with the run's tokenizer")
@@ -147,7 +147,7 @@ def _prepared_batches(data: str, workdir: str, vocab_size: int, seq_len: int, ba
 def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batch_size: int,
                  max_tokens: int | None = None) -> list[dict[str, np.ndarray]]:
     """Every evaluation batch, with `weights` (1 = a scored token), cut at `max_tokens` scored tokens."""
-    is_text = os.path.isfile(data) or data.endswith(TEXT_SUFFIXES)
+    is_text = storage.is_file(data) or data.endswith(TEXT_SUFFIXES)
     source = (_text_batches(data, workdir, vocab_size, seq_len, batch_size) if is_text
               else _prepared_batches(data, workdir, vocab_size, seq_len, batch_size))
     batches, counted = [], 0
@@ -211,7 +211,7 @@ def load_checkpoint(workdir: str, step: int | None):
     """(step, params, validated config) from WORKDIR, or EvalError."""
     from osp_jax.checkpoint import CheckpointError, restore_params_only
 
-    if not epath.Path(workdir).is_dir():
+    if not storage.is_dir(workdir):
         raise EvalError(f"--workdir={workdir}: no such directory")
     try:
         found, params, cfg = restore_params_only(workdir, step=step)
@@ -219,7 +219,7 @@ def load_checkpoint(workdir: str, step: int | None):
         raise EvalError(f"--workdir={workdir}: {e}") from None
     if cfg is None:
         path = epath.Path(workdir) / "config.json"
-        if not path.exists():
+        if not storage.is_file(path):
             raise EvalError(f"checkpoint step {found} in {workdir} has no config, and there is no {path}")
         cfg = cli.read_json(path, "config", error=EvalError)
     try:
@@ -272,7 +272,7 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
     kurt = fp["kurtosis_sum"] / max(tokens, 1.0)
     return {
         "step": int(found),
-        "workdir": os.path.abspath(workdir),
+        "workdir": storage.normalized(workdir),
         "data": data,
         "bits": {"w": bits.w, "a": bits.a, "kv": bits.kv},
         "setting": str(bits),
@@ -346,8 +346,10 @@ def plot(r: dict, path: str) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()  # drawn whole, then written at once: no half-written file, and gs:// works
+    fig.savefig(image, format=epath.Path(path).suffix[1:] or None, dpi=120)
     plt.close(fig)
+    cli.write_bytes_atomic(path, image.getvalue())
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -404,6 +406,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> None:
+    storage.check_all(reads={"--workdir": args.workdir, "--data": args.data},
+                      writes={"--output": args.output, "--plot": args.plot}, files=("--output", "--plot"))
     compilation_cache.enable(args.compilation_cache_dir)
     result = evaluate(args.workdir, args.data, step=args.step, bits=args.bits, hadamard=args.hadamard,
                       clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,

@@ -18,7 +18,8 @@ export releases each float32 parameter as soon as the last tensor made from it e
 checkpoint converts in a few GiB of host memory beyond its float32 parameters. The `safetensors`
 library writes the files (no timestamps: two exports of one model are byte-identical) and
 `huggingface_hub` plans the shards, as transformers does. Outputs are written into a temporary
-directory next to the destination and renamed into place, so a failed run leaves nothing behind.
+directory next to the destination and renamed into place, so a failed run leaves nothing behind (a
+gs:// output is uploaded from a local temporary directory, config.json last: osp_jax.hf_io).
 Nothing from an input directory is ever executed. An output is never the input, an ancestor of it, or
 (export) one of the run's own entries, --overwrite or not. The released tokenizer.json loses any
 post-processor part that adds tokens (a BOS template): osp_jax encodes with add_special_tokens=False,
@@ -34,7 +35,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from typing import Any, Callable
 
@@ -43,8 +43,9 @@ if __name__ == "__main__":  # conversion is host work: keep JAX (and its memory)
 
 import ml_dtypes  # before safetensors reads or writes bfloat16 through NumPy
 import numpy as np
+from etils import epath
 
-from osp_jax import cli, roles
+from osp_jax import cli, roles, storage
 from osp_jax.hf_io import (BIN_FILE, BIN_INDEX_FILE, INDEX_FILE, PROG, RECIPE_FILE, SAFETENSORS_METADATA,  # noqa: F401
                            SINGLE_FILE, ExportError, check_not_clobbering, check_output, check_params, read_json,
                            say, staged_directory, write_json)
@@ -174,18 +175,19 @@ class TokenizerInfo:
         import tokenizers
 
         if self._tok is None:
-            self._tok = tokenizers.Tokenizer.from_file(self.path)
+            with storage.local_copy(self.path) as local:
+                self._tok = tokenizers.Tokenizer.from_file(local)
         return self._tok.id_to_token(int(i))
 
 
 def find_tokenizer(workdir: str) -> TokenizerInfo:
     """The run's tokenizer (named by data_metadata.json) and its EOS/BOS/padding ids."""
-    meta_path = os.path.join(workdir, "data_metadata.json")
-    meta = read_json(meta_path, "data metadata") if os.path.exists(meta_path) else {}
-    name = os.path.basename(str(meta.get("tokenizer") or "tokenizer.json"))
-    path = os.path.join(workdir, name)
-    if not os.path.isfile(path) or not name.endswith(".json"):
-        why = "is not a Hugging Face tokenizer.json" if os.path.isfile(path) else "was not found"
+    meta_path = epath.Path(workdir) / "data_metadata.json"
+    meta = read_json(meta_path, "data metadata") if storage.exists(meta_path) else {}
+    name = epath.Path(str(meta.get("tokenizer") or "tokenizer.json")).name
+    path = os.fspath(epath.Path(workdir) / name)
+    if not storage.is_file(path) or not name.endswith(".json"):
+        why = "is not a Hugging Face tokenizer.json" if storage.is_file(path) else "was not found"
         say(f"warning: the run's tokenizer {path} {why}: exporting the model only; "
             "AutoTokenizer will not load the output")
         eos = meta.get("eos_id")
@@ -254,7 +256,7 @@ def write_tokenizer(out_dir: str, tok: TokenizerInfo, model_max_length: int) -> 
         with open(target, "w", encoding="utf-8") as f:
             json.dump({**spec, "post_processor": post}, f, ensure_ascii=False, indent=2)
     else:
-        shutil.copyfile(tok.path, target)  # unchanged, byte for byte
+        cli.copy_atomic(tok.path, target)  # unchanged, byte for byte
     special = {k: v for k, v in (("bos_token", tok.token(tok.bos_id)), ("eos_token", tok.token(tok.eos_id)),
                                  ("pad_token", tok.token(tok.pad_id))) if v is not None}
     # PreTrainedTokenizerFast: transformers reads tokenizer.json as it is, with no model-specific rules
@@ -348,7 +350,7 @@ def _load_config(workdir: str, saved: dict | None):
 
     source = "the checkpoint"
     if saved is None:
-        saved, source = read_json(os.path.join(workdir, "config.json"), "config"), f"{workdir}/config.json"
+        saved, source = read_json(epath.Path(workdir) / "config.json", "config"), f"{workdir}/config.json"
     try:
         return config_lib.from_dict(saved)
     except config_lib.ConfigError as e:
@@ -366,10 +368,10 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
     check_not_clobbering(output, workdir, "--output", "--workdir", keep=RUN_ENTRIES)
     check_output(output, overwrite)
     cli.check_output_dir(output, "--output")
-    if not os.path.isdir(workdir):
+    if not storage.is_dir(workdir):
         raise ExportError(f"--workdir={workdir} is not a directory")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    if not storage.is_dir(ckpt_dir):
         raise ExportError(f"no checkpoint in {workdir}: {ckpt_dir} does not exist")
     try:
         step, params, saved_config = restore_params_only(workdir, step)
@@ -433,7 +435,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_storage(args) -> None:
+    """The gs:// paths of this command: buckets, credentials, permissions (osp_jax.storage), at start."""
+    reads, writes = ({"--from-hf": args.from_hf}, {"--workdir": args.workdir}) if args.from_hf else (
+        {"--workdir": args.workdir}, {"--output": args.output})
+    try:
+        storage.check_all(reads=reads, writes=writes)
+    except cli.UserError as e:
+        raise ExportError(str(e)) from None
+
+
 def _run(args: argparse.Namespace) -> None:
+    _check_storage(args)
     if args.from_hf:
         if args.output:
             raise ExportError("--from-hf imports into --workdir; --output is for export only")

@@ -6,7 +6,9 @@ a recipe to train it with, and an Orbax checkpoint at --step with a fresh optimi
 read with the `safetensors` library, a tensor at a time (`safe_open`), or from `.bin` files only with
 `torch.load(..., weights_only=True)`; configs are read as JSON, and configs asking for remote code are
 refused: nothing from the input directory is ever executed. Which Llama tensor becomes which
-parameter, in which layout, is the roles table's (osp_jax.roles).
+parameter, in which layout, is the roles table's (osp_jax.roles). A gs:// HF_DIR is downloaded to a local
+temporary directory first (safetensors and torch read local files); a gs:// WORKDIR is written through
+hf_io.staged_directory (staged locally, uploaded with its checkpoint's commit file and config.json last).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from __future__ import annotations
 import os
 import pprint
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 
-from osp_jax import cli, roles
+from etils import epath
+
+from osp_jax import cli, roles, storage
 from osp_jax.hf_io import (BIN_FILE, BIN_INDEX_FILE, INDEX_FILE, RECIPE_FILE, SINGLE_FILE, ExportError,
                            check_not_clobbering, check_output, check_params, read_json, say, staged_directory,
                            write_json)
@@ -122,14 +127,14 @@ def read_hf_weights(hf_dir: str) -> Mapping[str, np.ndarray]:
     """safetensors (single or sharded, each tensor read when asked for) preferred; `.bin` (single or
     sharded) read with weights_only=True."""
     for single, index, reader in ((SINGLE_FILE, INDEX_FILE, read_safetensors), (BIN_FILE, BIN_INDEX_FILE, _read_bin)):
-        if os.path.isfile(os.path.join(hf_dir, single)):
-            return reader(os.path.join(hf_dir, single))
-        if os.path.isfile(os.path.join(hf_dir, index)):
-            weight_map = read_json(os.path.join(hf_dir, index), "weight index").get("weight_map") or {}
+        if storage.is_file(epath.Path(hf_dir) / single):
+            return reader(os.fspath(epath.Path(hf_dir) / single))
+        if storage.is_file(epath.Path(hf_dir) / index):
+            weight_map = read_json(epath.Path(hf_dir) / index, "weight index").get("weight_map") or {}
             out: dict = {}
             for name in sorted(set(weight_map.values())):
                 path = _safe_name(hf_dir, name)
-                if not os.path.isfile(path):
+                if not storage.is_file(path):
                     raise ExportError(f"{hf_dir}: {index} lists the shard {name}, which is missing")
                 shard = reader(path)
                 out.update(shard.thunks() if isinstance(shard, LazyTensors) else {k: (lambda v=v: v) for k, v in shard.items()})
@@ -279,6 +284,16 @@ def _write_recipe(path: str, config) -> None:
                           "\n\n\ndef get_config():\n    return from_dict(CONFIG)\n")
 
 
+def _import_downloaded(hf_dir: str, workdir: str, **options) -> str:
+    """`import_hf` of a local copy of the gs:// directory `hf_dir` (its files, not its subdirectories)."""
+    with tempfile.TemporaryDirectory(prefix="osp_jax-from-hf-") as local:
+        say(f"downloading {hf_dir} to {local} to read it")
+        for name in storage.names(hf_dir):
+            if storage.is_file(f"{hf_dir}/{name}"):
+                storage.download(f"{hf_dir}/{name}", os.path.join(local, name))
+        return import_hf(local, workdir, **options)
+
+
 def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "adamw", seed: int = 0) -> str:
     """Writes WORKDIR (config.json, tokenizer, a recipe and an Orbax checkpoint at `step`) from a Llama."""
     import jax
@@ -293,11 +308,13 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
         raise ExportError(f"--optimizer={optimizer!r}: expected adamw or muon")
     if step < 0:
         raise ExportError(f"--step={step}: expected a step >= 0")
-    if not os.path.isdir(hf_dir):
+    if not storage.is_dir(hf_dir):
         raise ExportError(f"--from-hf={hf_dir} is not a directory")
     check_not_clobbering(workdir, hf_dir, "--workdir", "--from-hf")
     check_output(workdir, overwrite=False, flag="--workdir")
     cli.check_output_dir(workdir, "--workdir")
+    if storage.is_remote(hf_dir):
+        return _import_downloaded(hf_dir, workdir, step=step, optimizer=optimizer, seed=seed)
     cfg_path = os.path.join(hf_dir, "config.json")
     hf = read_json(cfg_path, "Hugging Face config")
     _check_llama(hf, cfg_path)
@@ -331,7 +348,8 @@ def import_hf(hf_dir: str, workdir: str, *, step: int = 0, optimizer: str = "ada
             ckpt.wait()
         finally:
             ckpt.close()
+    recipe = epath.Path(workdir) / RECIPE_FILE
+    local = f" (copy {recipe} to a local file first: --config reads local files)" if storage.is_remote(recipe) else ""
     say(f"imported {hf_dir} into {workdir} at step {step} (optimizer {optimizer}, fresh state); continue with: "
-        f"python -m osp_jax.train --config={os.path.join(workdir, RECIPE_FILE)} --workdir={workdir} "
-        "--config.data.path=DATA")
+        f"python -m osp_jax.train --config={recipe} --workdir={workdir} --config.data.path=DATA{local}")
     return workdir

@@ -1,5 +1,9 @@
 """What a run reports: outlier statistics, throughput and MFU, JSON-lines and TensorBoard writers.
 
+The writers take a local or gs:// workdir (osp_jax.storage): on gs://, metrics.jsonl grows by GCS compose, a
+line at a time, and tensorboardX writes its event file through google-cloud-storage itself (the whole file
+uploaded again at each of its flushes, every two minutes and at close).
+
 Excess kurtosis follows the OSP paper: for every token's hidden-state vector x,
 `relu(mean(x**4) / std(x)**4 - 3)`, averaged over tokens. A Gaussian vector scores ~0; a vector
 whose mass sits in a few channels (an activation outlier) scores up to about its width.
@@ -7,6 +11,7 @@ whose mass sits in a few channels (an activation outlier) scores up to about its
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -17,6 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from osp_jax import cli, storage
 
 # Dense bf16 peak FLOP/s per device, by `device.device_kind` prefix.
 PEAK_TFLOPS = {
@@ -168,26 +176,21 @@ def set_aside_rows_after(path: str, step: int) -> int:
     """Moves the rows of metrics.jsonl at `path` whose step is past `step`, and any line that is not a
     JSON record with an integer `step` (cut off by a crash, say), to metrics.abandoned.jsonl beside it,
     appended, never dropped; returns how many moved. The kept rows are rewritten atomically."""
-    if not os.path.isfile(path):
+    path = epath.Path(path)
+    if not storage.is_file(path):
         return 0
     keep, moved = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                ok = int(json.loads(line)["step"]) <= step
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            (keep if ok else moved).append(line if line.endswith("\n") else line + "\n")
+    for line in io.StringIO(path.read_text(encoding="utf-8")):  # lines end at "\n" only, as a file's do
+        if not line.strip():
+            continue
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else moved).append(line if line.endswith("\n") else line + "\n")
     if moved:
-        with open(os.path.join(os.path.dirname(path), "metrics.abandoned.jsonl"), "a", encoding="utf-8") as f:
-            f.writelines(moved)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        storage.append_text(path.parent / "metrics.abandoned.jsonl", "".join(moved))
+        cli.write_text_atomic(path, "".join(keep))
     return len(moved)
 
 
@@ -213,7 +216,7 @@ class _TensorBoard:
 
     def __init__(self, workdir: str):
         from tensorboardX import SummaryWriter
-        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._writer = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
         for key, value in values.items():
@@ -243,11 +246,11 @@ class MetricWriter:
         self._sinks = []
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        path = epath.Path(workdir) / "metrics.jsonl"
         if start_step is not None:
             set_aside_rows_after(path, start_step)
-        self._jsonl = open(path, "a", encoding="utf-8")
+        self._jsonl = storage.Appender(path)
         if tensorboard:
             try:
                 self._sinks.append(_TensorBoard(workdir))
@@ -262,7 +265,6 @@ class MetricWriter:
             return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
         values = scalars(metrics)
         for sink in self._sinks:
             sink.write(int(step), values)

@@ -14,7 +14,7 @@ import sys
 
 from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, storage
 
 PROG = "osp_jax.plot"
 
@@ -25,7 +25,7 @@ PANELS = (("loss", "training loss"), ("val_loss", "validation loss"), ("kurtosis
 def read_metrics(workdir: str) -> list[dict]:
     """Records of metrics.jsonl; a step logged twice (a resumed run) keeps its last record."""
     path = epath.Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
     by_step = {}
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdirs = [args.workdir] + [w for w in args.compare.split(",") if w]
     output = args.output or str(epath.Path(args.workdir) / "curves.png")
-    status = cli.guarded(PROG, lambda: plot(workdirs, output), {FileNotFoundError: "error", ImportError: "error"})
+
+    def run():
+        storage.check_all(reads=[("--workdir", w) for w in workdirs], writes={"--output": output}, files=("--output",))
+        plot(workdirs, output)
+
+    status = cli.guarded(PROG, run, {FileNotFoundError: "error", ImportError: "error", cli.UserError: "error"})
     if status == cli.EXIT_OK:
         print(f"wrote {output}")
     return status

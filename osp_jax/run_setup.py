@@ -1,8 +1,9 @@
 """Setting up a training run: everything `osp_jax.train`'s loop needs, built once, in one `Run`.
 
-In order: the config checked; JAX's persistent compilation cache turned on; the mesh made and checked against
-the config's sizes; the data opened and its tokenizer checked against the run's, agreed by every process; the
-workdir made; model, optimizer and shardings; the train state restored from the latest checkpoint (onto this
+In order: the config checked; the gs:// paths' buckets and credentials checked; JAX's persistent compilation
+cache turned on; the mesh made and checked against the config's sizes; the workdir locked for this run
+(osp_jax.workdir_lock: one writer per workdir); the data opened and its tokenizer checked against the run's,
+agreed by every process; the workdir made; model, optimizer and shardings; the train state restored from the latest checkpoint (onto this
 mesh and layer layout) or made fresh; config.json and the tokenizer written to the workdir; the step
 functions jitted; the metrics writer (with its TensorBoard and W&B sinks) and the step profiler opened.
 Anything refused is refused before the workdir's files change.
@@ -20,7 +21,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from osp_jax import cli, compilation_cache, sharding
+from osp_jax import cli, compilation_cache, sharding, storage
 from osp_jax import config as config_lib
 from osp_jax import metrics as metrics_lib
 from osp_jax.model import Transformer, count_params, flops_per_token
@@ -32,6 +33,7 @@ from osp_jax.resume import restore_state
 # The data's half of the set-up, in its own module; these names stay importable here.
 from osp_jax.run_data import DataError, data_identity, log_epochs, make_data, same_batch_count  # noqa: F401
 from osp_jax.step import TrainState
+from osp_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
 log = logging.getLogger("osp_jax")
 
@@ -56,6 +58,7 @@ class Run(NamedTuple):
     checkpointer: Any              # osp_jax.checkpoint.Checkpointer
     writer: metrics_lib.MetricWriter
     profiler: StepProfiler         # traces train.profile_steps
+    lock: WorkdirLock              # held by process 0 until the loop releases it
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str, *,
@@ -69,18 +72,20 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, *,
     t = config.train
     is_main = jax.process_index() == 0
     mesh = _checked_mesh(config, workdir)
-    train_iter, val_batches, data_dir = _agreed_data(config, workdir, mesh, make_data_fn or make_data)
-    val_batches = same_batch_count(val_batches, t.global_batch_size // sharding.data_shard(mesh)[1], t.seq_len)
-    # Several processes: made by all, one directory seen by all, or an error on every process (no hang).
-    make_shared_directory(workdir)
-    model = Transformer(config.model)
-    tx, schedules = make_optimizer(config, mesh)
-    shardings = state_shardings(config, model, tx, mesh)
-    # seqio streams have no iterator state: after a restore they start again from the beginning.
-    ckpt_iter = train_iter if hasattr(train_iter, "get_state") else None
-    if ckpt_iter is None:
-        log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
+    lock = _locked_workdir(workdir)
     with contextlib.ExitStack() as undo:  # on a failure, closes what set-up opened; else the loop does
+        undo.callback(lock.release)
+        train_iter, val_batches, data_dir = _agreed_data(config, workdir, mesh, make_data_fn or make_data)
+        val_batches = same_batch_count(val_batches, t.global_batch_size // sharding.data_shard(mesh)[1], t.seq_len)
+        # Several processes: made by all, one directory seen by all, or an error on every process (no hang).
+        make_shared_directory(workdir)
+        model = Transformer(config.model)
+        tx, schedules = make_optimizer(config, mesh)
+        shardings = state_shardings(config, model, tx, mesh)
+        # seqio streams have no iterator state: after a restore they start again from the beginning.
+        ckpt_iter = train_iter if hasattr(train_iter, "get_state") else None
+        if ckpt_iter is None:
+            log.warning("the %s input stream cannot be checkpointed: a resumed run restarts it", config.data.source)
         checkpointer = undo.enter_context(_checkpointer(config, workdir, mesh, data_dir))
         start, state = _restore_or_init(checkpointer, config, model, tx, shardings, mesh, ckpt_iter, workdir)
         if is_main:  # only now: a resume that failed leaves the workdir's files as they were
@@ -105,25 +110,24 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, *,
             tokens_per_step=tokens_per_step, throughput=throughput, checkpointer=checkpointer,
             writer=metrics_lib.MetricWriter(str(workdir), tensorboard=t.tensorboard, start_step=start,
                                             wandb_project=t.wandb_project, run_config=config.to_dict()),
-            profiler=StepProfiler(t, str(workdir), start))
+            profiler=StepProfiler(t, str(workdir), start), lock=lock)
         undo.pop_all()
     return run, state
 
 
 def _checked_mesh(config, workdir: str):
-    """The config's mesh, after every check that needs no data: the config's values, local paths, the
-    attention kernel, W&B installed where asked for, the sizes the mesh splits. Turns the compilation cache
-    on (train.compilation_cache_dir) before anything is compiled."""
+    """The config's mesh, after every check that needs no data: the config's values, the gs:// inputs'
+    buckets and credentials, the attention kernel, W&B installed where asked for, the sizes the mesh splits.
+    Turns the compilation cache on (train.compilation_cache_dir) before anything is compiled."""
     config_lib.validate(config)
     if config.train.wandb_project and importlib.util.find_spec("wandb") is None:
         raise config_lib.ConfigError(f"config.train.wandb_project={config.train.wandb_project!r} needs the wandb "
                                      "package: pip install 'osp_jax[wandb]' (or set it to '' for no W&B)")
-    for name, path in (("--workdir", workdir), ("config.data.path", config.data.path)):
-        if not cli.is_local(str(path)):
-            raise FileNotFoundError(f"{name}={path}: URLs are not supported yet; use a local or mounted path "
-                                    "(e.g. a Cloud Storage FUSE mount such as /gcs/BUCKET/...)")
     cli.check_output_dir(workdir, "--workdir")
     _check_workdir_files(workdir)
+    # The workdir is also checked by taking its lock (a write); seqio's data.path is unused.
+    storage.check_all(reads={"config.data.path": config.data.path if config.data.source != "seqio" else "",
+                             "config.train.eval_data": config.train.eval_data})
     check_attention_backend(config)
     where = compilation_cache.enable(config.train.compilation_cache_dir)
     log.info("compilation cache: %s", where or "off (train.compilation_cache_dir='')")
@@ -136,8 +140,24 @@ def _check_workdir_files(workdir: str) -> None:
     """The run's own JSON files, where a resume finds them: each readable (cli.UserError naming it otherwise)."""
     for name, what in (("config.json", "the run's config"), ("data_metadata.json", "the run's data metadata")):
         path = epath.Path(workdir) / name
-        if path.exists():
+        if storage.is_file(path):
             cli.read_json(path, what)
+
+
+def _locked_workdir(workdir: str) -> WorkdirLock:
+    """The workdir's lock, taken by process 0 (the others hold an unacquired one); its error (WorkdirBusy, or
+    cli.UserError for a gs:// workdir that cannot be written) on every process if process 0 could not take it."""
+    from osp_jax.checkpoint import all_processes_ok
+
+    lock, error = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except cli.UserError as e:  # WorkdirBusy, or a gs:// workdir that cannot be written
+            error = e
+    if not all_processes_ok(error is None):
+        raise error or WorkdirBusy(f"--workdir={workdir}: process 0 could not lock it (its log says why)")
+    return lock
 
 
 def _checkpointer(config, workdir: str, mesh, data_dir: str | None):
@@ -226,7 +246,7 @@ def keep_tokenizer(data_dir: str, workdir: str) -> None:
     meta = cli.read_json(data / "metadata.json", "data metadata", error=DataError)
     for src, name in ((data / meta["tokenizer"], epath.Path(meta["tokenizer"]).name),
                       (data / "metadata.json", "data_metadata.json")):
-        if not (run / name).exists():
+        if not storage.exists(run / name):
             cli.copy_atomic(src, run / name)
 
 
@@ -235,7 +255,7 @@ def write_config(config, workdir: str) -> None:
     differs from the config.json already there (a resumed run with changed learning rates, say)."""
     path = epath.Path(workdir) / "config.json"
     new = config.to_dict()
-    if path.exists():
+    if storage.exists(path):
         old = cli.read_json(path, "the run's config")
         changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
         if changed:

@@ -50,7 +50,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with on_mesh(run.mesh), contextlib.ExitStack() as cleanup:
         # On leaving, last first and each even if one before it raised: stop a trace left open, wait (it
         # re-raises a failed asynchronous save), close the checkpointer, then the writer (telling W&B
-        # whether the run failed), then put SIGTERM's handler back.
+        # whether the run failed), then put SIGTERM's handler back, then release the workdir.
+        cleanup.callback(run.lock.release)
         notice = cleanup.enter_context(PreemptionNotice(every=t.log_every))
         cleanup.enter_context(run.writer)
         cleanup.callback(run.checkpointer.close)

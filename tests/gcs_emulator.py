@@ -10,6 +10,9 @@ Clients are pointed at it by environment variables (`env()`), which subprocesses
   gcsfs reads that setting when it is imported: set these before anything imports gcsfs (an import
   before them made one save take 6 minutes here).
 - TensorStore (Orbax's array writes): TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING.
+- array_record's reader (the token shards, through google-cloud-cpp): CLOUD_STORAGE_EMULATOR_ENDPOINT. Without
+  it, a gs:// shard is read from the real service: with no network here, the reader waits forever.
+- google-cloud-storage (the workdir lock, access checks, tensorboardX's gs:// writer): STORAGE_EMULATOR_HOST.
 - So that no client looks for a real metadata server or real credentials: NO_GCE_CHECK,
   GCE_METADATA_HOST (a closed local port) and a scratch CLOUDSDK_CONFIG.
 """
@@ -23,6 +26,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 
@@ -43,19 +47,24 @@ def _free_port() -> int:
 
 
 class GcsEmulator:
-    """fake-gcs-server on 127.0.0.1, in memory. `start()`, `make_bucket(name)`, `env()`, `stop()`."""
+    """fake-gcs-server on 127.0.0.1. `start()`, `make_bucket(name)`, `env()`, `stop()`, `kill()`.
 
-    def __init__(self):
+    In memory by default; with `root`, objects are kept in that directory, so that a server killed mid-write
+    and started again (`start()` once more, same port) serves what had been written before the kill."""
+
+    def __init__(self, root: str | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.root = root
         self._scratch = tempfile.TemporaryDirectory(prefix="gcs-emulator-")
         self.log_path = os.path.join(self._scratch.name, "server.log")
         self._process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 20.0) -> "GcsEmulator":
+        backend = ["-backend", "filesystem", "-filesystem-root", self.root] if self.root else ["-backend", "memory"]
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(self.port),
+                [_binary(), "-scheme", "http", *backend, "-host", "127.0.0.1", "-port", str(self.port),
                  "-external-url", self.url, "-log-level", "warn"], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -78,6 +87,14 @@ class GcsEmulator:
             pass
         return f"gs://{name}"
 
+    def objects(self, bucket: str, prefix: str = "") -> list[str]:
+        """Names of the objects under `prefix` in `bucket` (a plain `gs://NAME` works too), asked of the server
+        directly: no client, no cache."""
+        bucket = bucket.removeprefix("gs://")
+        query = urllib.parse.urlencode({"prefix": prefix, "maxResults": 10000})
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?{query}", timeout=10) as r:
+            return sorted(item["name"] for item in json.load(r).get("items", []))
+
     def env(self) -> dict[str, str]:
         config_dir = os.path.join(self._scratch.name, "gcloud")
         os.makedirs(config_dir, exist_ok=True)
@@ -86,6 +103,7 @@ class GcsEmulator:
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
             "FSSPEC_GS_TOKEN": "anon",
             "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
             "NO_GCE_CHECK": "true",
             "GCE_METADATA_HOST": "127.0.0.1:9",

@@ -59,13 +59,22 @@ def test_tiny_cli_trains_and_muon_keeps_pace_with_adamw(tmp_path):
     assert curves["muon"][-1]["val_loss"] <= curves["adamw"][-1]["val_loss"] + 0.02
 
 
-def test_url_workdir_is_refused_before_anything_is_written(tmp_path):
+def test_a_gs_workdir_without_credentials_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """No emulator and no credentials: google-auth finds none without reaching the network (no metadata server
+    is asked), and train stops at the workdir's lock, before the data or the mesh."""
     import pytest
 
+    from osp_jax import cli
     from osp_jax import train as train_lib
     from tests.helpers import load_recipe
 
-    with pytest.raises(FileNotFoundError, match="URLs are not supported yet"):
+    for key in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
+    with pytest.raises(cli.UserError, match="--workdir=gs://bucket/run: cannot write there: no usable Google "
+                                            "Cloud credentials"):
         train_lib.train(load_recipe("tiny"), "gs://bucket/run")
 
 

@@ -17,6 +17,9 @@ import os
 import orbax.checkpoint as ocp
 from etils import epath
 
+# Dropping gcsfs's cached listings before a decision: osp_jax.storage's, for every path; kept importable here.
+from osp_jax.storage import uncached  # noqa: F401
+
 log = logging.getLogger("osp_jax.checkpoint")
 
 try:  # how steps are read; how they are written stays Orbax's default for the storage
@@ -38,18 +41,6 @@ def absolute(directory) -> epath.Path:
 def find_checkpoint_dir(workdir) -> str:
     """Where a run keeps its checkpoints: ``WORKDIR/checkpoints``."""
     return os.fspath(absolute(workdir) / "checkpoints")
-
-
-def uncached(path: epath.Path) -> epath.Path:
-    """`path`, after dropping the directory listings fsspec remembers (epath reaches gs:// through gcsfs when
-    TensorFlow is absent, and gcsfs keeps every listing it made: steps written since by TensorStore or another
-    process would stay invisible). Local paths have no such cache."""
-    if "://" in os.fspath(path):
-        from etils.epath import backend
-
-        if getattr(path, "_backend", None) is backend.fsspec_backend:  # epath's own choice for this path
-            backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
-    return path
 
 
 def step_path(directory: epath.Path, step: int) -> epath.Path:

@@ -93,6 +93,9 @@ class ReadFile(beam.DoFn):
     def __init__(self, text_field: str, split_field: str | None, val_fraction: float):
         self.text_field, self.split_field, self.val_fraction = text_field, split_field, val_fraction
 
+    def setup(self):
+        fs.use_beam()  # a worker reads gs:// through Beam's filesystems
+
     def process(self, element):
         index, path, kind = element
         warnings: list[str] = []
@@ -125,6 +128,7 @@ class Tokenize(beam.DoFn):
         self._tok = None
 
     def setup(self):
+        fs.use_beam()
         path = self.tokenizer
         if fs.is_url(path):  # the tokenizer libraries read local files only
             self._tmp = tempfile.TemporaryDirectory(prefix="osp_jax-tokenizer-")
@@ -157,6 +161,9 @@ class WriteShard(beam.DoFn):
 
     def __init__(self, staging: str):
         self.staging = staging
+
+    def setup(self):
+        fs.use_beam()
 
     def process(self, element):
         (split, bucket), records = element

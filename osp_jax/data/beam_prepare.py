@@ -57,6 +57,7 @@ def prepare_beam(inputs: str | Sequence[str], output: str, tokenizer: str, *, ru
     and for input files found damaged while it ran (then nothing is published)."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else prepare_lib.log
+    fs.use_beam()  # this process's gs:// paths through Beam's filesystems, as its workers'
     prepare_lib.check_options(val_fraction=val_fraction, shard_size_mb=shard_size_mb)
     options = pipeline_options(runner, beam_args)
     output = output.rstrip("/") if fs.is_url(output) else os.path.abspath(os.path.expanduser(output))

@@ -3,9 +3,10 @@ Beam's own `FileSystems`.
 
 Also the glob syntax of --input that glob lacks: commas between patterns, shell braces.
 
-Beam's, not gcsfs/etils.epath, for URLs: a Dataflow worker has Beam and its credentials already, and
-issue 25 asks for gs:// through Beam's filesystems. Nothing here caches a listing: every call asks the
-store (GCS lists are strongly consistent).
+URLs go through Beam's own filesystems inside a Beam pipeline (`use_beam()`, called by the pipeline's driver
+and its workers: a Dataflow worker has Beam and its credentials already), and through `osp_jax.storage`
+(etils.epath and gcsfs, as train, evaluate and export use) on the single-machine path, which needs no Beam.
+Nothing here caches a listing: every call asks the store (GCS lists are strongly consistent).
 """
 from __future__ import annotations
 
@@ -25,8 +26,24 @@ class FileInfo(NamedTuple):
     mtime_ns: int
 
 
+_BEAM = False  # URLs through Beam's FileSystems (True in a Beam pipeline's processes), else osp_jax.storage
+
+
+def use_beam() -> None:
+    """From now on in this process, URLs go through Beam's FileSystems."""
+    global _BEAM
+    _beam()
+    _BEAM = True
+
+
 def is_url(path: str) -> bool:
     return "://" in os.fspath(path)
+
+
+def _storage():
+    from osp_jax import storage
+
+    return storage
 
 
 def _beam():
@@ -52,11 +69,15 @@ def basename(path: str) -> str:
 
 
 def exists(path: str) -> bool:
-    return _beam().exists(path) if is_url(path) else os.path.exists(path)
+    if not is_url(path):
+        return os.path.exists(path)
+    return _beam().exists(path) if _BEAM else _storage().exists(path)
 
 
 def isfile(path: str) -> bool:
-    return _beam().exists(path) if is_url(path) else os.path.isfile(path)
+    if not is_url(path):
+        return os.path.isfile(path)
+    return _beam().exists(path) if _BEAM else _storage().is_file(path)
 
 
 def isdir(path: str) -> bool:
@@ -68,6 +89,9 @@ def isdir(path: str) -> bool:
 
 def match(pattern: str) -> list[FileInfo]:
     """The files a URL glob matches (`*` within a folder, `**` across folders), sorted by path."""
+    if not _BEAM:
+        storage = _storage()
+        return sorted(FileInfo(p, *storage.stat(p)) for p in storage.glob(pattern) if storage.is_file(p))
     result = _beam().match([pattern])[0]
     return sorted(FileInfo(m.path, int(m.size_in_bytes), int((m.last_updated_in_seconds or 0) * 1e9))
                   for m in result.metadata_list)
@@ -77,6 +101,8 @@ def stat(path: str) -> FileInfo:
     if not is_url(path):
         st = os.stat(path)
         return FileInfo(path, st.st_size, st.st_mtime_ns)
+    if not _BEAM:
+        return FileInfo(path, *_storage().stat(path))
     found = [m for m in match(path) if m.path == path]
     if not found:
         raise FileNotFoundError(2, "No such file", path)
@@ -87,6 +113,8 @@ def open_read(path: str) -> BinaryIO:
     """The raw bytes of a file (no decompression: the readers choose by extension)."""
     if not is_url(path):
         return open(path, "rb")
+    if not _BEAM:
+        return _storage().open_read(path)
     from apache_beam.io.filesystem import CompressionTypes
 
     return _beam().open(path, compression_type=CompressionTypes.UNCOMPRESSED)
@@ -111,12 +139,20 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     if not is_url(path):
         cli.write_bytes_atomic(path, data)
         return
+    if not _BEAM:
+        import etils.epath
+
+        etils.epath.Path(path).write_bytes(data)  # an object appears whole when its upload ends
+        return
     with _create(path) as f:
         f.write(data)
 
 
 def upload(local_path: str, dest: str) -> None:
     """Copies a local file to `dest` (a URL): the object appears only once the upload is complete."""
+    if not _BEAM:
+        _storage().upload(local_path, dest)
+        return
     with open(local_path, "rb") as src, _create(dest) as out:
         shutil.copyfileobj(src, out, 8 << 20)
 
@@ -136,7 +172,9 @@ def makedirs(path: str) -> None:
 def rename(src: str, dst: str) -> None:
     """Locally an atomic rename; on an object store a copy and a delete (readers are kept off by
     metadata.json, which is written after every shard is in place)."""
-    if is_url(src):
+    if is_url(src) and not _BEAM:
+        _storage().move(src, dst)
+    elif is_url(src):
         _beam().rename([src], [dst])
     else:
         os.replace(src, dst)
@@ -144,7 +182,9 @@ def rename(src: str, dst: str) -> None:
 
 def delete(path: str) -> None:
     """Removes a file (missing is fine)."""
-    if is_url(path):
+    if is_url(path) and not _BEAM:
+        _storage().remove(path)
+    elif is_url(path):
         if _beam().exists(path):
             _beam().delete([path])
     else:

@@ -36,7 +36,7 @@ import grain
 import numpy as np
 from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, storage
 from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
 from osp_jax.data import tokenizer as tokenizer_lib
@@ -94,9 +94,9 @@ def resolve_data_dir(path: str) -> str:
                 raise PipelineError(f"cannot write the built-in data cache {out}{where}: {e.strerror or e}; set "
                                     "OSP_JAX_CACHE to a writable directory") from None
         return out
-    out = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if not os.path.isfile(os.path.join(out, "metadata.json")):
-        why = "does not exist" if not os.path.exists(out) else "has no metadata.json"
+    out = storage.normalized(path)
+    if not storage.is_file(epath.Path(out) / "metadata.json"):
+        why = "does not exist" if not storage.exists(out) else "has no metadata.json"
         raise FileNotFoundError(f"data directory {path!r} {why}: expected a directory written by "
                                 "`python -m osp_jax.data.prepare`, or 'builtin'")
     return out
@@ -105,7 +105,7 @@ def resolve_data_dir(path: str) -> str:
 def load_metadata(data_dir: str) -> dict:
     """metadata.json of a prepared directory (see osp_jax.data.prepare)."""
     p = epath.Path(data_dir) / "metadata.json"
-    if not p.exists():
+    if not storage.is_file(p):
         raise FileNotFoundError(f"{data_dir} has no metadata.json: not a directory written by "
                                 "`python -m osp_jax.data.prepare` (or it is still being written)")
     meta = cli.read_json(p, "metadata", error=PipelineError)
@@ -325,7 +325,7 @@ def _open_shards(data_dir: str, split: str, info: dict):
                              f"`python -m osp_jax.data.prepare` again with --output={data_dir} and --force "
                              "(for the 'builtin' cache, delete the directory)")
 
-    paths = [os.path.join(data_dir, s["file"]) for s in info["shards"]]
+    paths = [os.fspath(epath.Path(data_dir) / s["file"]) for s in info["shards"]]
     for p, s in zip(paths, info["shards"]):
         if why := shards_lib.size_problem(p, s):
             raise damaged(why)

@@ -34,13 +34,16 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from typing import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, storage
+from osp_jax.data import filesystems as fs
 from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
 from osp_jax.data.output_dir import (check_output, load_existing, locked, remove_created, remove_stale_tmp,
@@ -171,7 +174,7 @@ def _tokenizer_source(spec: str) -> dict:
         except ValueError:
             raise DataError(f"--tokenizer={spec!r}: expected train:VOCAB with an integer VOCAB") from None
         return {"train_vocab": vocab}
-    path = os.path.abspath(tokenizer_lib.resolve_tokenizer_path(os.path.expanduser(spec)))
+    path = storage.normalized(tokenizer_lib.resolve_tokenizer_path(storage.normalized(spec)))
     return {"path": path, "sha256": tokenizer_lib.file_sha256(path)}
 
 
@@ -188,28 +191,44 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
     if workers < 1:
         raise DataError(f"--workers={workers}: expected a positive integer")
     say = (lambda m: None) if quiet else log
-    if "://" in output:
-        raise DataError(f"--output {output}: without --runner prepare writes a local directory; a URL output "
-                        "goes through Beam's filesystems: add --runner=DirectRunner (osp_jax[beam])")
-    output = os.path.abspath(os.path.expanduser(output))
-    created = check_output(output)
+    output = storage.normalized(output)
+    remote = storage.is_remote(output)
+    created = [] if remote else check_output(output)  # a gs:// output is checked by the CLI (storage.check_all)
     input_files = sources.expand_inputs(inputs, exclude=output)
     want = wanted(input_files, tokenizer, val_fraction=val_fraction, text_field=text_field,
                   split_field=split_field)
     sources.check_inputs(input_files)
-    os.makedirs(output, exist_ok=True)
+    if not remote:
+        os.makedirs(output, exist_ok=True)
     try:
-        with locked(output):
+        with (contextlib.nullcontext() if remote else locked(output)), _staging(output) as stage:
             if not force and reusable(load_existing(output), want, output):
                 say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
                 return load_existing(output)
-            remove_stale_tmp(output)
-            return _prepare_locked(input_files, output, want, text_field=text_field, split_field=split_field,
-                                   workers=workers, shard_bytes=int(shard_size_mb * 2**20), say=say,
-                                   quiet=quiet)
+            if remote:  # two prepares into one gs:// directory at once are the user's to avoid (no lock there)
+                for name in storage.names(output):
+                    if shards_lib.TMP_PREFIX in name:
+                        storage.remove(epath.Path(output) / name)
+            else:
+                remove_stale_tmp(output)
+            return _prepare_locked(input_files, output, want, stage=stage, text_field=text_field,
+                                   split_field=split_field, workers=workers, shard_bytes=int(shard_size_mb * 2**20),
+                                   say=say, quiet=quiet)
     except BaseException:
         remove_created(created)
         raise
+
+
+@contextlib.contextmanager
+def _staging(output: str):
+    """Where the shards and the tokenizer are written first: `output` itself on a local disk, a temporary local
+    directory (removed on leaving) for a gs:// output (array_record and the tokenizer libraries write local
+    files); each shard is uploaded once closed, metadata.json last."""
+    if not storage.is_remote(output):
+        yield output
+        return
+    with tempfile.TemporaryDirectory(prefix="osp_jax-prepare-") as stage:
+        yield stage
 
 
 def check_options(*, val_fraction: float, shard_size_mb: float) -> None:
@@ -237,18 +256,19 @@ def split_of(doc: Document, val_fraction: float) -> str:
     return "validation" if is_validation(doc.text, val_fraction) else "train"
 
 
-def _prepare_locked(input_files, output, want, *, text_field, split_field, workers, shard_bytes, say,
+def _prepare_locked(input_files, output, want, *, stage, text_field, split_field, workers, shard_bytes, say,
                     quiet) -> dict:
     t0 = time.monotonic()
     val_fraction = want["options"]["val_fraction"]
     doc_split = functools.partial(split_of, val_fraction=val_fraction)
-    tok_name, tmp_tok = _stage_tokenizer(want["tokenizer_source"], input_files, output, say=say,
+    tok_name, tmp_tok = _stage_tokenizer(want["tokenizer_source"], input_files, stage, say=say,
                                          text_field=text_field, split_field=split_field, split_of=doc_split)
     try:
         tok = tokenizer_lib.load_tokenizer(tmp_tok)
-        writers, shards, skips = _write_splits(input_files, output, tmp_tok, text_field=text_field,
+        writers, shards, skips = _write_splits(input_files, stage, tmp_tok, text_field=text_field,
                                                split_field=split_field, split_of=doc_split, workers=workers,
-                                               shard_bytes=shard_bytes, quiet=quiet)
+                                               shard_bytes=shard_bytes, quiet=quiet,
+                                               upload_to=output if stage != output else None)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_tok)
@@ -258,18 +278,20 @@ def _prepare_locked(input_files, output, want, *, text_field, split_field, worke
             f"{writers['train'].documents} documents)")
 
     # Publish: drop the old metadata first, so a crash from here on leaves DIR visibly incomplete.
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output, "metadata.json"))
+    storage.remove(epath.Path(output) / "metadata.json")
     shards_lib.publish(output, shards)
-    os.replace(tmp_tok, os.path.join(output, tok_name))
-    cli.fsync(output)
+    if stage == output:
+        os.replace(tmp_tok, os.path.join(output, tok_name))
+        cli.fsync(output)
+    else:
+        storage.upload(tmp_tok, epath.Path(output) / tok_name)
 
     elapsed = time.monotonic() - t0
     splits = {s: {"documents": writers[s].documents, "tokens": writers[s].tokens, "shards": shards[s]}
               for s in SPLITS}
-    meta = metadata(tok, tok_name, tokenizer_lib.file_sha256(os.path.join(output, tok_name)), splits, skips.as_dict(),
+    meta = metadata(tok, tok_name, tokenizer_lib.file_sha256(epath.Path(output) / tok_name), splits, skips.as_dict(),
                     skips.by_file_dict(), want, elapsed)
-    cli.write_json(os.path.join(output, "metadata.json"), meta)  # last: its presence means DIR is complete
+    cli.write_json(epath.Path(output) / "metadata.json", meta)  # last: its presence means DIR is complete
     say(summary(output, meta, elapsed))
     return meta
 
@@ -306,14 +328,15 @@ def summary(output: str, meta: dict, elapsed: float) -> str:
             f"skipped {sum(meta['skipped'].values())} {meta['skipped'] or ''} ({elapsed:.1f} s)")
 
 
-def _stage_tokenizer(src: dict, input_files, output: str, *, say, text_field, split_field,
+def _stage_tokenizer(src: dict, input_files, stage: str, *, say, text_field, split_field,
                      split_of) -> tuple[str, str]:
-    """(final name, .tmp- path) of the tokenizer DIR will keep: trained on the training documents, or a
-    copy of the given file."""
+    """(final name, .tmp- path in the local directory `stage`) of the tokenizer DIR will keep: trained on the
+    training documents, or a copy of the given file."""
     if "train_vocab" not in src:
         tok_name = "tokenizer.json" if tokenizer_lib.load_tokenizer(src["path"]).kind == "hf" else "tokenizer.model"
-        tmp_tok = shards_lib.tmp_name(output, tok_name)
-        shutil.copyfile(src["path"], tmp_tok)
+        tmp_tok = shards_lib.tmp_name(stage, tok_name)
+        with storage.open_read(src["path"]) as f_in, open(tmp_tok, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
         return tok_name, tmp_tok
     say(f"prepare: training a byte-level BPE with vocabulary {src['train_vocab']} on the inputs")
     n_train = [0]
@@ -327,17 +350,18 @@ def _stage_tokenizer(src: dict, input_files, output: str, *, say, text_field, sp
     tok = tokenizer_lib.train_bpe(train_texts(), src["train_vocab"])
     if n_train[0] == 0:
         raise DataError(f"no valid training documents in {len(input_files)} input(s) to train a tokenizer on")
-    tmp_tok = shards_lib.tmp_name(output, "tokenizer.json")
+    tmp_tok = shards_lib.tmp_name(stage, "tokenizer.json")
     tok.save(tmp_tok)
     return "tokenizer.json", tmp_tok
 
 
-def _write_splits(input_files, output: str, tokenizer_path: str, *, text_field, split_field, split_of, workers,
-                  shard_bytes, quiet) -> tuple[dict, dict, SkipLog]:
-    """Reads, tokenises and writes every document into .tmp- shards of its split: (writers, shards, skips)
-    by split. On any failure its .tmp- shards are removed."""
+def _write_splits(input_files, stage: str, tokenizer_path: str, *, text_field, split_field, split_of, workers,
+                  shard_bytes, quiet, upload_to: str | None = None) -> tuple[dict, dict, SkipLog]:
+    """Reads, tokenises and writes every document into .tmp- shards of its split in the local directory `stage`
+    (uploaded to `upload_to` as each closes, if given): (writers, shards, skips) by split. On any failure its
+    .tmp- shards are removed."""
     skips = SkipLog()
-    writers = {s: shards_lib.ShardWriter(output, s, shard_bytes) for s in SPLITS}
+    writers = {s: shards_lib.ShardWriter(stage, s, shard_bytes, upload_to=upload_to) for s in SPLITS}
     progress = _Progress(enabled=not quiet, files=len(input_files))
 
     def documents():
@@ -414,6 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace, beam_args: list[str]) -> None:
     options = dict(val_fraction=args.val_fraction, text_field=args.text_field, split_field=args.split_field or None,
                    shard_size_mb=args.shard_size_mb, quiet=args.quiet, force=args.force)
+    if not args.runner:  # the gs:// paths' buckets, credentials and permissions, at start (Beam checks its own)
+        inputs = [p.strip() for pat in args.input for p in fs.split_patterns(pat) if p.strip()]
+        tokenizer = "" if args.tokenizer.startswith("train:") else args.tokenizer
+        storage.check_all(reads=[("--tokenizer", tokenizer)] + [("--input", p) for p in inputs],
+                          writes={"--output": args.output})
     try:
         if args.runner:
             if args.workers is not None:

@@ -1,6 +1,10 @@
 """The ArrayRecord shards `prepare` writes: one record a document, written under .tmp- names, published
 by rename, and checked before they are reused.
 
+array_record writes local files only (its reader also reads gs://): for a gs:// output, each shard is written
+on the local disk, uploaded under its .tmp- name once closed and removed locally, and published by a copy
+the server makes.
+
 A record is a document's token ids, EOS appended, as little-endian uint16 (vocabulary <= 65536) or
 uint32 bytes. Shard names: `{split}-{i:05d}-of-{n:05d}.array_record`.
 """
@@ -10,7 +14,9 @@ import contextlib
 import os
 import re
 
-from osp_jax import cli
+from etils import epath
+
+from osp_jax import cli, storage
 
 TMP_PREFIX = ".tmp-"
 SHARD_RE = re.compile(r"^(train|validation)-\d{5}-of-\d{5}\.array_record$")
@@ -33,10 +39,13 @@ def tmp_name(directory: str, name: str) -> str:
 
 
 class ShardWriter:
-    """Writes one split's records into .tmp- shards, starting a new shard past `shard_bytes`."""
+    """Writes one split's records into .tmp- shards in the local `directory`, starting a new shard past
+    `shard_bytes`. With `upload_to` (a gs:// directory), each shard, once closed, is uploaded there under its
+    .tmp- name and removed locally: the local disk holds one shard at a time."""
 
-    def __init__(self, directory: str, split: str, shard_bytes: int):
+    def __init__(self, directory: str, split: str, shard_bytes: int, upload_to: str | None = None):
         self.directory, self.split, self.shard_bytes = directory, split, shard_bytes
+        self.upload_to = upload_to
         self.shards: list[dict] = []  # {"tmp", "documents", "tokens", "bytes"}
         self._writer = None
         self.documents = 0
@@ -64,8 +73,15 @@ class ShardWriter:
     def _close_current(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            cli.fsync(self.shards[-1]["tmp"])
             self._writer = None
+            cur = self.shards[-1]
+            if not self.upload_to:
+                cli.fsync(cur["tmp"])
+                return
+            remote = os.fspath(epath.Path(self.upload_to) / os.path.basename(cur["tmp"]))
+            storage.upload(cur["tmp"], remote)
+            os.remove(cur["tmp"])
+            cur["tmp"] = remote
 
     def finish(self) -> list[dict]:
         """Closes the last shard; returns shard entries with their final file names."""
@@ -80,8 +96,8 @@ class ShardWriter:
             if self._writer is not None:
                 self._writer.close()
         for s in self.shards:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(s["tmp"])
+            with contextlib.suppress(OSError):
+                storage.remove(s["tmp"])
 
 
 def write_shard(path: str, records) -> int:
@@ -123,20 +139,22 @@ def publish(output: str, shards: dict[str, list[dict]]) -> None:
     keep = set()
     for split_shards in shards.values():
         for s in split_shards:
-            os.replace(s.pop("tmp"), os.path.join(output, s["file"]))
-            s["file_bytes"] = os.path.getsize(os.path.join(output, s["file"]))
+            final = os.fspath(epath.Path(output) / s["file"])
+            storage.move(s.pop("tmp"), final)
+            s["file_bytes"] = storage.stat(final)[0]
             keep.add(s["file"])
-    for name in os.listdir(output):
+    for name in storage.names(output):
         if SHARD_RE.match(name) and name not in keep:
-            os.remove(os.path.join(output, name))
+            storage.remove(epath.Path(output) / name)
 
 
 def size_problem(path: str, shard: dict) -> str | None:
     """What is wrong with a shard by what is cheap to see (missing, or of another size than metadata.json's
     "file_bytes", where recorded), or None."""
-    if not os.path.isfile(path):
+    path = storage.uncached(path)
+    if not path.is_file():
         return f"shard {shard['file']} is missing"
-    size = os.path.getsize(path)
+    size = path.stat().length
     if size != shard.get("file_bytes", size):
         return f"shard {shard['file']} has {size} bytes, metadata.json says {shard['file_bytes']}"
     return None

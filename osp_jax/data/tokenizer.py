@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from osp_jax import cli
+from osp_jax import cli, storage
 from osp_jax.data import sources
 from osp_jax.data.sources import DataError
 
@@ -31,7 +31,7 @@ class TokenizerError(DataError):
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -40,8 +40,8 @@ def file_sha256(path: str) -> str:
 def data_tokenizer_sha256(data_dir: str, meta: dict) -> tuple[str | None, str]:
     """sha256 of the tokenizer prepared data was tokenised with (what its metadata.json `meta` records,
     else its file's), and that file's path; None when neither is there."""
-    path = os.path.join(data_dir, str(meta.get("tokenizer") or "tokenizer.json"))
-    return meta.get("tokenizer_sha256") or (file_sha256(path) if os.path.isfile(path) else None), path
+    path = os.fspath(epath.Path(data_dir) / str(meta.get("tokenizer") or "tokenizer.json"))
+    return meta.get("tokenizer_sha256") or (file_sha256(path) if storage.is_file(path) else None), path
 
 
 def run_tokenizer_sha256(workdir: str, name: str = "tokenizer.json") -> tuple[str | None, str | None]:
@@ -60,13 +60,13 @@ def run_tokenizer_path(workdir: str, names=("tokenizer.json", "tokenizer.model")
     """The tokenizer file train copied into WORKDIR (named by its data_metadata.json; without one, the
     first of `names` there), or None."""
     named = _run_data_metadata(workdir).get("tokenizer")
-    names = [os.path.basename(str(named))] if named else names
-    return next((os.path.join(workdir, n) for n in names if os.path.isfile(os.path.join(workdir, n))), None)
+    names = [epath.Path(str(named)).name] if named else names
+    return next((os.fspath(epath.Path(workdir) / n) for n in names if storage.is_file(epath.Path(workdir) / n)), None)
 
 
 def _run_data_metadata(workdir: str) -> dict:
     meta_path = epath.Path(workdir) / "data_metadata.json"
-    if not meta_path.exists():
+    if not storage.is_file(meta_path):
         return {}
     return cli.read_json(meta_path, "the run's data metadata", error=ValueError)
 
@@ -107,9 +107,10 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: str, eos_token: str | None = None, pad_token: str | None = None):
         import tokenizers
 
-        self.path = os.path.abspath(path)
+        self.path = storage.normalized(path)
         try:
-            self._tok = tokenizers.Tokenizer.from_file(self.path)
+            with storage.local_copy(self.path) as local:
+                self._tok = tokenizers.Tokenizer.from_file(local)
         except Exception as e:  # the Rust side raises a bare Exception for bad JSON
             raise TokenizerError(f"cannot read tokenizer {path}: {e}") from None
         try:
@@ -160,9 +161,10 @@ class SentencePieceTokenizer(Tokenizer):
         except ImportError:
             raise TokenizerError(f"reading the SentencePiece model {path} needs the sentencepiece "
                                  "package: pip install sentencepiece (or osp_jax[sentencepiece])") from None
-        self.path = os.path.abspath(path)
+        self.path = storage.normalized(path)
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+            with storage.local_copy(self.path) as local:
+                self._sp = spm.SentencePieceProcessor(model_file=local)
         except Exception as e:
             raise TokenizerError(f"cannot read tokenizer {path}: {e}") from None
         self.vocab_size = int(self._sp.get_piece_size())
@@ -185,13 +187,13 @@ class SentencePieceTokenizer(Tokenizer):
 
 def resolve_tokenizer_path(path: str) -> str:
     """A tokenizer file, or a directory holding tokenizer.json / tokenizer.model."""
-    if os.path.isdir(path):
+    if storage.is_dir(path):
         for name in ("tokenizer.json", "tokenizer.model", "spiece.model"):
-            p = os.path.join(path, name)
-            if os.path.isfile(p):
+            p = os.fspath(epath.Path(path) / name)
+            if storage.is_file(p):
                 return p
         raise TokenizerError(f"tokenizer directory {path} has no tokenizer.json or tokenizer.model")
-    if not os.path.isfile(path):
+    if not storage.is_file(path):
         raise TokenizerError(f"tokenizer {path} not found (expected a tokenizer.json, a SentencePiece "
                              ".model, or train:VOCAB)")
     return path
@@ -200,7 +202,7 @@ def resolve_tokenizer_path(path: str) -> str:
 def load_tokenizer(path: str) -> Tokenizer:
     """Loads a Hugging Face tokenizer.json or a SentencePiece .model (a directory holding one works too)."""
     path = resolve_tokenizer_path(os.fspath(path))
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         head = f.read(64).lstrip()
     if path.endswith(".json") or head.startswith(b"{"):
         return HFTokenizer(path)
