@@ -33,6 +33,7 @@ import numpy as np
 from osp_jax import quant as quant_lib
 from osp_jax import roles
 from osp_jax.model import Block, Dense, RMSNorm, relayout_layers
+from osp_jax.step import token_weights, window_layout
 
 PERCDAMP = 0.01
 BLOCK_SIZE = 128
@@ -200,8 +201,6 @@ def quantize_params(params: Mapping, model_config: ml_collections.ConfigDict, bi
     the online rotations the calibration passes apply (its bit widths are ignored: activations stay in
     full precision, as in GPTQ and QuaRot). `report`, if given, gets {kernel path: (GPTQ's, RTN's
     ||X W - X Q||^2)} from the same inputs."""
-    from osp_jax.step import token_weights, window_layout
-
     if not calibration:
         raise ValueError("GPTQ needs calibration batches; got none")
     bits = quant_lib.check_bits(bits, "weight bits")
