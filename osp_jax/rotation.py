@@ -54,17 +54,20 @@ def _nodes(params: Mapping):
             yield value, key
 
 
+def _holder(node: Mapping, role: roles.Role) -> dict | None:
+    """The dict in `node` (the root or one layer subtree) holding `role`'s leaf, or None."""
+    for k in role.key[:-1]:
+        node = node.get(k) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) and role.key[-1] in node else None
+
+
 def _role_leaves(params: Mapping, wanted):
-    """(node, key path inside node, role) of every leaf of `params` whose role is in `wanted`."""
+    """(holder, leaf key, role) of every leaf of `params` whose role is in `wanted`."""
     for node, layer_key in _nodes(params):
         for role in wanted:
-            if role.per_layer != (layer_key is not None):
-                continue
-            inner = node
-            for k in role.key[:-1]:
-                inner = inner.get(k) if isinstance(inner, Mapping) else None
-            if isinstance(inner, Mapping) and role.key[-1] in inner:
-                yield inner, role.key[-1], role
+            holder = _holder(node, role) if role.per_layer == (layer_key is not None) else None
+            if holder is not None:
+                yield holder, role.key[-1], role
 
 
 def _copy(tree):
@@ -87,19 +90,17 @@ def fold_norms(params: Mapping) -> dict:
     out = _copy(params)
     for node, layer_key in _nodes(out):
         for norm, readers in NORM_READERS.items():
-            if norm.per_layer != (layer_key is not None):
+            gains = _holder(node, norm) if norm.per_layer == (layer_key is not None) else None
+            if gains is None:
                 continue
-            g = np.asarray(node[norm.key[0]][norm.key[1]], np.float64)
+            g = np.asarray(gains[norm.key[-1]], np.float64)
             for role in readers:
-                holder = node
-                for k in role.key[:-1]:
-                    holder = holder[k]
-                w = np.asarray(holder[role.key[-1]])
+                holder, key = _holder(node, role), role.key[-1]
+                w = np.asarray(holder[key])
                 # A gain (stack...,) or (stack..., dim) lines up with the kernel's (stack..., dim, out...)
                 # from the left: a scalar a layer broadcasts over dim, a per-channel gain scales its rows.
-                gb = g.reshape(g.shape + (1,) * (w.ndim - g.ndim))
-                holder[role.key[-1]] = (w.astype(np.float64) * gb).astype(w.dtype)
-            node[norm.key[0]][norm.key[1]] = np.ones_like(np.asarray(node[norm.key[0]][norm.key[1]]))
+                holder[key] = (w.astype(np.float64) * g.reshape(g.shape + (1,) * (w.ndim - g.ndim))).astype(w.dtype)
+            gains[norm.key[-1]] = np.ones_like(np.asarray(gains[norm.key[-1]]))
     return out
 
 
