@@ -23,12 +23,14 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import scipy.linalg
 
 from osp_jax import quant as quant_lib
 from osp_jax import roles
@@ -48,19 +50,35 @@ GROUPS = ((roles.ATTN_Q, roles.ATTN_K, roles.ATTN_V), (roles.ATTN_O,), (roles.ML
 
 def inverse_hessian_factor(h: np.ndarray, percdamp: float = PERCDAMP) -> np.ndarray:
     """U, upper triangular with U^T U = (H + damp I)^-1, in float64; an input never seen (H_ii = 0)
-    has its H_ii taken as 1 first."""
+    has its H_ii taken as 1 first.
+
+    With P the order-reversing permutation and P H P = M M^T (lower Cholesky), U = P M^-1 P: one
+    Cholesky and one triangular inverse, without forming H^-1."""
     h = np.array(h, np.float64)
     diag = np.einsum("ii->i", h)  # a view: writes go to h
-    dead = diag == 0
-    diag[dead] = 1.0
+    diag[diag == 0] = 1.0
     diag += percdamp * np.mean(diag)
     try:
-        hinv = np.linalg.inv(np.linalg.cholesky(h))  # L^-1, with H = L L^T
+        m = scipy.linalg.cholesky(h[::-1, ::-1], lower=True)
     except np.linalg.LinAlgError:
         raise ValueError("GPTQ: the dampened Hessian is not positive definite (non-finite calibration "
                          "activations?)") from None
-    hinv = hinv.T @ hinv  # H^-1 = L^-T L^-1
-    return np.linalg.cholesky((hinv + hinv.T) / 2).T
+    m_inv = scipy.linalg.solve_triangular(m, np.eye(len(m)), lower=True)
+    return np.ascontiguousarray(m_inv[::-1, ::-1])
+
+
+class HessianFactor(NamedTuple):
+    """What GPTQ needs of one Hessian, shared by the kernels that read the same input (q/k/v, gate/up)."""
+
+    order: np.ndarray  # the column order: decreasing H_ii with act order, else 0..n-1
+    u: np.ndarray      # inverse_hessian_factor of H in that order
+    dead: np.ndarray   # inputs never seen (H_ii = 0): their weights are zeroed
+
+
+def hessian_factor(h, *, act_order: bool = False, percdamp: float = PERCDAMP) -> HessianFactor:
+    h = np.asarray(h, np.float64)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
+    return HessianFactor(order, inverse_hessian_factor(h[np.ix_(order, order)], percdamp), np.diag(h) == 0)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "block_size"))
@@ -99,31 +117,28 @@ def _gptq_columns(w, u, scale, bits: int, block_size: int):
 def quantize_matrix(w, h, bits: int, *, scale=None, act_order: bool = False, percdamp: float = PERCDAMP,
                     block_size: int = BLOCK_SIZE, clip_search: bool = False, dtype=np.float32) -> np.ndarray:
     """GPTQ of a kernel w (in, out), as the model multiplies x @ w, against H = sum of x^T x (in, in)
-    over its calibration inputs: the (in, out) kernel on RTN's per-output-channel grid (`scale` (out,)
-    if given, else `quant.weight_scale`). The column loop runs in `dtype` (float64 only under
-    `jax.enable_x64`, for checks against a reference)."""
+    over its calibration inputs (or its `hessian_factor`, whose act order and dampening then hold):
+    the (in, out) kernel on RTN's per-output-channel grid (`scale` (out,) if given, else
+    `quant.weight_scale`). The column loop runs in `dtype` (float64 only under `jax.enable_x64`, for
+    checks against a reference)."""
     w = np.asarray(w, dtype)
     n_in, n_out = w.shape
-    if np.shape(h) != (n_in, n_in):
-        raise ValueError(f"GPTQ: Hessian of shape {np.shape(h)} for a kernel of {n_in} inputs")
+    f = h if isinstance(h, HessianFactor) else hessian_factor(h, act_order=act_order, percdamp=percdamp)
+    if f.u.shape != (n_in, n_in):
+        raise ValueError(f"GPTQ: Hessian of shape {f.u.shape} for a kernel of {n_in} inputs")
     if scale is None:
         scale = quant_lib.weight_scale(jnp.asarray(w), bits, 0, clip_search)
     scale = np.asarray(scale, dtype).reshape(n_out)
-    h = np.asarray(h, np.float64)
     wt = w.T.copy()  # (out, in): GPTQ walks the input columns
-    wt[:, np.diag(h) == 0] = 0.0  # inputs never seen
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n_in)
-    u = inverse_hessian_factor(h[np.ix_(order, order)], percdamp)
-    wt = wt[:, order]
+    wt[:, f.dead] = 0.0
+    wt = wt[:, f.order]
     pad = -n_in % block_size
     wt = np.pad(wt, ((0, 0), (0, pad)))
-    u = np.pad(u, ((0, pad), (0, pad)))
+    u = np.pad(f.u, ((0, pad), (0, pad)))
     u[np.arange(n_in, n_in + pad), np.arange(n_in, n_in + pad)] = 1.0  # padded columns: 0, alone
     q = np.asarray(_gptq_columns(jnp.asarray(wt), jnp.asarray(u.astype(dtype)), jnp.asarray(scale), bits=bits,
                                  block_size=block_size))[:, :n_in]
-    if act_order:
-        q = q[:, np.argsort(order)]
-    return np.ascontiguousarray(q.T)
+    return np.ascontiguousarray(q[:, np.argsort(f.order)].T)
 
 
 def output_error(w, q, h) -> float:
@@ -212,12 +227,13 @@ def quantize_params(params: Mapping, model_config: ml_collections.ConfigDict, bi
     hessian, forward, head_hessian = _layer_fns(json.dumps(c.to_dict(), sort_keys=True), spec)
     out = jax.tree.map(np.asarray, relayout_layers(dict(params), False, c.layers))
 
-    def quantize(path, holder, key, role, h):
+    def quantize(path, holder, key, role, hessian_and_factor):
+        h, factor = hessian_and_factor
         w = np.asarray(holder[key], np.float32)
         in_axes, _ = role.matrix_axes(w.ndim)
         w2 = w.reshape(int(np.prod(w.shape[:len(in_axes)])), -1)
         scale = np.asarray(quant_lib.weight_scale(jnp.asarray(w2), bits, 0, clip_search))
-        q2 = quantize_matrix(w2, h, bits, scale=scale, act_order=act_order, percdamp=percdamp, block_size=block_size)
+        q2 = quantize_matrix(w2, factor, bits, scale=scale, block_size=block_size)
         if report is not None:
             rtn = np.asarray(quant_lib.round_sym(jnp.asarray(w2), jnp.asarray(scale), bits))
             report[roles.path_str(path)] = (output_error(w2, q2, h), output_error(w2, rtn, h))
@@ -237,11 +253,13 @@ def quantize_params(params: Mapping, model_config: ml_collections.ConfigDict, bi
         for group in GROUPS:
             module = group[0].key[:-1]
             h = sum(np.asarray(hessian(layer, x, *b, module=module), np.float64) for x, b in zip(xs, batches))
+            h = (h, hessian_factor(h, act_order=act_order, percdamp=percdamp))  # one factor for the group
             for role in group:
                 quantize((f"layers_{i}",) + role.key, _node(layer, role.key[:-1]), role.key[-1], role, h)
         xs = [np.asarray(forward(layer, x, *b[:2])) for x, b in zip(xs, batches)]
     scale = np.asarray(roles.leaf(out, roles.FINAL_NORM))
     h = sum(np.asarray(head_hessian(scale, x, b[2]), np.float64) for x, b in zip(xs, batches))
+    h = (h, hessian_factor(h, act_order=act_order, percdamp=percdamp))
     quantize(roles.LM_HEAD.key, out["lm_head"], "kernel", roles.LM_HEAD, h)
     if "layers" in params:
         out = jax.tree.map(np.asarray, relayout_layers(out, True, c.layers))
