@@ -11,9 +11,10 @@ Steps, in order (each skipped when its output is already complete, so a re-run r
    by all three Muon arms unless --sweep-each gives every arm its own sweep;
 3. the four compared runs, equal tokens, with kurtosis / max |activation| logged every outlier_every;
 4. `osp_jax.evaluate` of each at W16A16KV16, W4A16KV16 (round-to-nearest, and with the per-channel
-   MSE clip search), W16A4KV16, W4A4KV4 and W4A4KV4 + FFN Hadamard;
-   then the sweep's shorter runs at the same settings but the clip search (quantisation cost against
-   16-bit quality);
+   MSE clip search), W16A4KV16, W4A4KV4, W4A4KV4 + FFN Hadamard, and W4A4KV4 by QuaRot, GPTQ and
+   QuaRot + GPTQ (`--method`, osp_jax.ptq);
+   then the sweep's shorter runs at the same settings but the clip search and the other methods
+   (quantisation cost against 16-bit quality);
 5. the report: a section of docs/ablation.md (between `<!-- ablation:PRESET:begin/end -->` markers;
    text outside the markers, such as interpretation, is kept) and two plots of the curves.
 
@@ -55,7 +56,13 @@ SETTINGS = (
     ("w16a4kv16", "16,4,16", (), "16-4-16 (A only)"),
     ("w4a4kv4", "4,4,4", (), "4-4-4"),
     ("w4a4kv4_had", "4,4,4", ("--hadamard=ffn",), "4-4-4 + FFN Had."),
+    # osp_jax.ptq's other methods; GPTQ calibrates on 128 sequences of the run's training split.
+    ("w4a4kv4_quarot", "4,4,4", ("--method=quarot",), "4-4-4 QuaRot"),
+    ("w4a4kv4_gptq", "4,4,4", ("--method=gptq",), "4-4-4 GPTQ"),
+    ("w4a4kv4_quarot_gptq", "4,4,4", ("--method=quarot+gptq",), "4-4-4 QuaRot + GPTQ"),
 )
+# The settings the sweep's shorter runs are evaluated at (the columns of the sweep tables).
+SWEEP_SETTINGS = ("w16a16kv16", "w4a16kv16", "w16a4kv16", "w4a4kv4", "w4a4kv4_had")
 
 PRESETS = {
     # 2 CPU cores: ~1.8 M parameters on the built-in corpus (2.82 M training tokens).
@@ -273,9 +280,9 @@ def _add_sweep_run(sweep: list, arm: tuple, lr: float, summary: dict | None) -> 
 
 
 def evaluate_sweep(sweep: list, out: str, data_path: str, eval_tokens: int, batch_size: int) -> None:
-    """Every setting but the clip search for every finite sweep run (into each record's "eval"): with the
-    arms the sweep stage adds, the issue's whole table at the sweep's length."""
-    few = [s for s in SETTINGS if s[0] != "w4a16kv16_clip"]
+    """The SWEEP_SETTINGS for every finite sweep run (into each record's "eval"): with the arms the sweep
+    stage adds, the issue's whole table at the sweep's length."""
+    few = [s for s in SETTINGS if s[0] in SWEEP_SETTINGS]
     for rec in sweep:
         if rec["val_loss"] is not None and math.isfinite(rec["val_loss"]):
             rec["eval"] = evaluate_all(os.path.join(out, "sweep", f"{rec['arm']}_lr{rec['lr']:g}"),
@@ -339,7 +346,11 @@ def report(args, preset, info: dict, sweep: list, chosen: dict, results: dict, c
           f"seed {info['seed']}. Evaluation: `osp_jax.evaluate` on {info['eval_tokens']:,} tokens of the "
           f"validation split (whole held-out documents), float32; round-to-nearest W per output channel "
           f"(symmetric; \"MSE clip\": each channel's clip ratio searched over 1.0-0.5 for the least weight "
-          f"error), A per token and KV in groups of 128 (asymmetric).", ""]
+          f"error), A per token and KV in groups of 128 (asymmetric). QuaRot (`--method=quarot`): norm gains "
+          f"folded, residual stream rotated by a random Hadamard matrix (seed 0), values and (online) queries/"
+          f"keys per head, FFN Hadamard online; then the same quantisers. GPTQ (`--method=gptq`): the same "
+          f"weight grid, rounded by GPTQ layer by layer on 128 sequences of {info['seq_len']} tokens of the "
+          f"run's training split (dampening 0.01, blocks of 128, no act order); A and KV as above.", ""]
 
     if len(info["lrs"]) < 2:  # --lrs with one value: no sweep was run
         L += ["### Learning rate", "", f"No sweep: every arm trained at lr {info['lrs'][0]:g} (`--lrs`).", ""]

@@ -2,12 +2,15 @@
 
     python -m osp_jax.evaluate --workdir=runs/tiny --data=builtin --bits=4,4,4 \
         [--step=N] [--hadamard=ffn] [--clip-search] [--output=eval.json] [--plot=eval.png] \
-        [--max-tokens=N] [--batch-size=B] [--seq-len=S]
+        [--max-tokens=N] [--batch-size=B] [--seq-len=S] \
+        [--method=rtn|gptq|quarot|quarot+gptq] [--calib-samples=128] [--calib-data=DIR|FILE] [--act-order]
 
 Reports, in float32 compute:
 - `ppl`: perplexity of the checkpoint as trained;
-- `quant_ppl`: perplexity with round-to-nearest fake quantisation at `--bits=W,A,KV` (see osp_jax.quant:
-  weights per output channel, activations per token, KV in groups of 128; EmbProj folded first);
+- `quant_ppl`: perplexity with fake quantisation at `--bits=W,A,KV` by `--method` (osp_jax.ptq; default
+  round-to-nearest, see osp_jax.quant: weights per output channel, activations per token, KV in groups
+  of 128; EmbProj folded first). gptq and quarot+gptq calibrate on --calib-samples sequences of the
+  run's training data (--calib-data to choose other data), found before the checkpoint is read;
 - `kurtosis`: excess kurtosis of the residual stream (after the embedding and after every layer),
   the per-token mean of each layer averaged over layers; with `kurtosis_per_layer`, `max_abs_per_layer`.
 
@@ -36,7 +39,6 @@ import functools
 import io
 import json
 import math
-import os
 import sys
 import time
 
@@ -120,7 +122,8 @@ def check_tokenizer(data: str, data_dir: str, meta: dict, workdir: str) -> None:
                         "tokenizer, or pass a .jsonl/.txt file")
 
 
-def _prepared_batches(data: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int):
+def _prepared_batches(data: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int,
+                      split_name: str = "validation", shuffle: bool = False):
     from osp_jax.data import pipeline
 
     try:  # the data layer's ValueErrors here are user errors (bad metadata, vocabulary too large)
@@ -130,13 +133,13 @@ def _prepared_batches(data: str, workdir: str, vocab_size: int, seq_len: int, ba
     except ValueError as e:
         raise EvalError(f"--data={data}: {e}") from None
     check_tokenizer(data, data_dir, meta, workdir)
-    split = meta["splits"].get("validation") or {}
+    split = meta["splits"].get(split_name) or {}
     tokens = int(split.get("tokens", 0))
     if tokens < seq_len + 1:
-        raise EvalError(f"the validation split of {data_dir} has {tokens} tokens, fewer than one sequence: "
+        raise EvalError(f"the {split_name} split of {data_dir} has {tokens} tokens, fewer than one sequence: "
                         f"--seq-len={seq_len} needs at least {seq_len + 1}")
-    it = pipeline.make_iterator(data_dir, "validation", seq_len=seq_len, global_batch_size=batch_size, seed=0,
-                                shuffle=False, num_epochs=1)
+    it = pipeline.make_iterator(data_dir, split_name, seq_len=seq_len, global_batch_size=batch_size, seed=0,
+                                shuffle=shuffle, num_epochs=1)
     try:
         for batch in it:
             yield {k: np.asarray(v) for k, v in batch.items()}
@@ -144,11 +147,14 @@ def _prepared_batches(data: str, workdir: str, vocab_size: int, seq_len: int, ba
         it.close()
 
 
+def _is_text(data: str) -> bool:
+    return storage.is_file(data) or data.endswith(TEXT_SUFFIXES)
+
+
 def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batch_size: int,
                  max_tokens: int | None = None) -> list[dict[str, np.ndarray]]:
     """Every evaluation batch, with `weights` (1 = a scored token), cut at `max_tokens` scored tokens."""
-    is_text = storage.is_file(data) or data.endswith(TEXT_SUFFIXES)
-    source = (_text_batches(data, workdir, vocab_size, seq_len, batch_size) if is_text
+    source = (_text_batches(data, workdir, vocab_size, seq_len, batch_size) if _is_text(data)
               else _prepared_batches(data, workdir, vocab_size, seq_len, batch_size))
     batches, counted = [], 0
     for batch in source:
@@ -163,6 +169,70 @@ def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batc
             break
     if not batches:
         raise EvalError(f"{data}: no tokens to evaluate")
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration data for GPTQ (--method=gptq, quarot+gptq): sequences of the run's training data.
+
+
+def calibration_source(workdir: str, calib_data: str | None, method: str) -> str:
+    """--calib-data, else the run's data.path (read from WORKDIR/config.json, without loading a model)."""
+    if calib_data:
+        return calib_data
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise EvalError(f"--method={method} needs calibration data: pass --calib-data=DIR|FILE|builtin "
+                        f"(the run's data.path is read from {path}, which does not exist)")
+    data = cli.read_json(path, "config", error=EvalError).get("data") or {}
+    if data.get("source", "grain") != "grain" or not data.get("path"):
+        raise EvalError(f"--method={method} needs calibration data: the run's data (data.source="
+                        f"{data.get('source')!r}, data.path={data.get('path')!r} in {path}) is not prepared data; "
+                        "pass --calib-data=DIR|FILE|builtin")
+    return str(data["path"])
+
+
+def check_calibration(source: str, method: str) -> None:
+    """EvalError unless `source` (a .jsonl/.txt file, a prepared directory with a train split, or
+    'builtin') is there: checked before any checkpoint is read."""
+    from osp_jax.data import pipeline
+
+    what = f"--method={method} needs calibration data, and --calib-data={source}"
+    if _is_text(source):
+        if not storage.glob(source):
+            raise EvalError(f"{what} is no such file")
+        return
+    try:
+        meta = pipeline.load_metadata(pipeline.resolve_data_dir(source))
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(f"{what} is not usable: {cli.one_line(e)}") from None
+    if not int((meta["splits"].get("train") or {}).get("tokens", 0)):
+        raise EvalError(f"{what} has no training split to calibrate on")
+
+
+def calibration_batches(source: str, workdir: str, *, vocab_size: int, seq_len: int, samples: int,
+                        batch_size: int) -> list[dict[str, np.ndarray]]:
+    """`samples` windows of seq_len tokens: of a prepared directory's train split, shuffled (seed 0), or
+    of a text file in order; in batches of `batch_size`, rows past `samples` marked as padding."""
+    batch_size = min(batch_size, samples)
+    it = (_text_batches(source, workdir, vocab_size, seq_len, batch_size) if _is_text(source)
+          else _prepared_batches(source, workdir, vocab_size, seq_len, batch_size, "train", shuffle=True))
+    batches, rows = [], 0
+    for batch in it:
+        batch = {k: np.array(v) for k, v in batch.items()}
+        real = np.flatnonzero((batch["segment_ids"] > 0).any(axis=1))
+        batch["segment_ids"][real[samples - rows:]] = 0  # past `samples`: padding, counted nowhere
+        rows += min(len(real), samples - rows)
+        batches.append(batch)
+        if rows >= samples:
+            break
+    if hasattr(it, "close"):
+        it.close()
+    if not rows:
+        raise EvalError(f"--calib-data={source}: no sequences of {seq_len} tokens to calibrate on")
+    if rows < samples:
+        _warn(f"--calib-data={source} holds {rows} sequences of {seq_len} tokens, fewer than "
+              f"--calib-samples={samples}: calibrating on {rows}")
     return batches
 
 
@@ -231,8 +301,10 @@ def load_checkpoint(workdir: str, step: int | None):
 
 def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_lib.Bits | str = "4,4,4",
              hadamard: str | None = None, clip_search: bool = False, max_tokens: int | None = None,
-             batch_size: int = 8, seq_len: int | None = None) -> dict:
-    """All numbers of one evaluation, as the JSON the CLI writes."""
+             batch_size: int = 8, seq_len: int | None = None, method: str = "rtn", calib_samples: int = 128,
+             calib_data: str | None = None, act_order: bool = False) -> dict:
+    """All numbers of one evaluation, as the JSON the CLI writes. `method` is osp_jax.ptq's; GPTQ's
+    calibration is `calib_samples` sequences of `calib_data` (default: the run's data.path)."""
     if isinstance(bits, str):
         try:
             bits = quant_lib.parse_bits(bits)
@@ -241,9 +313,17 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
     if hadamard not in (None, "none", "ffn"):
         raise EvalError(f"--hadamard={hadamard!r}: expected 'ffn' or 'none'")
     hadamard_ffn = hadamard == "ffn"
-    for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--max-tokens", max_tokens)):
+    for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--max-tokens", max_tokens),
+                        ("--calib-samples", calib_samples)):
         if value is not None and value < 1:
             raise EvalError(f"{name}={value}: expected a positive integer")
+    try:
+        calibrated = ptq.needs_calibration(method)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if calibrated:  # before the checkpoint is read: a missing calibration set is found at once
+        calib_data = calibration_source(workdir, calib_data, method)
+        check_calibration(calib_data, method)
 
     found, params, config = load_checkpoint(workdir, step)
     seq_len = seq_len or config.train.seq_len
@@ -264,7 +344,13 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
         fp = _run(_stats_fn(as_json(model_cfg), None, pack_mask, True), jax.device_put(params), batches,
                   "16-bit pass")
 
-        q = ptq.quantize_model(params, model_cfg, bits, hadamard_ffn=hadamard_ffn, clip_search=clip_search)
+        calibration = calibration_batches(calib_data, workdir, vocab_size=config.model.vocab_size, seq_len=seq_len,
+                                          samples=calib_samples, batch_size=batch_size) if calibrated else None
+        t0 = time.perf_counter()
+        q = ptq.quantize_model(params, model_cfg, bits, method=method, hadamard_ffn=hadamard_ffn,
+                               clip_search=clip_search, calibration=calibration, act_order=act_order,
+                               pack_mask=pack_mask)
+        quantize_s = time.perf_counter() - t0
         qt = _run(_stats_fn(as_json(q.model_config), q.spec, pack_mask, False), jax.device_put(q.params), batches,
                   f"{bits} pass")
 
@@ -276,8 +362,13 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
         "data": data,
         "bits": {"w": bits.w, "a": bits.a, "kv": bits.kv},
         "setting": str(bits),
-        "hadamard": "ffn" if hadamard_ffn else None,
+        "hadamard": "ffn" if q.spec.hadamard_ffn else None,
         "clip_search": bool(clip_search),
+        "method": method,
+        "calibration": {"data": calib_data, "samples": int(sum((b["segment_ids"] > 0).any(1).sum()
+                                                              for b in calibration)),
+                        "seq_len": int(seq_len), "act_order": bool(act_order)} if calibrated else None,
+        "quantize_s": round(quantize_s, 3),  # preparing the quantised model (folding, rotation, GPTQ), seconds
         "seq_len": int(seq_len),
         "tokens": int(tokens),
         "loss": float(fp["loss_sum"] / max(tokens, 1.0)),
@@ -304,7 +395,10 @@ def format_table(r: dict) -> str:
              f"{'layer':>8} {'kurtosis':>12} {'max|act|':>12}"]
     for i, (k, m) in enumerate(zip(r["kurtosis_per_layer"], r["max_abs_per_layer"])):
         lines.append(f"{'embed' if i == 0 else i:>8} {k:>12.4f} {m:>12.4f}")
-    extras = "".join([" +FFN Had" if r["hadamard"] else "", " +clip search" if r["clip_search"] else ""])
+    method = r.get("method", "rtn")
+    extras = "".join([f" {method}" if method != "rtn" else "", " +act order" if (r.get("calibration") or {}).get(
+        "act_order") else "", " +FFN Had" if r["hadamard"] and "quarot" not in method else "",
+        " +clip search" if r["clip_search"] else ""])
     rows = [("kurtosis (mean over layers)", f"{r['kurtosis']:.4f}"),
             ("max |activation|", f"{r['max_abs']:.4f}"),
             *((f"  at {name} (linear input): kurtosis / max", f"{v['kurtosis']:.4f} / {v['max_abs']:.4f}")
@@ -374,6 +468,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="4,4,4", help="W,A,KV bit widths in 2..16; 16 = not quantised (default 4,4,4)")
     p.add_argument("--hadamard", choices=("none", "ffn"), default="none", help="online Hadamard rotation")
     p.add_argument("--clip-search", action="store_true", help="per-channel MSE search of weight clip ratios")
+    # Post-training quantisation method (osp_jax.ptq) and GPTQ's calibration.
+    p.add_argument("--method", default="rtn", help="rtn (default), gptq, quarot or quarot+gptq (osp_jax.ptq)")
+    p.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration sequences (default 128)")
+    p.add_argument("--calib-data", default=None,
+                   help="GPTQ calibration data: prepared directory (its train split), 'builtin', or a .jsonl/.txt "
+                        "file (default: the run's data.path)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantise columns in decreasing Hessian order")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="draw per-layer kurtosis and max |activation| to this PNG")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
@@ -411,7 +512,9 @@ def _main(args: argparse.Namespace) -> None:
     compilation_cache.enable(args.compilation_cache_dir)
     result = evaluate(args.workdir, args.data, step=args.step, bits=args.bits, hadamard=args.hadamard,
                       clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                      seq_len=args.seq_len)  # --bits is checked first, before the (slow) checkpoint load
+                      seq_len=args.seq_len, method=args.method, calib_samples=args.calib_samples,
+                      calib_data=args.calib_data, act_order=args.act_order)
+    # --bits, --method and the calibration data are checked first, before the (slow) checkpoint load
     print(format_table(result), flush=True)
     if args.output:
         _write_json(args.output, result)
@@ -419,6 +522,21 @@ def _main(args: argparse.Namespace) -> None:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}", flush=True)
+
+
+def _task_calibration(args: argparse.Namespace):
+    """GPTQ's calibration for --tasks: checked now (before lm-eval starts or a checkpoint is read), read when the
+    backend builds the model (a function of the run's config), as the perplexity pass reads it; None for rtn/quarot."""
+    try:
+        if not ptq.needs_calibration(args.method):
+            return None
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    source = calibration_source(args.workdir, args.calib_data, args.method)
+    check_calibration(source, args.method)
+    return lambda config: calibration_batches(source, args.workdir, vocab_size=config.model.vocab_size,
+                                              seq_len=args.seq_len or config.train.seq_len,
+                                              samples=args.calib_samples, batch_size=args.batch_size)
 
 
 def _main_tasks(args: argparse.Namespace) -> None:
@@ -434,8 +552,8 @@ def _main_tasks(args: argparse.Namespace) -> None:
     try:
         record = benchmark_tasks.evaluate_tasks(
             args.workdir, tasks=args.tasks, suite=args.suite, bits=args.bits, hadamard=args.hadamard,
-            method=getattr(args, "method", "rtn"), clip_search=args.clip_search, step=args.step,
-            include_path=args.include_path, batch_size=args.batch_size, max_length=args.seq_len, limit=args.limit)
+            method=args.method, clip_search=args.clip_search, step=args.step, include_path=args.include_path,
+            batch_size=args.batch_size, max_length=args.seq_len, limit=args.limit, calibration=_task_calibration(args))
     except cli.UserError as e:
         raise EvalError(str(e)) from None
     print(benchmark_tasks.format_table(record), flush=True)

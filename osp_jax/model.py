@@ -156,7 +156,8 @@ class Attention(nn.Module):
         v = dense("v", "bsd,dhk->bshk", (c.dim, c.kv_heads, hd), ("embed", "kv_heads", "head_dim"))(x)
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         q, k = (checkpoint_name(rope(t, positions, c.rope_theta), "qk_rope") for t in (q, k))
-        if self.quant is not None:  # quant hook: KV cache, keys after RoPE
+        if self.quant is not None:  # quant hooks: q/k rotated per head (QuaRot), then the KV cache, keys after RoPE
+            q, k = quant_lib.qk_heads(q, self.quant), quant_lib.qk_heads(k, self.quant)
             k, v = quant_lib.kv(k, self.quant), quant_lib.kv(v, self.quant)
         out = attn_lib.attention(q, k, v, segment_ids, backend=c.attention, max_segments=c.max_segments)
         out = checkpoint_name(out, "attn_out")

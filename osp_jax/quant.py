@@ -19,6 +19,12 @@ The paper's W4A4KV4 setting, as evaluate.py runs it:
   and Q a fixed random orthogonal m x m matrix (QR of a seed-0 Gaussian; Q = [1] when m = 1). It is
   applied in its Kronecker form, (ffn_dim) * (2^k + m) multiply-adds a token instead of ffn_dim^2.
 
+- **Per-head q/k rotation** (`QuantSpec.rotate_qk_heads`, QuaRot's): queries and keys rotated over
+  head_dim by the same H after RoPE, online, so q.k is unchanged and the keys are quantised rotated.
+  The rest of QuaRot (norm folding, residual and value rotations) is folded into the weights by
+  osp_jax.rotation; osp_jax.ptq puts the pieces together, and GPTQ (osp_jax.gptq) rounds to the
+  weight grid here (`weight_scale`, `round_sym`).
+
 A bit width of 16 means no quantisation of that kind: the op is skipped, exactly the identity.
 
 EmbProj is multiplied into the embedding and LM head first (`fold_embproj`), and the head untied,
@@ -89,6 +95,9 @@ class QuantSpec:
     kv_bits: int = NO_QUANT
     hadamard_ffn: bool = False
     kv_group: int = KV_GROUP
+    # QuaRot's per-head rotation of queries and keys after RoPE (a Hadamard over head_dim, online: it
+    # cancels in q.k), so the keys are quantised rotated; values are rotated offline (osp_jax.rotation).
+    rotate_qk_heads: bool = False
 
     def __post_init__(self):
         check_bits(self.a_bits, "QuantSpec.a_bits")
@@ -121,6 +130,23 @@ def fake_quant_asym(x: jax.Array, bits: int, axes=-1) -> jax.Array:
     return ((q - zero) * scale).astype(x.dtype)
 
 
+def sym_scale(x: jax.Array, bits: int, axes=-1, clip_ratio=1.0) -> jax.Array:
+    """The symmetric grid's step over `axes` (kept as size-1 axes): clip_ratio * max|x| / (2^(bits-1) - 1),
+    1 for an all-zero slice (q = 0 gives it back exactly)."""
+    axes = _axes(axes, x.ndim)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True) * clip_ratio / (2.0 ** (bits - 1) - 1)
+    return jnp.where(scale > 0, scale, 1.0)
+
+
+def round_sym(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+    """x rounded to the symmetric grid of step `scale` (broadcastable), levels -(2^(b-1)-1) .. 2^(b-1)-1,
+    computed in float32 (float64 for float64 input)."""
+    qmax = 2.0 ** (bits - 1) - 1
+    x_c = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 where jax has it enabled
+    return (jnp.clip(jnp.round(x_c / scale), -qmax, qmax) * scale).astype(x.dtype)
+
+
 def fake_quant_sym(x: jax.Array, bits: int, axes=-1, clip_ratio=1.0) -> jax.Array:
     """Symmetric RTN over `axes`: scale = clip_ratio * max|x| / (2^(bits-1) - 1); 2^bits - 1 levels.
 
@@ -128,35 +154,37 @@ def fake_quant_sym(x: jax.Array, bits: int, axes=-1, clip_ratio=1.0) -> jax.Arra
     """
     if bits >= NO_QUANT:
         return x
-    axes = _axes(axes, x.ndim)
-    x32 = x.astype(jnp.float32)
-    qmax = 2.0 ** (bits - 1) - 1
-    scale = jnp.max(jnp.abs(x32), axis=axes, keepdims=True) * clip_ratio / qmax
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return (jnp.clip(jnp.round(x32 / scale), -qmax, qmax) * scale).astype(x.dtype)
+    return round_sym(x, sym_scale(x, bits, axes, clip_ratio), bits)
+
+
+def weight_scale(w: jax.Array, bits: int, in_axes, clip_search: bool = False,
+                 grid: tuple[float, ...] = CLIP_GRID) -> jax.Array:
+    """The per-output-channel step of `quantize_weight` (`in_axes` kept as size-1 axes): GPTQ rounds to
+    the same grid. With `clip_search`, each channel's clip ratio of `grid` with the least squared
+    error (ties keep the larger ratio)."""
+    in_axes = _axes(in_axes, w.ndim)
+    if not clip_search:
+        return sym_scale(w, bits, in_axes)
+    w32 = w.astype(jnp.float32)
+    best, best_err = None, None
+    for ratio in sorted(grid, reverse=True):
+        scale = sym_scale(w32, bits, in_axes, ratio)
+        err = jnp.sum((round_sym(w32, scale, bits) - w32) ** 2, axis=in_axes, keepdims=True)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = jnp.where(better, scale, best), jnp.where(better, err, best_err)
+    return best
 
 
 def quantize_weight(w: jax.Array, bits: int, in_axes, clip_search: bool = False,
                     grid: tuple[float, ...] = CLIP_GRID) -> jax.Array:
     """Per-output-channel symmetric RTN of a kernel; `in_axes` are reduced, every other axis keeps its
-    own scales. With `clip_search`, each channel takes the clip ratio of `grid` with the least squared
-    error (ties keep the larger ratio)."""
+    own scales (`weight_scale`, optionally clip-searched)."""
     if bits >= NO_QUANT:
         return w
-    in_axes = _axes(in_axes, w.ndim)
-    if not clip_search:
-        return fake_quant_sym(w, bits, in_axes)
-    w32 = w.astype(jnp.float32)
-    best, best_err = None, None
-    for ratio in sorted(grid, reverse=True):
-        q = fake_quant_sym(w32, bits, in_axes, ratio)
-        err = jnp.sum((q - w32) ** 2, axis=in_axes, keepdims=True)
-        if best is None:
-            best, best_err = q, err
-        else:
-            better = err < best_err
-            best, best_err = jnp.where(better, q, best), jnp.where(better, err, best_err)
-    return best.astype(w.dtype)
+    return round_sym(w, weight_scale(w, bits, in_axes, clip_search, grid), bits)
 
 
 def quantize_kv(x: jax.Array, bits: int, group: int = KV_GROUP) -> jax.Array:
@@ -182,6 +210,12 @@ def activations(x: jax.Array, spec: QuantSpec, feature_axes=-1) -> jax.Array:
 
 def kv(x: jax.Array, spec: QuantSpec) -> jax.Array:
     return quantize_kv(x, spec.kv_bits, spec.kv_group)
+
+
+def qk_heads(x: jax.Array, spec: QuantSpec) -> jax.Array:
+    """Queries or keys (batch, seq, heads, head_dim) after RoPE: Hadamard-rotated over head_dim when
+    `spec.rotate_qk_heads` (both sides of q.k alike, so the scores are unchanged)."""
+    return hadamard_transform(x) if spec.rotate_qk_heads else x
 
 
 def ffn_hidden(h: jax.Array, spec: QuantSpec) -> jax.Array:

@@ -237,3 +237,14 @@ def test_fold_unties_a_tied_head():
     out = logits(plain_cfg, folded, tokens, quant.QuantSpec())
     base = logits(cfg.model, params, tokens)
     np.testing.assert_allclose(out, base, rtol=1e-4, atol=1e-4 * np.abs(base).max())
+
+
+def test_qk_head_rotation_cancels_in_the_scores_but_not_under_kv_quantisation(small):
+    """QuantSpec.rotate_qk_heads rotates queries and keys alike (q.k unchanged: same logits at 16 bits);
+    with 4-bit keys it is the rotated keys that are quantised, so the logits then differ."""
+    model_cfg, params, tokens, base = small
+    out = logits(model_cfg, params, tokens, quant.QuantSpec(rotate_qk_heads=True))
+    np.testing.assert_allclose(out, base, rtol=1e-4, atol=1e-4 * np.abs(base).max())
+    plain = logits(model_cfg, params, tokens, quant.QuantSpec(kv_bits=4))
+    rotated = logits(model_cfg, params, tokens, quant.QuantSpec(kv_bits=4, rotate_qk_heads=True))
+    assert not np.allclose(plain, rotated, rtol=1e-4, atol=1e-4 * np.abs(base).max())
