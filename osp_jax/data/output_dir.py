@@ -81,8 +81,8 @@ def check_output(output: str) -> list[str]:
         missing.append(d)
         d = os.path.dirname(d)
     if not os.path.isdir(d):
-        raise DataError(f"--output {output} exists and is not a directory" if d == output else
-                        f"--output {output} cannot be made: {d} is not a directory")
+        raise OutputNotWritable(f"--output {output} exists and is not a directory" if d == output else
+                                f"--output {output} cannot be made: {d} is not a directory", d)
     if not os.access(d, os.W_OK | os.X_OK):
         raise OutputNotWritable(f"--output {output}: {d} is not writable", d)
     return missing[::-1]

@@ -91,7 +91,8 @@ def resolve_data_dir(path: str) -> str:
                 prepare_lib.prepare([corpus], out, tok, val_fraction=0.0, quiet=True)
             except OSError as e:  # read-only, not a directory, full: one line for train and evaluate alike
                 where = f" ({e.filename})" if e.filename and str(e.filename) != out else ""
-                raise PipelineError(f"cannot write the built-in data cache {out}{where}: {e.strerror or e}; set "
+                why = str(e) if isinstance(e, prepare_lib.OutputNotWritable) else (e.strerror or str(e))
+                raise PipelineError(f"cannot write the built-in data cache {out}{where}: {why}; set "
                                     "OSP_JAX_CACHE to a writable directory") from None
         return out
     out = storage.normalized(path)

@@ -46,8 +46,8 @@ from osp_jax import cli, storage
 from osp_jax.data import filesystems as fs
 from osp_jax.data import shards as shards_lib
 from osp_jax.data import sources
-from osp_jax.data.output_dir import (check_output, load_existing, locked, remove_created, remove_stale_tmp,
-                                     reusable)
+from osp_jax.data.output_dir import (OutputNotWritable, check_output, load_existing, locked,  # noqa: F401
+                                     remove_created, remove_stale_tmp, reusable)
 from osp_jax.data.shards import token_dtype  # noqa: F401 - re-exported: it was defined here
 from osp_jax.data.sources import DataError, Document, SkipLog
 from osp_jax.data import tokenizer as tokenizer_lib
