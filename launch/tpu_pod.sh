@@ -35,7 +35,7 @@ Options:
                                 training runs from that copy, so relative --config paths work
                               a URL (git+https://..., https://...): installs 'osp_jax[EXTRA] @ SPEC'
                               anything else: passed to pip verbatim (e.g. 'osp_jax[tpu]==0.1.0')
-  --extra EXTRA             package extra to install (default: tpu)
+  --extra EXTRA             package extras to install (default: tpu,gcs: gcs for gs:// paths)
   --python-version X.Y      Python for the workers' venv, fetched by uv if absent (default: 3.11;
                             jax needs >= 3.11, tpu-ubuntu2204-base ships 3.10)
   --remote-dir DIR          working directory on each worker, relative to $HOME (default: osp_jax_run)
@@ -46,10 +46,10 @@ Options:
 
 Example:
   launch/tpu_pod.sh --name osp-1b4 --zone us-central2-b --accelerator-type v4-512 -- \
-    --config=configs/osp_1b4.py --workdir=/gcs/BUCKET/osp_1b4 \
+    --config=configs/osp_1b4.py --workdir=gs://BUCKET/osp_1b4 --config.data.path=gs://BUCKET/data \
     --config.mesh.dp=2 --config.mesh.op=8 --config.mesh.fsdp=16
   launch/tpu_pod.sh --name osp-ms --zone us-east5-a --accelerator-type v5p-16 --num-slices 2 -- \
-    --config=configs/osp_1b4.py --workdir=/gcs/BUCKET/osp_1b4 \
+    --config=configs/osp_1b4.py --workdir=gs://BUCKET/osp_1b4 --config.data.path=gs://BUCKET/data \
     --config.mesh.fsdp=8 --config.mesh.dcn_dp=2
 EOF
 }
@@ -61,7 +61,7 @@ die() { # usage error: message naming the option, then the usage text, exit 2
 }
 
 name="" zone="" accelerator_type="" project="" version="tpu-ubuntu2204-base"
-package="." extra="tpu" python_version="3.11" remote_dir="osp_jax_run"
+package="." extra="tpu,gcs" python_version="3.11" remote_dir="osp_jax_run"
 spot=0 reuse=0 dry_run=0 skip_install=0 num_slices=1
 envs=() train_args=()
 
@@ -113,8 +113,8 @@ done
 # put the checkpoints on each worker's own disk, inside it.
 for a in "${train_args[@]+"${train_args[@]}"}"; do
   case $a in
-    --workdir=/* | -workdir=/* | --workdir=*://* | -workdir=*://*) ;;  # train says what it makes of a URL
-    --workdir=* | -workdir=*) die "--workdir must be an absolute path on storage every worker mounts, got '${a#*=}'" ;;
+    --workdir=/* | -workdir=/* | --workdir=*://* | -workdir=*://*) ;;  # a gs:// URL, or a mounted path
+    --workdir=* | -workdir=*) die "--workdir must be a gs:// URL or an absolute path on storage every worker mounts, got '${a#*=}'" ;;
     --workdir | -workdir) die "write --workdir=PATH (one word) after --" ;;
   esac
 done

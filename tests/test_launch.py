@@ -81,7 +81,7 @@ def test_tpu_dry_run_creates_installs_and_trains():
     scp = [c for c in gcloud if c[4] == "scp"]
     assert ssh and scp and all("--worker=all" in c for c in ssh + scp)
     remote = [c[c.index("--command") + 1] for c in ssh]
-    assert any("uv pip install" in r and "[tpu]" in r for r in remote)
+    assert any("uv pip install" in r and "[tpu,gcs]" in r for r in remote)
 
     # Creation, then install, then training, in that order.
     order = [c[4] for c in gcloud]
@@ -227,7 +227,7 @@ fi
     calls = log.read_text()
     assert "tpu-vm describe osp-1b4" in calls and "tpu-vm create osp-1b4" in calls
     assert "--accelerator-type=v4-512" in calls
-    assert "-m uv pip install --python osp_jax_run/venv/bin/python ./osp_jax_run/src[tpu]" in calls
+    assert "-m uv pip install --python osp_jax_run/venv/bin/python ./osp_jax_run/src[tpu,gcs]" in calls
 
     src = home / "osp_jax_run" / "src"
     assert (src / "configs" / "osp_1b4.py").exists() and (src / "new.txt").exists()
