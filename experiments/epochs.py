@@ -20,12 +20,12 @@ Steps (each skipped when its output exists, so a re-run resumes):
    against epochs.
 
 Epoch counts below one make the same script a token-count study within one epoch (`--name=tokens`).
+--out, --corpus, --doc and --plot may be gs:// paths (--out and the outputs checked at start).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import logging
 import math
@@ -37,6 +37,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import ablation as abl  # noqa: E402  (the arms, presets, training and evaluation steps)
+from etils import epath  # noqa: E402
+
+from osp_jax import cli, storage  # noqa: E402
 
 ROOT = abl.ROOT
 SETTINGS = tuple(s for s in abl.SETTINGS if s[0] in ("w16a16kv16", "w4a16kv16", "w16a4kv16", "w4a4kv4"))
@@ -61,10 +64,7 @@ def _documents(files: list[str]):
 
 
 def _write_jsonl(path: str, docs: list[dict]) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(d) + "\n")
-    os.replace(path + ".tmp", path)
+    cli.write_text_atomic(path, "".join(json.dumps(d) + "\n" for d in docs))
 
 
 def make_subset(files: list[str], out: str, train_chars: float, probe_docs: int = 64) -> dict:
@@ -81,8 +81,8 @@ def make_subset(files: list[str], out: str, train_chars: float, probe_docs: int 
     total = sum(len(d["text"]) for d in train)
     stride = max(1, round(total / train_chars)) if math.isfinite(train_chars) else 1
     chosen = train[::stride]
-    _write_jsonl(os.path.join(out, TRAIN_PROBE), chosen[::max(1, len(chosen) // probe_docs)])
-    _write_jsonl(os.path.join(out, "subset.jsonl"), chosen + val)
+    _write_jsonl(abl._join(out, TRAIN_PROBE), chosen[::max(1, len(chosen) // probe_docs)])
+    _write_jsonl(abl._join(out, "subset.jsonl"), chosen + val)
     return {"train_docs": len(chosen), "train_chars": sum(len(d["text"]) for d in chosen), "val_docs": len(val),
             "stride": stride}
 
@@ -90,20 +90,20 @@ def make_subset(files: list[str], out: str, train_chars: float, probe_docs: int 
 def prepare(args, preset: dict) -> str:
     from osp_jax.data import pipeline, prepare as prepare_lib
 
-    out = os.path.join(args.out, "data")
-    made = os.path.join(args.out, "subset.json")
-    if os.path.isfile(os.path.join(out, "metadata.json")) and os.path.isfile(made):
+    out = abl._join(args.out, "data")
+    made = abl._join(args.out, "subset.json")
+    if storage.is_file(abl._join(out, "metadata.json")) and storage.is_file(made):
         asked = abl._read_json(made).get("asked_train_tokens")
         if asked is not None and asked != args.train_tokens:
             raise SystemExit(f"epochs: {out} holds a subset made for --train-tokens={asked:g}, not "
                              f"{args.train_tokens:g}; use another --out")
         return out
     if args.corpus:
-        files = sorted(glob.glob(args.corpus))
+        files = storage.glob(args.corpus)
     elif preset["data"] == "builtin":
         files = [pipeline.builtin_files()[0]]
     else:
-        files = sorted(glob.glob(preset["corpus"]))
+        files = storage.glob(preset["corpus"])
     if not files:
         raise SystemExit(f"epochs: --corpus={args.corpus or preset['corpus']!r} matches no file")
     tokenizer = args.tokenizer or preset["tokenizer"] or pipeline.builtin_files()[1]
@@ -111,7 +111,7 @@ def prepare(args, preset: dict) -> str:
     # prepared split's exact token count, so the estimate only sets the subset's size.
     counts = make_subset(files, args.out, args.train_tokens * args.chars_per_token)
     log.info("subset: %s", counts)
-    argv = ["--input", os.path.join(args.out, "subset.jsonl"), "--output", out, "--tokenizer", tokenizer,
+    argv = ["--input", abl._join(args.out, "subset.jsonl"), "--output", out, "--tokenizer", tokenizer,
             "--workers", str(args.workers), "--quiet"]
     log.info("python -m osp_jax.data.prepare %s", shlex.join(argv))
     if prepare_lib.main(argv) != 0:
@@ -166,8 +166,7 @@ def plot(rows: list[dict], labels: dict, path: str) -> str:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    abl.write_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -176,7 +175,7 @@ def report(args, info: dict, rows: list[dict], plot_path: str, curves: list[str]
            curve_epochs: dict | None = None) -> str:
     m = info["model"]
     labels = {a[0]: a[1] for a in abl.ARMS}
-    rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.doc)))
+    rel = abl.link(plot_path, args.doc)
     title = ("past one epoch: memorisation and the 4-bit cost" if max(r["epochs"] for r in rows) > 1.01 else
              "within one epoch: training tokens and the 4-bit cost")
     L = [f"## `{args.preset}`, {title} (`--name={args.name}`)", "",
@@ -212,7 +211,7 @@ def report(args, info: dict, rows: list[dict], plot_path: str, curves: list[str]
         runs = ", ".join(f"{labels[a]} {ep:.3g} epochs" for a, ep in (curve_epochs or {}).items())
         L += [f"Over training, for each arm's longest run ({runs}; logged every `train.outlier_every` steps on "
               "one fixed validation batch by `osp_jax.train`):", ""]
-        L += [f"![{os.path.basename(c)}]({os.path.relpath(c, os.path.dirname(os.path.abspath(args.doc)))})"
+        L += [f"![{epath.Path(c).name}]({abl.link(c, args.doc)})"
               for c in curves] + [""]
     return "\n".join(L)
 
@@ -259,7 +258,8 @@ def main(argv=None) -> int:
                    help="train and evaluate nothing: report the runs and evaluations found in --out (e.g. "
                         "results brought back from a GPU without their checkpoints); a missing one is 'not run'")
     args = p.parse_args(argv)
-    args.out = os.path.abspath(args.out)
+    args.out = storage.normalized(args.out)  # Orbax wants absolute checkpoint paths; a gs:// URL as it is
+    abl.check_paths(p, args, ("--plot",))
     args.doc = abl.resolve_doc(p, args, "ablation.md")
     arms = [a for a in args.arms.split(",") if a]
     by_name = {a[0]: a for a in abl.ARMS}
@@ -276,10 +276,10 @@ def main(argv=None) -> int:
     for name in ("epochs", "ablation", "osp_jax"):
         logging.getLogger(name).setLevel(logging.INFO)
     preset = abl.PRESETS[args.preset]
-    os.makedirs(args.out, exist_ok=True)
+    epath.Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     abl.REPORT_ONLY = args.report_only
-    data = os.path.join(args.out, "data") if args.report_only else prepare(args, preset)
+    data = abl._join(args.out, "data") if args.report_only else prepare(args, preset)
     train_tokens = abl.train_tokens_in(data, args.out)
     if args.prepare_only:
         log.info("prepared %s: %s training tokens; %s holds what the runs need (subset.jsonl is not needed)",
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     extra = abl._overrides(args.set)
     extra.setdefault("train.checkpoint_every", 0)
     eval_tokens = args.eval_tokens or preset["eval_tokens"]
-    trained_docs = os.path.join(args.out, TRAIN_PROBE)
+    trained_docs = abl._join(args.out, TRAIN_PROBE)
 
     probe_cfg = abl.make_config(preset, data, by_name[arms[0]], lrs[arms[0]], 1, args.seed, extra)
     per_step = probe_cfg.train.global_batch_size * probe_cfg.train.seq_len  # the same for every arm
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         for ep in epochs:
             steps = max(1, round(ep * train_tokens / per_step))
             cfg = abl.make_config(preset, data, by_name[arm], lrs[arm], steps, args.seed, extra)
-            workdir = os.path.join(args.out, f"{arm}_ep{ep:g}")
+            workdir = abl._join(args.out, f"{arm}_ep{ep:g}")
             if abl.run(cfg, workdir) is None:  # --report-only and never finished
                 log.warning("%s: no finished run; left out of the report", workdir)
                 continue
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
             "commit": args.commit or abl._git("rev-parse", "--short", "HEAD"), "device": args.device or abl._device(),
             "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
             "model": probe_cfg.model.to_dict(), "train_tokens": train_tokens,
-            "subset": abl._read_json(os.path.join(args.out, "subset.json")),
+            "subset": abl._read_json(abl._join(args.out, "subset.json")),
             "corpus": args.corpus or preset["corpus"] or "the built-in corpus",
             "eval_tokens": rows[0]["eval"]["w16a16kv16"]["tokens"],
             "train_eval_tokens": next(r["train_eval"]["w16a16kv16"]["tokens"] for r in rows
@@ -320,17 +320,17 @@ def main(argv=None) -> int:
             "batch": probe_cfg.train.global_batch_size, "seq_len": probe_cfg.train.seq_len, "lrs": lrs,
             "seed": args.seed}
     path = plot(rows, {a: by_name[a][1] for a in arms},
-                args.plot or os.path.join(os.path.dirname(args.doc), f"ablation_{args.preset}_{args.name}.png"))
+                args.plot or abl._join(epath.Path(args.doc).parent, f"ablation_{args.preset}_{args.name}.png"))
     # Kurtosis and max |activation| over training (logged by osp_jax.train), for each arm's longest run:
     # its last row, as each arm's rows follow the sorted epoch counts.
     longest = {r["arm"]: r for r in rows}
     logged = {by_name[a]: abl._metrics(r["workdir"]) for a, r in longest.items()}
     logged = {arm: m for arm, m in logged.items() if any("kurtosis" in r for r in m)}
-    curves = abl.plot_curves(logged, os.path.splitext(path)[0] + "_curves") if logged else []
+    curves = abl.plot_curves(logged, os.fspath(epath.Path(path).with_suffix("")) + "_curves") if logged else []
     body = report(args, info, rows, path, curves, {a: r["epochs"] for a, r in longest.items()})
     abl.write_section(args.doc, f"{args.preset}:{args.name}", body)
     if not args.report_only:  # --report-only writes nothing into --out
-        abl._write_json(os.path.join(args.out, "epochs.json"), {"info": info, "rows": rows})
+        abl._write_json(abl._join(args.out, "epochs.json"), {"info": info, "rows": rows})
     print(body)
     log.info("wrote %s and %s (%.1f min)", args.doc, path, (time.time() - t0) / 60)
     return 0
