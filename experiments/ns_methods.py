@@ -15,7 +15,8 @@ For each method of osp_jax.newton_schulz.NS_METHODS (quintic: the OSP paper's; p
   loss      configs/tiny.py trained for its 150 steps with each method, seeds 0, 1, 2
             (`python -m osp_jax.train`): the final training and validation loss.
 
-Writes OUT/ns_methods.json and prints a markdown report; finished training runs are reused.
+Writes OUT/ns_methods.json and prints a markdown report; finished training runs are reused. OUT may be a
+gs:// path (checked at start: the bucket, the credentials, a write).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
+from osp_jax import cli, storage  # noqa: E402
 from osp_jax.cli import read_json, write_json  # noqa: E402
 from osp_jax.newton_schulz import NS_METHODS, newton_schulz, newton_schulz_reference  # noqa: E402
 
@@ -90,7 +92,9 @@ def flops() -> list[dict]:
 
 
 def _records(path: epath.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not storage.is_file(path):  # asked of the storage: the run just wrote it, in another process
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _run_tiny(out: epath.Path, method: str, seed: int) -> dict:
@@ -165,10 +169,14 @@ def main(argv=None) -> None:
     parts = args.parts.split(",")
     if not set(parts) <= {"accuracy", "flops", "loss"}:
         raise SystemExit(f"ns_methods: --parts={args.parts}: expected names from accuracy, flops, loss")
-    out = epath.Path(args.out)
+    try:
+        storage.check_all(writes={"--out": args.out})
+    except cli.UserError as e:
+        cli.die(p.prog, f"error: {e}")
+    out = epath.Path(storage.normalized(args.out))  # the training runs' workdirs: absolute, or a gs:// URL
     out.mkdir(parents=True, exist_ok=True)
     path = out / "ns_methods.json"
-    results = read_json(path) if path.exists() else {}
+    results = read_json(path) if storage.is_file(path) else {}
     results["device"] = f"{jax.devices()[0].device_kind}, jax {jax.__version__}"
     for part in parts:
         results[part] = accuracy() if part == "accuracy" else flops() if part == "flops" else loss(out)
