@@ -424,7 +424,7 @@ def check_paths(parser, args, files: tuple[str, ...] = ()) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ablation.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
     p.add_argument("--out", required=True, help="directory for data, runs and evaluations")
     p.add_argument("--corpus", default=None, help="glob of .jsonl[.xz] files (default: the preset's)")

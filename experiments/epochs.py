@@ -229,7 +229,7 @@ def _arm_rates(text: str | None, preset: str, arms: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="epochs.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(abl.PRESETS), required=True)
     p.add_argument("--out", required=True, help="directory for the subset, runs and evaluations")
     p.add_argument("--corpus", default=None, help="glob of .jsonl[.xz] files (default: the preset's)")

@@ -161,7 +161,7 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="ns_methods.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", required=True, help="directory for the training runs and ns_methods.json")
     p.add_argument("--parts", default="accuracy,flops,loss", help="comma-separated: accuracy, flops, loss")
