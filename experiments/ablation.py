@@ -337,7 +337,8 @@ def sweep_stage(args, plan: Plan, sweep: list, chosen: dict, t_start: float) -> 
         if arm in plan.swept:
             continue
         lr = chosen[arm[0]]
-        _add_sweep_run(sweep, arm, lr, run(plan.config(args, arm, lr, plan.sweep_steps), _sweep_dir(args.out, arm[0], lr)))
+        cfg = plan.config(args, arm, lr, plan.sweep_steps)
+        _add_sweep_run(sweep, arm, lr, run(cfg, _sweep_dir(args.out, arm[0], lr)))
     if not args.no_eval_sweep:
         evaluate_sweep(sweep, args.out, plan.data_path, args.eval_tokens or plan.preset["eval_tokens"],
                        plan.preset["eval_batch"])
@@ -388,7 +389,8 @@ def compare_stage(args, plan: Plan, sweep: list, chosen: dict, t_start: float) -
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     tokens = plan.steps * plan.per_step
     info = {
-        "label": plan.preset["label"], "date": _today(args), "commit": args.commit or _git("rev-parse", "--short", "HEAD"),
+        "label": plan.preset["label"], "date": _today(args),
+        "commit": args.commit or _git("rev-parse", "--short", "HEAD"),
         "dirty": " (plus uncommitted changes in the working tree)" if dirty and dirty != "unknown" and not args.commit
                  else "",
         "device": args.device or _device(), "command": _command(),
@@ -416,9 +418,9 @@ def check_paths(parser, args, files: tuple[str, ...] = ()) -> None:
     read) and a gs:// --doc and the file paths of `files` can be written: the bucket, the credentials, a probe."""
     outputs = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in ("--doc", *files)}
     out = {"--out": args.out}
+    reads, writes = (out, outputs) if args.report_only else ({}, {**out, **outputs})
     try:
-        storage.check_all(reads=out if args.report_only else {}, writes=outputs if args.report_only else {**out, **outputs},
-                          files=tuple(outputs))
+        storage.check_all(reads=reads, writes=writes, files=tuple(outputs))
     except cli.UserError as e:
         cli.die(parser.prog, f"error: {e}")
 

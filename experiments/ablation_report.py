@@ -47,7 +47,7 @@ SETTINGS = (
 SWEEP_SETTINGS = ("w16a16kv16", "w4a16kv16", "w16a4kv16", "w4a4kv4", "w4a4kv4_had")
 
 
-# ---------------------------------------------------------------------------------------------- provenance; where the report goes
+# ---------------------------------------------------------------------------------------------- provenance, where
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
