@@ -25,6 +25,7 @@ setup(
     # `pip install -c constraints/tested.txt -e ".[...]"` installs it. Raise a floor with that file, never alone.
     install_requires=[
         "jax>=0.10.2",
+        "jaxlib>=0.10.2",  # jax 0.10.2 itself accepts jaxlib 0.10.1, which CI never installs
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
