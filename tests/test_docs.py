@@ -107,6 +107,19 @@ def test_each_command_table_lists_every_flag_and_no_other(command, monkeypatch):
                                f"listed but not defined: {sorted(listed - defined)}")
 
 
+def _flags_in_contracts(command: str) -> set[str]:
+    text = (ROOT / "docs" / "CONTRACTS.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith(f"| `python -m {command}` |"))
+    return {f for f in re.findall(r"`(--[^`=\s(]+)", row.split(" | ")[1]) if not f.startswith("--config.")}
+
+
+@pytest.mark.parametrize("command", ["osp_jax.train", "osp_jax.evaluate", "osp_jax.data.prepare", "osp_jax.export",
+                                     "osp_jax.plot"])
+def test_contracts_lists_the_same_flags_as_the_readme(command):
+    """Both are checked against the parsers through the README: docs/CONTRACTS.md names them, the README explains them."""
+    assert _flags_in_contracts(command) == _flags_in_readme(command)
+
+
 def test_the_lm_eval_model_args_are_the_backends():
     """Read from the source, so that the check needs no lm-eval: OspJaxLM's keyword arguments before `*`."""
     tree = ast.parse((ROOT / "osp_jax" / "lm_eval_backend.py").read_text(encoding="utf-8"))
