@@ -57,7 +57,8 @@ EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(n
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # What a training run keeps in its workdir (docs/CONTRACTS.md): an export never writes into these.
 RUN_ENTRIES = ("checkpoints", "tensorboard", "config.json", "metrics.jsonl", "metrics.abandoned.jsonl",
-               "data_metadata.json", "tokenizer.json", "tokenizer.model", RECIPE_FILE)
+               "data_metadata.json", "tokenizer.json", "tokenizer.model", RECIPE_FILE, "profile", "wandb",
+               "wandb_run_id", "train.lock")
 
 
 # ----------------------------------------------------------------------------------------------------
