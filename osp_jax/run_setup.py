@@ -123,11 +123,13 @@ def _checked_mesh(config, workdir: str):
     if config.train.wandb_project and importlib.util.find_spec("wandb") is None:
         raise config_lib.ConfigError(f"config.train.wandb_project={config.train.wandb_project!r} needs the wandb "
                                      "package: pip install 'osp_jax[wandb]' (or set it to '' for no W&B)")
+    # gs:// first (bucket, credentials, a write probe: one line, no retries against an unreachable server), then
+    # what a local disk can refuse; seqio's data.path is unused.
+    storage.check_all(writes={"--workdir": workdir},
+                      reads={"config.data.path": config.data.path if config.data.source != "seqio" else "",
+                             "config.train.eval_data": config.train.eval_data})
     cli.check_output_dir(workdir, "--workdir")
     _check_workdir_files(workdir)
-    # The workdir is also checked by taking its lock (a write); seqio's data.path is unused.
-    storage.check_all(reads={"config.data.path": config.data.path if config.data.source != "seqio" else "",
-                             "config.train.eval_data": config.train.eval_data})
     check_attention_backend(config)
     where = compilation_cache.enable(config.train.compilation_cache_dir)
     log.info("compilation cache: %s", where or "off (train.compilation_cache_dir='')")
