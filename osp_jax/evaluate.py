@@ -31,14 +31,16 @@ bits), or the paper's ten benchmarks at 16-16-16, 4-4-4 and 4-4-4 +FFN Had; no -
 
 --output is strict JSON: a non-finite number is written as null (a NaN loss gives a NaN perplexity, so
 `loss` and `ppl` both null; a finite loss past float64's range gives `ppl` null beside a finite `loss`).
+
+The batches are osp_jax.eval_data's, the table and the figure osp_jax.eval_report's.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import math
+import os
 import sys
 import time
 
@@ -53,7 +55,8 @@ from osp_jax.eval_data import (  # noqa: F401 - re-exported: defined here before
     TEXT_SUFFIXES, EvalError, calibration_batches, calibration_source, check_calibration, check_tokenizer,
     load_batches)
 from osp_jax import metrics as metrics_lib
-from osp_jax import ptq
+from osp_jax.eval_report import check_plot_format, format_table, plot
+from osp_jax import ptq, scoring
 from osp_jax import quant as quant_lib
 from osp_jax.data.sources import DataError
 from osp_jax.model import LINEAR_INPUTS, Transformer
@@ -104,26 +107,38 @@ def _perplexity(loss_sum: float, tokens: float) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_workdir(workdir: str) -> None:
+    """EvalError unless --workdir is a directory."""
+    if not storage.is_dir(workdir):
+        what = "a file, not a directory" if storage.is_file(workdir) else "no such directory"
+        raise EvalError(f"--workdir={workdir}: {what}")
+
+
 def load_checkpoint(workdir: str, step: int | None):
     """(step, params, validated config) from WORKDIR, or EvalError."""
     from osp_jax.checkpoint import CheckpointError, restore_params_only
 
-    if not storage.is_dir(workdir):
-        raise EvalError(f"--workdir={workdir}: no such directory")
+    check_workdir(workdir)
     try:
         found, params, cfg = restore_params_only(workdir, step=step)
     except CheckpointError as e:
         raise EvalError(f"--workdir={workdir}: {e}") from None
     if cfg is None:
-        path = epath.Path(workdir) / "config.json"
-        if not storage.is_file(path):
-            raise EvalError(f"checkpoint step {found} in {workdir} has no config, and there is no {path}")
-        cfg = cli.read_json(path, "config", error=EvalError)
+        config = scoring.run_config(workdir, error=EvalError)
+        if config is None:
+            raise EvalError(f"checkpoint step {found} in {workdir} has no config, and there is no "
+                            f"{epath.Path(workdir) / 'config.json'}")
+        return found, params, config
     try:
         config = config_lib.from_dict(cfg)
     except config_lib.ConfigError as e:
         raise EvalError(f"the config saved in {workdir} is not valid: {e}") from None
     return found, params, config
+
+
+def _check_model(model_cfg, bits: quant_lib.Bits) -> None:
+    """EvalError where the quantisers cannot take the model at --bits (one check, the lm-eval backend's too)."""
+    scoring.check_bits(model_cfg, bits, f"--bits={bits.w},{bits.a},{bits.kv}", EvalError)
 
 
 def _check_flags(bits, hadamard, method: str, counts: dict) -> tuple[quant_lib.Bits, bool, bool]:
@@ -153,11 +168,16 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
     calibration is `calib_samples` sequences of `calib_data` (default: the run's data.path)."""
     bits, hadamard_ffn, calibrated = _check_flags(bits, hadamard, method, {
         "--batch-size": batch_size, "--seq-len": seq_len, "--max-tokens": max_tokens, "--calib-samples": calib_samples})
+    check_workdir(workdir)
+    saved = scoring.run_config(workdir, error=EvalError)  # train's config.json: what the model is, unread
+    if saved is not None:
+        _check_model(saved.model, bits)
     if calibrated:  # before the checkpoint is read: a missing calibration set is found at once
         calib_data = calibration_source(workdir, calib_data, method)
         check_calibration(calib_data, method)
 
     found, params, config = load_checkpoint(workdir, step)
+    _check_model(config.model, bits)  # the checkpoint's own config (a run without config.json)
     seq_len = seq_len or config.train.seq_len
     batches = load_batches(data, workdir, vocab_size=config.model.vocab_size, seq_len=seq_len,
                            batch_size=batch_size, max_tokens=max_tokens)
@@ -229,62 +249,6 @@ def _statistics(fp: dict, qt: dict) -> dict:
     }
 
 
-def format_table(r: dict) -> str:
-    lines = [f"step {r['step']} | {r['tokens']:,} tokens | seq_len {r['seq_len']}",
-             f"{'layer':>8} {'kurtosis':>12} {'max|act|':>12}"]
-    for i, (k, m) in enumerate(zip(r["kurtosis_per_layer"], r["max_abs_per_layer"])):
-        lines.append(f"{'embed' if i == 0 else i:>8} {k:>12.4f} {m:>12.4f}")
-    method = r.get("method", "rtn")
-    extras = "".join([f" {method}" if method != "rtn" else "", " +act order" if (r.get("calibration") or {}).get(
-        "act_order") else "", " +FFN Had" if r["hadamard"] and "quarot" not in method else "",
-        " +clip search" if r["clip_search"] else ""])
-    rows = [("kurtosis (mean over layers)", f"{r['kurtosis']:.4f}"),
-            ("max |activation|", f"{r['max_abs']:.4f}"),
-            *((f"  at {name} (linear input): kurtosis / max", f"{v['kurtosis']:.4f} / {v['max_abs']:.4f}")
-              for name, v in r.get("linear_inputs", {}).items()),
-            ("perplexity", f"{r['ppl']:.4f}  (loss {r['loss']:.4f})"),
-            (f"perplexity {r['setting']}{extras}", f"{r['quant_ppl']:.4f}  (loss {r['quant_loss']:.4f})")]
-    width = max(len(label) for label, _ in rows)
-    lines += [f"{label:<{width}}  {value}" for label, value in rows]
-    return "\n".join(lines)
-
-
-def plot(r: dict, path: str) -> None:
-    """Per-layer kurtosis and max |activation| (log scale), two panels: the residual stream, and the
-    q/k/v and down-projection inputs where the record has them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker below
-
-    layers = np.arange(len(r["kurtosis_per_layer"]))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(layers, r["kurtosis_per_layer"], marker="o", label="residual stream")
-    ax1.set_ylabel("excess kurtosis")
-    ax1.set_title(f"step {r['step']}: kurtosis {r['kurtosis']:.3g}, ppl {r['ppl']:.3g}, "
-                  f"{r['setting']} ppl {r['quant_ppl']:.3g}")
-    ax2.plot(layers, np.maximum(r["max_abs_per_layer"], 1e-12), marker="o", label="residual stream")
-    # Inputs of layer l's linear layers, drawn at l (q/k/v reads the residual stream after layer l - 1).
-    for name, label in (("qkv_in", "q/k/v input"), ("down_in", "down-proj input")):
-        li = r.get("linear_inputs", {}).get(name)
-        if li:
-            x = np.arange(1, len(li["kurtosis_per_layer"]) + 1)
-            ax1.plot(x, li["kurtosis_per_layer"], marker=".", linestyle="--", label=label)
-            ax2.plot(x, np.maximum(li["max_abs_per_layer"], 1e-12), marker=".", linestyle="--", label=label)
-    ax1.legend(fontsize=8)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("max |activation|")
-    ax2.set_xlabel("layer (residual stream: after it, 0 = embedding; linear inputs: inside it)")
-    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    image = io.BytesIO()  # drawn whole, then written at once: no half-written file, and gs:// works
-    fig.savefig(image, format=epath.Path(path).suffix[1:] or None, dpi=120)
-    plt.close(fig)
-    cli.write_bytes_atomic(path, image.getvalue())
-
-
 def _write_json(path: str, record: dict) -> None:
     """Strict JSON (`cli.write_json`: a NaN loss, an overflowing perplexity are written as null), into a
     folder made if missing."""
@@ -338,16 +302,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> None:
     """Perplexity on --data, or benchmark tasks (--tasks / --suite)."""
-    if args.tasks is not None or args.suite is not None:
-        return _main_tasks(args)
-    if args.data is None:
+    tasks = args.tasks is not None or args.suite is not None
+    if tasks and (args.data is not None or args.plot is not None):
+        raise EvalError("--data and --plot belong to the perplexity pass: run --tasks / --suite without them")
+    if not tasks and args.data is None:
         raise EvalError("--data=DIR|builtin|FILE is required (or --tasks / --suite for benchmark tasks)")
-    return _main(args)
+    _check_paths(args)
+    return _main_tasks(args) if tasks else _main(args)
+
+
+PATH_FLAGS = ("workdir", "data", "calib_data", "include_path", "output", "plot")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every path flag with `~` expanded (a shell leaves `--data=~/x` alone), then what is written checked before
+    any work: --output and --plot files that can be written (gs:// ones asked of the storage), a --plot format
+    matplotlib draws; and the run's directory there."""
+    for name in PATH_FLAGS:
+        if getattr(args, name):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    storage.check_all(reads={"--workdir": args.workdir, "--data": args.data},
+                      writes={"--output": args.output, "--plot": args.plot}, files=("--output", "--plot"))
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        if path:
+            cli.check_output_file(path, flag)
+    if args.plot:
+        check_plot_format(args.plot)
+    check_workdir(args.workdir)
 
 
 def _main(args: argparse.Namespace) -> None:
-    storage.check_all(reads={"--workdir": args.workdir, "--data": args.data},
-                      writes={"--output": args.output, "--plot": args.plot}, files=("--output", "--plot"))
     compilation_cache.enable(args.compilation_cache_dir)
     result = evaluate(args.workdir, args.data, step=args.step, bits=args.bits, hadamard=args.hadamard,
                       clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -382,8 +366,6 @@ def _main_tasks(args: argparse.Namespace) -> None:
     """--tasks / --suite: osp_jax.benchmark_tasks, its user errors as EvalError."""
     import importlib.util
 
-    if args.data is not None or args.plot is not None:
-        raise EvalError("--data and --plot belong to the perplexity pass: run --tasks / --suite without them")
     if importlib.util.find_spec("lm_eval") is None:
         raise EvalError("--tasks / --suite need lm-evaluation-harness: pip install 'osp_jax[eval]'")
     from osp_jax import benchmark_tasks

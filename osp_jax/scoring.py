@@ -15,7 +15,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from osp_jax import cli, ptq, sharding
+from osp_jax import cli, ptq, sharding, storage
 from osp_jax import config as config_lib
 from osp_jax import quant as quant_lib
 from osp_jax.model import Transformer, abstract_params
@@ -26,12 +26,27 @@ class BackendError(cli.UserError, ValueError):
     """A user error (bad model_args, a run that cannot be read, or run at these bits): one line, exit 2."""
 
 
-def check_bits(model_cfg, bits: quant_lib.Bits) -> None:
-    """BackendError where the fake quantisers cannot take this model at `bits` (quant.check_kv_head_dim)."""
+def check_bits(model_cfg, bits: quant_lib.Bits, flag: str | None = None, error: type[Exception] = BackendError
+               ) -> None:
+    """`error` naming `flag` (default lm-eval's model_arg, `bits=W-A-KV`) where the fake quantisers cannot take
+    this model at `bits` (quant.check_kv_head_dim): the lm-eval backend and `osp_jax.evaluate` both ask here,
+    from the run's config, before a checkpoint is read."""
     try:
         quant_lib.check_kv_head_dim(config_lib.head_dim(model_cfg), bits.kv)
     except ValueError as e:
-        raise BackendError(f"bits={bits.w}-{bits.a}-{bits.kv}: {e}") from None
+        raise error(f"{flag or f'bits={bits.w}-{bits.a}-{bits.kv}'}: {e}") from None
+
+
+def run_config(workdir, error: type[Exception] = BackendError):
+    """The validated config of WORKDIR/config.json (train writes it), read without the checkpoint; None when there
+    is none (a checkpoint made outside train). `error` names the file and why it cannot be used."""
+    path = epath.Path(workdir) / "config.json"
+    if not storage.is_file(path):
+        return None
+    try:
+        return config_lib.from_dict(cli.read_json(path, "config", error=error))
+    except config_lib.ConfigError as e:
+        raise error(f"the config {path} is not valid: {e}") from None
 
 
 class RunCheckpoint:
@@ -39,8 +54,9 @@ class RunCheckpoint:
     which train writes), its parameters once, when first needed, and shared by every setting scored."""
 
     def __init__(self, workdir: str, step: int | None = None):
-        if not epath.Path(workdir).is_dir():
-            raise BackendError(f"workdir={workdir}: no such directory")
+        if not storage.is_dir(workdir):
+            what = "a file, not a directory" if storage.is_file(workdir) else "no such directory"
+            raise BackendError(f"workdir={workdir}: {what}")
         if step is not None and (isinstance(step, bool) or not str(step).isdigit()):
             raise BackendError(f"step={step!r}: expected a checkpoint step (a non-negative integer)")
         self.workdir, self.requested_step = str(workdir), None if step is None else int(step)
@@ -53,13 +69,7 @@ class RunCheckpoint:
         if self._restored is not None:
             return self._restored[2]
         if self._config is None:
-            path = epath.Path(self.workdir) / "config.json"
-            if not path.exists():
-                return None
-            try:
-                self._config = config_lib.from_dict(cli.read_json(path, "config", error=BackendError))
-            except config_lib.ConfigError as e:
-                raise BackendError(f"the config {path} is not valid: {e}") from None
+            self._config = run_config(self.workdir)
         return self._config
 
     def restore(self):
