@@ -36,7 +36,8 @@ The model is `osp_jax.ptq.quantize_model`'s at `bits` by `method` (EmbProj folde
 what export writes) in every call, in float32 with exact XLA attention. Its parameters are laid out on the
 devices by training's logical-axis rules (osp_jax.sharding): on the run's mesh where it fits the devices
 present, else fsdp over all of them. The checkpoint is read at the first request, after lm-eval has checked
-the task names and loaded their data.
+the task names and loaded their data. That model side (the run, its mesh, the jitted passes) is osp_jax.scoring's;
+this module turns lm-eval's requests into its batches.
 """
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def test_bad_input_is_one_line_with_exit_2_and_leaves_nothing(case, setup, named
 def test_unknown_task_is_one_line_before_the_checkpoint_is_read(runs, tmp_path, capsys, restores):
     pytest.importorskip("lm_eval")
     _refused([f"--workdir={runs['run']}", "--tasks=no_such_task_anywhere"], tmp_path, capsys,
-             "no_such_task_anywhere")
+             "--tasks: unknown task 'no_such_task_anywhere'")
     assert not restores
 
 
