@@ -161,16 +161,31 @@ def check_output_dir(path, flag: str) -> None:
             raise UserError(f"{where} exists and is not a directory")
         return
     target = os.path.abspath(os.fspath(p))
-    if os.path.lexists(target):
-        if not os.path.isdir(target):
-            raise UserError(f"{where} exists and is not a directory")
-        probe_dir = target
-    else:
-        probe_dir = os.path.dirname(target)
-        while not os.path.lexists(probe_dir):
-            probe_dir = os.path.dirname(probe_dir)
-        if not os.path.isdir(probe_dir):
-            raise UserError(f"{where} cannot be made: {probe_dir} is a file, not a directory")
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise UserError(f"{where} exists and is not a directory")
+    _check_writable(target, where)
+
+
+def check_output_file(path, flag: str) -> None:
+    """Raises UserError unless a file can be written at `path`: it is not a directory, and its folder is one that
+    takes a file, or can be made (as `check_output_dir`). Nothing is left behind. Local paths only: a gs:// one is
+    `osp_jax.storage.check`'s."""
+    if not is_local(path):
+        return
+    target = os.path.abspath(os.fspath(path))
+    if os.path.isdir(target):
+        raise UserError(f"{flag}={path} is a directory, expected a file")
+    _check_writable(os.path.dirname(target), f"{flag}={path}")
+
+
+def _check_writable(directory: str, where: str) -> None:
+    """UserError unless the local `directory`, or its nearest existing ancestor, is a directory that takes a file
+    (a probe file written and removed)."""
+    probe_dir = directory
+    while not os.path.lexists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise UserError(f"{where} cannot be made: {probe_dir} is a file, not a directory")
     probe = os.path.join(probe_dir, f".osp_jax-write-check-{uuid.uuid4().hex[:8]}")
     try:
         with open(probe, "xb"):

@@ -42,7 +42,7 @@ NULLABLE = {"model.head_dim", "optimizer.decay_steps", "data.seqio_task", "train
             "train.eval_data", "train.wandb_project"}
 
 
-def defaults() -> ConfigDict:
+def defaults() -> ConfigDict:  # one table of every key (a line each), so longer than the ~80-line rule
     """Every key osp_jax knows, with the value used when a recipe does not set it."""
     c = ConfigDict()
 
@@ -172,6 +172,18 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 def validate(config: ConfigDict) -> ConfigDict:
     """Checks every key of `config`; returns it unchanged, or raises ConfigError naming the key."""
+    given = _check_keys(config)
+    _check_ranges(given)
+    _check_model(config.model, config.train)
+    _check_training(config.optimizer, config.train, config.data)
+    _check_mesh(config.mesh)
+    _check_profile_steps(config.train)
+    return config
+
+
+def _check_keys(config: ConfigDict) -> dict[str, Any]:
+    """`config` flattened ({"model.dim": 128, ...}): every key known, none missing, each of its default's type
+    and, for a string key of CHOICES, one of them."""
     reference = _flatten(defaults())
     given = _flatten(config)
     for key in given:
@@ -187,8 +199,11 @@ def validate(config: ConfigDict) -> ConfigDict:
             _fail(key, value, f"a value of type {type(default).__name__}")
         if key in CHOICES and value not in CHOICES[key]:
             _fail(key, value, f"one of {', '.join(CHOICES[key])}")
+    return given
 
-    m, o, t, d = config.model, config.optimizer, config.train, config.data
+
+def _check_ranges(given: dict[str, Any]) -> None:
+    """The numeric keys' ranges, one key at a time."""
     positive = ["model.vocab_size", "model.dim", "model.layers", "model.heads", "model.kv_heads",
                 "model.ffn_dim", "train.steps", "train.global_batch_size", "train.seq_len",
                 "train.log_every", "train.keep_checkpoints", "train.max_bad_steps",
@@ -214,6 +229,10 @@ def validate(config: ConfigDict) -> ConfigDict:
         if not 0 <= given[key] <= 1:
             _fail(key, given[key], "a value in [0, 1]")
 
+
+def _check_model(m: ConfigDict, t: ConfigDict) -> None:
+    """Shapes the model needs to be built: heads that divide, head_dim RoPE can rotate, a loss chunk that
+    divides the sequence, an attention backend that takes the compute dtype."""
     if m.dim % m.heads and m.head_dim is None:
         _fail("model.dim", m.dim, f"a multiple of model.heads={m.heads} (or set model.head_dim)")
     if m.head_dim is not None and (m.head_dim <= 0 or m.head_dim % 2):
@@ -227,6 +246,10 @@ def validate(config: ConfigDict) -> ConfigDict:
               "attention takes bfloat16 inputs (auto picks XLA's attention for a float32 model on a GPU)")
     if m.heads % m.kv_heads:
         _fail("model.kv_heads", m.kv_heads, f"a divisor of model.heads={m.heads}")
+
+
+def _check_training(o: ConfigDict, t: ConfigDict, d: ConfigDict) -> None:
+    """The schedule, the batch's micro-batches, the data source and the peak FLOPs, against each other."""
     if o.decay_steps is not None and o.decay_steps <= 0:
         _fail("optimizer.decay_steps", o.decay_steps, "a positive integer or None (= train.steps)")
     if o.warmup_steps > (o.decay_steps or t.steps):
@@ -239,18 +262,19 @@ def validate(config: ConfigDict) -> ConfigDict:
         _fail("data.seqio_task", d.seqio_task, "a registered seqio Task or Mixture name when data.source='seqio'")
     if t.peak_tflops is not None and t.peak_tflops <= 0:
         _fail("train.peak_tflops", t.peak_tflops, "a positive number or None")
+
+
+def _check_mesh(mesh: ConfigDict) -> None:
     for axis in ("dp", "op", "fsdp", "tp"):
-        size = config.mesh[axis]
+        size = mesh[axis]
         if size == 0 or size < -1:
             _fail(f"mesh.{axis}", size, "a positive size or -1 (fill with the devices left)")
-    if sum(config.mesh[a] == -1 for a in ("dp", "op", "fsdp", "tp")) > 1:
+    if sum(mesh[a] == -1 for a in ("dp", "op", "fsdp", "tp")) > 1:
         raise ConfigError("config.mesh: at most one axis may be -1 "
-                          f"(got dp={config.mesh.dp}, op={config.mesh.op}, fsdp={config.mesh.fsdp}, tp={config.mesh.tp})")
+                          f"(got dp={mesh.dp}, op={mesh.op}, fsdp={mesh.fsdp}, tp={mesh.tp})")
     for key in ("dcn_dp", "dcn_fsdp"):
-        if config.mesh[key] < 1:
-            _fail(f"mesh.{key}", config.mesh[key], "a positive number of slices (1: within one slice)")
-    _check_profile_steps(t)
-    return config
+        if mesh[key] < 1:
+            _fail(f"mesh.{key}", mesh[key], "a positive number of slices (1: within one slice)")
 
 
 def profile_window(text: str) -> tuple[int, int] | None:

@@ -31,14 +31,16 @@ bits), or the paper's ten benchmarks at 16-16-16, 4-4-4 and 4-4-4 +FFN Had; no -
 
 --output is strict JSON: a non-finite number is written as null (a NaN loss gives a NaN perplexity, so
 `loss` and `ppl` both null; a finite loss past float64's range gives `ppl` null beside a finite `loss`).
+
+The batches are osp_jax.eval_data's, the table and the figure osp_jax.eval_report's.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import math
+import os
 import sys
 import time
 
@@ -49,8 +51,12 @@ from etils import epath
 
 from osp_jax import cli, compilation_cache, storage
 from osp_jax import config as config_lib
+from osp_jax.eval_data import (  # noqa: F401 - re-exported: defined here before osp_jax.eval_data held them
+    TEXT_SUFFIXES, EvalError, calibration_batches, calibration_source, check_calibration, check_tokenizer,
+    load_batches)
 from osp_jax import metrics as metrics_lib
-from osp_jax import ptq
+from osp_jax.eval_report import check_plot_format, format_table, plot
+from osp_jax import ptq, scoring
 from osp_jax import quant as quant_lib
 from osp_jax.data.sources import DataError
 from osp_jax.model import LINEAR_INPUTS, Transformer
@@ -58,182 +64,6 @@ from osp_jax.step import eval_step, linear_inputs  # noqa: F401 - linear_inputs:
 
 PROG = "osp_jax.evaluate"
 PROGRESS_EVERY_S = 10.0
-TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst", ".txt.gz", ".txt.xz", ".txt.zst")
-
-
-class EvalError(ValueError):
-    """A user error (bad flag, missing checkpoint, too little data): reported in one line, no traceback."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data: lists of host batches {inputs, targets, segment_ids, positions, weights}.
-
-
-def _text_batches(path: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int):
-    from osp_jax.data import pipeline, tokenizer as tokenizer_lib
-
-    if not storage.glob(path):
-        raise EvalError(f"--data={path}: no such file")
-    try:
-        tok_path = tokenizer_lib.run_tokenizer_path(workdir)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
-    if tok_path is None:
-        raise EvalError(f"{workdir} holds no tokenizer (tokenizer.json, tokenizer.model, or the file its "
-                        f"data_metadata.json names): tokenising {path} needs the run's tokenizer, which train "
-                        "copies into the workdir from prepared data; pass --data=DIR of prepared data instead")
-    tok = tokenizer_lib.load_tokenizer(tok_path)
-    if tok.vocab_size > vocab_size:
-        raise EvalError(f"the tokenizer {tok_path} has vocabulary {tok.vocab_size} but the model's vocab_size "
-                        f"is {vocab_size}")
-    docs = pipeline.text_file_documents(path, tok)
-    tokens = sum(len(d) for d in docs)
-    if tokens < seq_len + 1:
-        raise EvalError(f"{path} has {tokens} tokens, fewer than one sequence: --seq-len={seq_len} "
-                        f"needs at least {seq_len + 1}")
-    # One EOS-separated stream in windows of seq_len + 1, as training packs it; the tail that does not
-    # fill a window is not scored.
-    pad_id = tok.eos_id if tok.pad_id is None else tok.pad_id
-    return iter(pipeline.batched_windows(docs, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id,
-                                         drop_remainder=True))
-
-
-def _warn(msg: str) -> None:
-    cli.say(PROG, f"warning: {msg}")
-
-
-def check_tokenizer(data: str, data_dir: str, meta: dict, workdir: str) -> None:
-    """EvalError when the prepared data was tokenised with another tokenizer than the run's (its ids
-    would name other tokens); a warning when either side does not say which tokenizer it used."""
-    from osp_jax.data.tokenizer import data_tokenizer_sha256, run_tokenizer_sha256
-
-    data_sha, data_tok = data_tokenizer_sha256(data_dir, meta)
-    try:
-        run_sha, run_tok = run_tokenizer_sha256(workdir)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
-    run_tok = run_tok or f"(recorded in {epath.Path(workdir) / 'data_metadata.json'})"
-    if data_sha is None or run_sha is None:
-        unknown = f"{data_dir} names no tokenizer" if data_sha is None else f"{workdir} keeps no tokenizer"
-        _warn(f"{unknown}: cannot check that --data={data} was tokenised with the run's tokenizer")
-    elif data_sha != run_sha:
-        raise EvalError(f"--data={data} was tokenised with {data_tok} (sha256 {data_sha[:16]}), not with the "
-                        f"run's tokenizer {run_tok} (sha256 {run_sha[:16]}): prepare the data with the run's "
-                        "tokenizer, or pass a .jsonl/.txt file")
-
-
-def _prepared_batches(data: str, workdir: str, vocab_size: int, seq_len: int, batch_size: int,
-                      split_name: str = "validation", shuffle: bool = False):
-    from osp_jax.data import pipeline
-
-    try:  # the data layer's ValueErrors here are user errors (bad metadata, vocabulary too large)
-        data_dir = pipeline.resolve_data_dir(data)
-        meta = pipeline.load_metadata(data_dir)
-        pipeline.check_vocab(meta, vocab_size)
-    except ValueError as e:
-        raise EvalError(f"--data={data}: {e}") from None
-    check_tokenizer(data, data_dir, meta, workdir)
-    split = meta["splits"].get(split_name) or {}
-    tokens = int(split.get("tokens", 0))
-    if tokens < seq_len + 1:
-        raise EvalError(f"the {split_name} split of {data_dir} has {tokens} tokens, fewer than one sequence: "
-                        f"--seq-len={seq_len} needs at least {seq_len + 1}")
-    it = pipeline.make_iterator(data_dir, split_name, seq_len=seq_len, global_batch_size=batch_size, seed=0,
-                                shuffle=shuffle, num_epochs=1)
-    try:
-        for batch in it:
-            yield {k: np.asarray(v) for k, v in batch.items()}
-    finally:
-        it.close()
-
-
-def _is_text(data: str) -> bool:
-    return storage.is_file(data) or data.endswith(TEXT_SUFFIXES)
-
-
-def load_batches(data: str, workdir: str, *, vocab_size: int, seq_len: int, batch_size: int,
-                 max_tokens: int | None = None) -> list[dict[str, np.ndarray]]:
-    """Every evaluation batch, with `weights` (1 = a scored token), cut at `max_tokens` scored tokens."""
-    source = (_text_batches(data, workdir, vocab_size, seq_len, batch_size) if _is_text(data)
-              else _prepared_batches(data, workdir, vocab_size, seq_len, batch_size))
-    batches, counted = [], 0
-    for batch in source:
-        weights = (batch["segment_ids"] > 0).astype(np.float32)
-        if max_tokens is not None:
-            room = max_tokens - counted
-            weights = weights * (np.cumsum(weights.reshape(-1)).reshape(weights.shape) <= room)
-        counted += int(weights.sum())
-        if weights.any():
-            batches.append({**batch, "weights": weights})
-        if max_tokens is not None and counted >= max_tokens:
-            break
-    if not batches:
-        raise EvalError(f"{data}: no tokens to evaluate")
-    return batches
-
-
-# ----------------------------------------------------------------------------------------------------
-# Calibration data for GPTQ (--method=gptq, quarot+gptq): sequences of the run's training data.
-
-
-def calibration_source(workdir: str, calib_data: str | None, method: str) -> str:
-    """--calib-data, else the run's data.path (read from WORKDIR/config.json, without loading a model)."""
-    if calib_data:
-        return calib_data
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise EvalError(f"--method={method} needs calibration data: pass --calib-data=DIR|FILE|builtin "
-                        f"(the run's data.path is read from {path}, which does not exist)")
-    data = cli.read_json(path, "config", error=EvalError).get("data") or {}
-    if data.get("source", "grain") != "grain" or not data.get("path"):
-        raise EvalError(f"--method={method} needs calibration data: the run's data (data.source="
-                        f"{data.get('source')!r}, data.path={data.get('path')!r} in {path}) is not prepared data; "
-                        "pass --calib-data=DIR|FILE|builtin")
-    return str(data["path"])
-
-
-def check_calibration(source: str, method: str) -> None:
-    """EvalError unless `source` (a .jsonl/.txt file, a prepared directory with a train split, or
-    'builtin') is there: checked before any checkpoint is read."""
-    from osp_jax.data import pipeline
-
-    what = f"--method={method} needs calibration data, and --calib-data={source}"
-    if _is_text(source):
-        if not storage.glob(source):
-            raise EvalError(f"{what} is no such file")
-        return
-    try:
-        meta = pipeline.load_metadata(pipeline.resolve_data_dir(source))
-    except (FileNotFoundError, ValueError) as e:
-        raise EvalError(f"{what} is not usable: {cli.one_line(e)}") from None
-    if not int((meta["splits"].get("train") or {}).get("tokens", 0)):
-        raise EvalError(f"{what} has no training split to calibrate on")
-
-
-def calibration_batches(source: str, workdir: str, *, vocab_size: int, seq_len: int, samples: int,
-                        batch_size: int) -> list[dict[str, np.ndarray]]:
-    """`samples` windows of seq_len tokens: of a prepared directory's train split, shuffled (seed 0), or
-    of a text file in order; in batches of `batch_size`, rows past `samples` marked as padding."""
-    batch_size = min(batch_size, samples)
-    it = (_text_batches(source, workdir, vocab_size, seq_len, batch_size) if _is_text(source)
-          else _prepared_batches(source, workdir, vocab_size, seq_len, batch_size, "train", shuffle=True))
-    batches, rows = [], 0
-    for batch in it:
-        batch = {k: np.array(v) for k, v in batch.items()}
-        real = np.flatnonzero((batch["segment_ids"] > 0).any(axis=1))
-        batch["segment_ids"][real[samples - rows:]] = 0  # past `samples`: padding, counted nowhere
-        rows += min(len(real), samples - rows)
-        batches.append(batch)
-        if rows >= samples:
-            break
-    if hasattr(it, "close"):
-        it.close()
-    if not rows:
-        raise EvalError(f"--calib-data={source}: no sequences of {seq_len} tokens to calibrate on")
-    if rows < samples:
-        _warn(f"--calib-data={source} holds {rows} sequences of {seq_len} tokens, fewer than "
-              f"--calib-samples={samples}: calibrating on {rows}")
-    return batches
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,26 +107,57 @@ def _perplexity(loss_sum: float, tokens: float) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_workdir(workdir: str) -> None:
+    """EvalError unless --workdir is a directory."""
+    if not storage.is_dir(workdir):
+        what = "a file, not a directory" if storage.is_file(workdir) else "no such directory"
+        raise EvalError(f"--workdir={workdir}: {what}")
+
+
 def load_checkpoint(workdir: str, step: int | None):
     """(step, params, validated config) from WORKDIR, or EvalError."""
     from osp_jax.checkpoint import CheckpointError, restore_params_only
 
-    if not storage.is_dir(workdir):
-        raise EvalError(f"--workdir={workdir}: no such directory")
+    check_workdir(workdir)
     try:
         found, params, cfg = restore_params_only(workdir, step=step)
     except CheckpointError as e:
         raise EvalError(f"--workdir={workdir}: {e}") from None
     if cfg is None:
-        path = epath.Path(workdir) / "config.json"
-        if not storage.is_file(path):
-            raise EvalError(f"checkpoint step {found} in {workdir} has no config, and there is no {path}")
-        cfg = cli.read_json(path, "config", error=EvalError)
+        config = scoring.run_config(workdir, error=EvalError)
+        if config is None:
+            raise EvalError(f"checkpoint step {found} in {workdir} has no config, and there is no "
+                            f"{epath.Path(workdir) / 'config.json'}")
+        return found, params, config
     try:
         config = config_lib.from_dict(cfg)
     except config_lib.ConfigError as e:
         raise EvalError(f"the config saved in {workdir} is not valid: {e}") from None
     return found, params, config
+
+
+def _check_model(model_cfg, bits: quant_lib.Bits) -> None:
+    """EvalError where the quantisers cannot take the model at --bits (one check, the lm-eval backend's too)."""
+    scoring.check_bits(model_cfg, bits, f"--bits={bits.w},{bits.a},{bits.kv}", EvalError)
+
+
+def _check_flags(bits, hadamard, method: str, counts: dict) -> tuple[quant_lib.Bits, bool, bool]:
+    """(bits, FFN Hadamard?, calibrated method?) of evaluate's arguments; EvalError naming a bad one."""
+    if isinstance(bits, str):
+        try:
+            bits = quant_lib.parse_bits(bits)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+    if hadamard not in (None, "none", "ffn"):
+        raise EvalError(f"--hadamard={hadamard!r}: expected 'ffn' or 'none'")
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise EvalError(f"{name}={value}: expected a positive integer")
+    try:
+        calibrated = ptq.needs_calibration(method)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    return bits, hadamard == "ffn", calibrated
 
 
 def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_lib.Bits | str = "4,4,4",
@@ -305,27 +166,18 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
              calib_data: str | None = None, act_order: bool = False) -> dict:
     """All numbers of one evaluation, as the JSON the CLI writes. `method` is osp_jax.ptq's; GPTQ's
     calibration is `calib_samples` sequences of `calib_data` (default: the run's data.path)."""
-    if isinstance(bits, str):
-        try:
-            bits = quant_lib.parse_bits(bits)
-        except ValueError as e:
-            raise EvalError(str(e)) from None
-    if hadamard not in (None, "none", "ffn"):
-        raise EvalError(f"--hadamard={hadamard!r}: expected 'ffn' or 'none'")
-    hadamard_ffn = hadamard == "ffn"
-    for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--max-tokens", max_tokens),
-                        ("--calib-samples", calib_samples)):
-        if value is not None and value < 1:
-            raise EvalError(f"{name}={value}: expected a positive integer")
-    try:
-        calibrated = ptq.needs_calibration(method)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
+    bits, hadamard_ffn, calibrated = _check_flags(bits, hadamard, method, {
+        "--batch-size": batch_size, "--seq-len": seq_len, "--max-tokens": max_tokens, "--calib-samples": calib_samples})
+    check_workdir(workdir)
+    saved = scoring.run_config(workdir, error=EvalError)  # train's config.json: what the model is, unread
+    if saved is not None:
+        _check_model(saved.model, bits)
     if calibrated:  # before the checkpoint is read: a missing calibration set is found at once
         calib_data = calibration_source(workdir, calib_data, method)
         check_calibration(calib_data, method)
 
     found, params, config = load_checkpoint(workdir, step)
+    _check_model(config.model, bits)  # the checkpoint's own config (a run without config.json)
     seq_len = seq_len or config.train.seq_len
     batches = load_batches(data, workdir, vocab_size=config.model.vocab_size, seq_len=seq_len,
                            batch_size=batch_size, max_tokens=max_tokens)
@@ -354,8 +206,6 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
         qt = _run(_stats_fn(as_json(q.model_config), q.spec, pack_mask, False), jax.device_put(q.params), batches,
                   f"{bits} pass")
 
-    tokens = float(fp["tokens"])
-    kurt = fp["kurtosis_sum"] / max(tokens, 1.0)
     return {
         "step": int(found),
         "workdir": storage.normalized(workdir),
@@ -370,6 +220,15 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
                         "seq_len": int(seq_len), "act_order": bool(act_order)} if calibrated else None,
         "quantize_s": round(quantize_s, 3),  # preparing the quantised model (folding, rotation, GPTQ), seconds
         "seq_len": int(seq_len),
+        **_statistics(fp, qt),
+    }
+
+
+def _statistics(fp: dict, qt: dict) -> dict:
+    """The record's numbers from the sums of the 16-bit pass `fp` and the quantised pass `qt`."""
+    tokens = float(fp["tokens"])
+    kurt = fp["kurtosis_sum"] / max(tokens, 1.0)
+    return {
         "tokens": int(tokens),
         "loss": float(fp["loss_sum"] / max(tokens, 1.0)),
         "ppl": _perplexity(float(fp["loss_sum"]), tokens),
@@ -388,62 +247,6 @@ def evaluate(workdir: str, data: str, *, step: int | None = None, bits: quant_li
                    "max_abs_per_layer": [float(v) for v in fp[f"{name}.max_abs"]]}
             for name in LINEAR_INPUTS if f"{name}.max_abs" in fp},
     }
-
-
-def format_table(r: dict) -> str:
-    lines = [f"step {r['step']} | {r['tokens']:,} tokens | seq_len {r['seq_len']}",
-             f"{'layer':>8} {'kurtosis':>12} {'max|act|':>12}"]
-    for i, (k, m) in enumerate(zip(r["kurtosis_per_layer"], r["max_abs_per_layer"])):
-        lines.append(f"{'embed' if i == 0 else i:>8} {k:>12.4f} {m:>12.4f}")
-    method = r.get("method", "rtn")
-    extras = "".join([f" {method}" if method != "rtn" else "", " +act order" if (r.get("calibration") or {}).get(
-        "act_order") else "", " +FFN Had" if r["hadamard"] and "quarot" not in method else "",
-        " +clip search" if r["clip_search"] else ""])
-    rows = [("kurtosis (mean over layers)", f"{r['kurtosis']:.4f}"),
-            ("max |activation|", f"{r['max_abs']:.4f}"),
-            *((f"  at {name} (linear input): kurtosis / max", f"{v['kurtosis']:.4f} / {v['max_abs']:.4f}")
-              for name, v in r.get("linear_inputs", {}).items()),
-            ("perplexity", f"{r['ppl']:.4f}  (loss {r['loss']:.4f})"),
-            (f"perplexity {r['setting']}{extras}", f"{r['quant_ppl']:.4f}  (loss {r['quant_loss']:.4f})")]
-    width = max(len(label) for label, _ in rows)
-    lines += [f"{label:<{width}}  {value}" for label, value in rows]
-    return "\n".join(lines)
-
-
-def plot(r: dict, path: str) -> None:
-    """Per-layer kurtosis and max |activation| (log scale), two panels: the residual stream, and the
-    q/k/v and down-projection inputs where the record has them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker below
-
-    layers = np.arange(len(r["kurtosis_per_layer"]))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(layers, r["kurtosis_per_layer"], marker="o", label="residual stream")
-    ax1.set_ylabel("excess kurtosis")
-    ax1.set_title(f"step {r['step']}: kurtosis {r['kurtosis']:.3g}, ppl {r['ppl']:.3g}, "
-                  f"{r['setting']} ppl {r['quant_ppl']:.3g}")
-    ax2.plot(layers, np.maximum(r["max_abs_per_layer"], 1e-12), marker="o", label="residual stream")
-    # Inputs of layer l's linear layers, drawn at l (q/k/v reads the residual stream after layer l - 1).
-    for name, label in (("qkv_in", "q/k/v input"), ("down_in", "down-proj input")):
-        li = r.get("linear_inputs", {}).get(name)
-        if li:
-            x = np.arange(1, len(li["kurtosis_per_layer"]) + 1)
-            ax1.plot(x, li["kurtosis_per_layer"], marker=".", linestyle="--", label=label)
-            ax2.plot(x, np.maximum(li["max_abs_per_layer"], 1e-12), marker=".", linestyle="--", label=label)
-    ax1.legend(fontsize=8)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("max |activation|")
-    ax2.set_xlabel("layer (residual stream: after it, 0 = embedding; linear inputs: inside it)")
-    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    image = io.BytesIO()  # drawn whole, then written at once: no half-written file, and gs:// works
-    fig.savefig(image, format=epath.Path(path).suffix[1:] or None, dpi=120)
-    plt.close(fig)
-    cli.write_bytes_atomic(path, image.getvalue())
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -499,16 +302,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> None:
     """Perplexity on --data, or benchmark tasks (--tasks / --suite)."""
-    if args.tasks is not None or args.suite is not None:
-        return _main_tasks(args)
-    if args.data is None:
+    tasks = args.tasks is not None or args.suite is not None
+    if tasks and (args.data is not None or args.plot is not None):
+        raise EvalError("--data and --plot belong to the perplexity pass: run --tasks / --suite without them")
+    if not tasks and args.data is None:
         raise EvalError("--data=DIR|builtin|FILE is required (or --tasks / --suite for benchmark tasks)")
-    return _main(args)
+    _check_paths(args)
+    return _main_tasks(args) if tasks else _main(args)
+
+
+PATH_FLAGS = ("workdir", "data", "calib_data", "include_path", "output", "plot")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every path flag with `~` expanded (a shell leaves `--data=~/x` alone), then what is written checked before
+    any work: --output and --plot files that can be written (gs:// ones asked of the storage), a --plot format
+    matplotlib draws; and the run's directory there."""
+    for name in PATH_FLAGS:
+        if getattr(args, name):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    storage.check_all(reads={"--workdir": args.workdir, "--data": args.data},
+                      writes={"--output": args.output, "--plot": args.plot}, files=("--output", "--plot"))
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        if path:
+            cli.check_output_file(path, flag)
+    if args.plot:
+        check_plot_format(args.plot)
+    check_workdir(args.workdir)
 
 
 def _main(args: argparse.Namespace) -> None:
-    storage.check_all(reads={"--workdir": args.workdir, "--data": args.data},
-                      writes={"--output": args.output, "--plot": args.plot}, files=("--output", "--plot"))
     compilation_cache.enable(args.compilation_cache_dir)
     result = evaluate(args.workdir, args.data, step=args.step, bits=args.bits, hadamard=args.hadamard,
                       clip_search=args.clip_search, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -543,8 +366,6 @@ def _main_tasks(args: argparse.Namespace) -> None:
     """--tasks / --suite: osp_jax.benchmark_tasks, its user errors as EvalError."""
     import importlib.util
 
-    if args.data is not None or args.plot is not None:
-        raise EvalError("--data and --plot belong to the perplexity pass: run --tasks / --suite without them")
     if importlib.util.find_spec("lm_eval") is None:
         raise EvalError("--tasks / --suite need lm-evaluation-harness: pip install 'osp_jax[eval]'")
     from osp_jax import benchmark_tasks

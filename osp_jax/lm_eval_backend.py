@@ -36,18 +36,14 @@ The model is `osp_jax.ptq.quantize_model`'s at `bits` by `method` (EmbProj folde
 what export writes) in every call, in float32 with exact XLA attention. Its parameters are laid out on the
 devices by training's logical-axis rules (osp_jax.sharding): on the run's mesh where it fits the devices
 present, else fsdp over all of them. The checkpoint is read at the first request, after lm-eval has checked
-the task names and loaded their data.
+the task names and loaded their data. That model side (the run, its mesh, the jitted passes) is osp_jax.scoring's;
+this module turns lm-eval's requests into its batches.
 """
 from __future__ import annotations
 
-import functools
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models first (see the module doc)
@@ -56,20 +52,16 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from osp_jax import cli, ptq, sharding
-from osp_jax import config as config_lib
+from osp_jax import ptq, sharding
 from osp_jax import quant as quant_lib
-from osp_jax.model import Transformer, abstract_params
-from osp_jax.partitioning import check_mesh_fits, on_mesh
+from osp_jax.partitioning import check_mesh_fits
+from osp_jax.scoring import (  # noqa: F401 - re-exported: defined here before osp_jax.scoring held them
+    BackendError, Runner, RunCheckpoint, check_bits, eval_mesh, eval_model_config, next_tokens, token_scores)
 
 MODEL_NAME = "osp_jax"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf backend's
 MIN_BUCKET = 16             # the shortest padded length: shorter rows share one compiled shape
-
-
-class BackendError(cli.UserError, ValueError):
-    """A user error (bad model_args, a run that cannot be read, or run at these bits): one line, exit 2."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,18 +121,6 @@ def setting_name(bits: quant_lib.Bits, hadamard_ffn: bool, method: str = "rtn") 
 # What a model can run, checked from its config alone (before the checkpoint is read)
 
 
-def check_bits(model_cfg, bits: quant_lib.Bits) -> None:
-    """BackendError where the fake quantisers cannot take this model at `bits`: keys and values are
-    quantised in groups of quant.KV_GROUP along head_dim (the whole head when it is smaller), so a larger
-    head_dim must be a multiple of it."""
-    hd = config_lib.head_dim(model_cfg)
-    group = min(quant_lib.KV_GROUP, hd)
-    if bits.kv < quant_lib.NO_QUANT and hd % group:
-        raise BackendError(f"bits={bits.w}-{bits.a}-{bits.kv}: keys and values are quantised in groups of "
-                           f"{quant_lib.KV_GROUP} along head_dim, and this model's head_dim {hd} is not a multiple "
-                           f"of {group}; evaluate it with KV bits {quant_lib.NO_QUANT}")
-
-
 def check_generation(what: str, max_gen_toks: int, max_length: int) -> None:
     """BackendError when `what` would generate so many tokens that no context fits in `max_length`."""
     if max_gen_toks >= max_length:
@@ -156,129 +136,6 @@ def gen_settings(gen_kwargs: dict, default_max_gen_toks: int, what: str) -> tupl
         raise BackendError(f"{what} asks for sampling (do_sample=true, temperature "
                            f"{kwargs.get('temperature')}); osp_jax generates greedily only")
     return list(kwargs["until"]), int(kwargs["max_gen_toks"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run
-
-
-class RunCheckpoint:
-    """A training run's checkpoint, for evaluation: its config read cheaply first (WORKDIR/config.json,
-    which train writes), its parameters once, when first needed, and shared by every setting scored."""
-
-    def __init__(self, workdir: str, step: int | None = None):
-        if not epath.Path(workdir).is_dir():
-            raise BackendError(f"workdir={workdir}: no such directory")
-        if step is not None and (isinstance(step, bool) or not str(step).isdigit()):
-            raise BackendError(f"step={step!r}: expected a checkpoint step (a non-negative integer)")
-        self.workdir, self.requested_step = str(workdir), None if step is None else int(step)
-        self._config = None
-        self._restored = None
-
-    def config(self):
-        """The validated config of WORKDIR/config.json, or None when there is none (a checkpoint made
-        outside train): then the checkpoint's own, once it is read."""
-        if self._restored is not None:
-            return self._restored[2]
-        if self._config is None:
-            path = epath.Path(self.workdir) / "config.json"
-            if not path.exists():
-                return None
-            try:
-                self._config = config_lib.from_dict(cli.read_json(path, "config", error=BackendError))
-            except config_lib.ConfigError as e:
-                raise BackendError(f"the config {path} is not valid: {e}") from None
-        return self._config
-
-    def restore(self):
-        """(step, host float32 params, config), read once."""
-        if self._restored is None:
-            from osp_jax.evaluate import EvalError, load_checkpoint
-
-            try:
-                step, params, config = load_checkpoint(self.workdir, self.requested_step)
-            except EvalError as e:
-                raise BackendError(str(e)) from None
-            self._restored = (step, jax.tree.map(lambda x: np.asarray(x, np.float32), params), config)
-        return self._restored
-
-    def tokenizer(self, vocab_size: int | None = None):
-        """The tokenizer train copied into WORKDIR."""
-        from osp_jax.data import tokenizer as tokenizer_lib
-
-        try:
-            path = tokenizer_lib.run_tokenizer_path(self.workdir)
-        except ValueError as e:
-            raise BackendError(str(e)) from None
-        if path is None:
-            raise BackendError(f"{self.workdir} holds no tokenizer (tokenizer.json or tokenizer.model, which train "
-                               "copies there): the tasks' text needs the run's own tokenizer")
-        try:
-            tok = tokenizer_lib.load_tokenizer(path)
-        except tokenizer_lib.TokenizerError as e:
-            raise BackendError(str(e)) from None
-        if vocab_size is not None and tok.vocab_size > vocab_size:
-            raise BackendError(f"the tokenizer {path} has vocabulary {tok.vocab_size} but the model's vocab_size "
-                               f"is {vocab_size}")
-        return tok
-
-
-def eval_model_config(model_cfg):
-    """The model section scored: float32 compute and parameters, exact XLA attention, whole logits."""
-    c = model_cfg.copy_and_resolve_references()
-    c.dtype, c.param_dtype, c.attention, c.remat, c.loss_chunk = "float32", "float32", "xla", "none", 0
-    return c
-
-
-def eval_mesh(config, devices: int | None = None):
-    """The run's mesh (config.mesh) over the local devices (the first `devices` of them) where its sizes
-    fit their count, else fsdp over all of them."""
-    present = jax.local_devices()
-    if devices is not None and devices > len(present):
-        raise BackendError(f"devices={devices}: only {len(present)} device(s) are present")
-    chosen = present[:devices] if devices else present
-    sizes = {axis: int(config.mesh[axis]) for axis in sharding.MESH_AXES}
-    try:
-        sharding.mesh_shape(sizes, len(chosen))
-    except sharding.MeshError:
-        sizes = {"fsdp": -1}
-    return sharding.make_mesh(sizes, chosen)
-
-
-def token_scores(params, inputs, targets, *, model):
-    """At every position: log p(target | the inputs up to it) and whether the target is the argmax,
-    (batch, length) each."""
-    logits = model.apply({"params": params}, inputs)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == targets
-
-
-def next_tokens(params, inputs, last, *, model):
-    """The greedy token after position `last[b]` of each row b."""
-    logits = model.apply({"params": params}, inputs)
-    return jnp.argmax(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], axis=-1)
-
-
-class _Runner:
-    """The quantised model with its parameters on the mesh, and the two jitted functions requests use."""
-
-    def __init__(self, q: ptq.QuantizedModel, mesh):
-        self.mesh = mesh
-        model = Transformer(q.model_config, quant=q.spec)
-        params_sharding = sharding.param_shardings(abstract_params(q.model_config), mesh)
-        self.params = jax.device_put(q.params, params_sharding)
-        rows, row = sharding.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
-        self._score = jax.jit(functools.partial(token_scores, model=model), in_shardings=(params_sharding, rows, rows))
-        self._next = jax.jit(functools.partial(next_tokens, model=model), in_shardings=(params_sharding, rows, row))
-
-    def score(self, inputs: np.ndarray, targets: np.ndarray):
-        with on_mesh(self.mesh), jax.default_matmul_precision("float32"):
-            return jax.device_get(self._score(self.params, inputs, targets))
-
-    def next(self, inputs: np.ndarray, last: np.ndarray) -> np.ndarray:
-        with on_mesh(self.mesh), jax.default_matmul_precision("float32"):
-            return np.asarray(jax.device_get(self._next(self.params, inputs, last)))
 
 
 def padded_length(n: int, cap: int) -> int:
@@ -321,7 +178,7 @@ class OspJaxLM(TemplateLM):
         self.checkpoint = checkpoint or RunCheckpoint(workdir, step)
         self._max_length_arg = _count("max_length", max_length, None)
         self._calibration = calibration
-        self._runner: _Runner | None = None
+        self._runner: Runner | None = None
         self._mesh, self._rows = None, 0  # set by _check
         config = self.checkpoint.config()
         self.run_tokenizer = self.checkpoint.tokenizer(config.model.vocab_size if config is not None else None)
@@ -445,7 +302,7 @@ class OspJaxLM(TemplateLM):
             raise BackendError(f"the model does not split over the {self._mesh.devices.size} device(s) present "
                                f"({dict(self._mesh.shape)}): {e}; pass devices=N") from None
 
-    def _run(self) -> _Runner:
+    def _run(self) -> Runner:
         """The model, built at the first request: the checkpoint read, quantised, put on the mesh."""
         if self._runner is None:
             _, params, config = self.checkpoint.restore()
@@ -455,7 +312,7 @@ class OspJaxLM(TemplateLM):
             q = ptq.quantize_model(params, eval_model_config(config.model), self.bits, method=self.method,
                                    hadamard_ffn=self.hadamard_ffn, clip_search=self.clip_search,
                                    **({} if calibration is None else {"calibration": calibration}))
-            self._runner = _Runner(q, self._mesh)
+            self._runner = Runner(q, self._mesh)
         return self._runner
 
     def _batch_rows(self) -> int:

@@ -187,14 +187,23 @@ def quantize_weight(w: jax.Array, bits: int, in_axes, clip_search: bool = False,
     return round_sym(w, weight_scale(w, bits, in_axes, clip_search, grid), bits)
 
 
+def check_kv_head_dim(head_dim: int, kv_bits: int, group: int = KV_GROUP) -> None:
+    """ValueError unless keys and values of `head_dim` can be quantised at `kv_bits`: in groups of `group`
+    along head_dim (the whole head when it is smaller), so a larger head_dim must be a multiple of it.
+    (QuaRot's per-head Hadamard takes any head_dim: hadamard_matrix has a factor for its odd part.)"""
+    g = min(group, head_dim)
+    if kv_bits < NO_QUANT and head_dim % g:
+        raise ValueError(f"keys and values are quantised in groups of {group} along head_dim, and this model's "
+                         f"head_dim {head_dim} is not a multiple of {g}; evaluate it with KV bits {NO_QUANT}")
+
+
 def quantize_kv(x: jax.Array, bits: int, group: int = KV_GROUP) -> jax.Array:
     """Keys or values (batch, seq, kv_heads, head_dim): asymmetric RTN in groups of `group` along head_dim."""
     if bits >= NO_QUANT:
         return x
     hd = x.shape[-1]
     g = min(group, hd)
-    if hd % g:
-        raise ValueError(f"head_dim {hd} is not a multiple of the KV quantisation group {g}")
+    check_kv_head_dim(hd, bits, group)
     grouped = x.reshape(*x.shape[:-1], hd // g, g)
     return fake_quant_asym(grouped, bits, -1).reshape(x.shape)
 

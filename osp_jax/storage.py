@@ -90,12 +90,13 @@ def is_file(path) -> bool:
 
 
 def glob(pattern) -> list[str]:
-    """The paths matching a glob `pattern` (`**` recurses), sorted; a pattern without wildcards matches itself if
-    it exists. On gs://, asked of the storage now."""
+    """The paths matching a glob `pattern` (`**` recurses), sorted; a pattern that names a path that exists (with
+    or without wildcards: a file may be called `val[1].txt`) matches that path alone. On gs://, asked of the
+    storage now."""
     import glob as glob_lib
 
     text = os.fspath(pattern)
-    if not glob_lib.has_magic(text):
+    if exists(text) or not glob_lib.has_magic(text):
         return [text] if exists(text) else []
     if not is_remote(text):
         return sorted(glob_lib.glob(text, recursive=True))

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from osp_jax import eval_data
 from osp_jax import evaluate as ev
 from osp_jax.checkpoint import Checkpointer
 from osp_jax.config import defaults, validate
@@ -150,13 +151,13 @@ def test_text_file_with_a_sentencepiece_run(tmp_path):
     (tmp_path / "data_metadata.json").write_text(json.dumps({"tokenizer": "tokenizer.model"}))
     text = tmp_path / "val.txt"
     text.write_text("\n".join(docs), encoding="utf-8")
-    batch = next(ev._text_batches(str(text), str(tmp_path), vocab_size=64, seq_len=16, batch_size=2))
+    batch = next(eval_data.text_batches(str(text), str(tmp_path), vocab_size=64, seq_len=16, batch_size=2))
     tok = load_tokenizer(str(tmp_path / "tokenizer.model"))
     assert batch["inputs"].shape == (2, 16)
     np.testing.assert_array_equal(batch["inputs"][0], tok.encode(docs[0])[:16])
     (tmp_path / "tokenizer.model").unlink()
     with pytest.raises(ev.EvalError, match="holds no tokenizer"):
-        ev._text_batches(str(text), str(tmp_path), vocab_size=64, seq_len=16, batch_size=2)
+        eval_data.text_batches(str(text), str(tmp_path), vocab_size=64, seq_len=16, batch_size=2)
 
 
 def test_a_long_pass_reports_progress(capsys):

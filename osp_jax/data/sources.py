@@ -78,13 +78,16 @@ class SkipLog:
         self.max_warnings = max_warnings
         self._warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
         self._warned = 0
+        self.first: str | None = None  # the first skip, "where: skipped (reason): detail"
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         self.counts[reason] += 1
         self.by_file.setdefault(self.file or where, collections.Counter())[reason] += 1
         self._warned += 1
+        line = f"{where}: skipped ({reason}){': ' + detail if detail else ''}"
+        self.first = self.first or line
         if self._warned <= self.max_warnings:
-            self._warn(f"{where}: skipped ({reason}){': ' + detail if detail else ''}")
+            self._warn(line)
         elif self._warned == self.max_warnings + 1:
             self._warn("further skipped records are counted but not reported")
 
@@ -165,13 +168,14 @@ def _outside(exclude: str | None) -> Callable[[str], bool]:
 
 
 def _glob(pattern: str) -> list[str]:
+    """The paths `pattern` matches; one that names a path that exists is that path (a file may be `a[1].txt`)."""
     if fs.is_url(pattern):
-        if glob.has_magic(pattern):
+        if glob.has_magic(pattern) and not fs.isfile(pattern):  # an object named like a pattern is itself
             return [m.path for m in fs.match(pattern)]
         return [pattern] if fs.isfile(pattern) or fs.isdir(pattern) else []
-    if glob.has_magic(pattern):
-        return sorted(glob.glob(pattern, recursive=True))
-    return [pattern] if os.path.exists(pattern) else []
+    if os.path.exists(pattern):
+        return [pattern]
+    return sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else []
 
 
 def _expand_one(path: str) -> list[InputFile]:

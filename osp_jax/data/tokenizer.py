@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -258,14 +259,15 @@ def encode_documents(tok: Tokenizer, texts: Sequence[str], dtype="int32") -> lis
     return out
 
 
-def iter_text_file_tokens(path: str, tokenizer, *, text_field: str = "text",
-                          batch_docs: int = 64) -> Iterator[np.ndarray]:
+def iter_text_file_tokens(path: str, tokenizer, *, text_field: str = "text", batch_docs: int = 64,
+                          skips: sources.SkipLog | None = None) -> Iterator[np.ndarray]:
     """Token arrays (int32, EOS appended) of each document of a .jsonl[.gz|.xz|.zst] / .txt / .parquet
     file (or glob); `tokenizer` is a path or a loaded tokenizer. Malformed records are skipped with a
-    warning naming file:line; a missing file raises osp_jax.data.DataError."""
+    warning naming file:line (through `skips`, when given); a missing file raises osp_jax.data.DataError."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     chunk: list[str] = []
-    for doc in sources.iter_documents(sources.expand_inputs(path), text_field, sources.SkipLog(), split_field=None):
+    for doc in sources.iter_documents(sources.expand_inputs(path), text_field, skips or sources.SkipLog(),
+                                      split_field=None):
         chunk.append(doc.text)
         if len(chunk) >= batch_docs:
             yield from encode_documents(tok, chunk)
@@ -275,10 +277,19 @@ def iter_text_file_tokens(path: str, tokenizer, *, text_field: str = "text",
 
 
 def text_file_documents(path: str, tokenizer, *, text_field: str = "text") -> list[np.ndarray]:
-    """The token arrays (EOS at each end) of every document in the file(s); DataError when there is none."""
-    docs = list(iter_text_file_tokens(path, tokenizer, text_field=text_field))
+    """The token arrays (EOS at each end) of every document in the file(s); DataError when there is none, naming
+    why (the first record skipped, or no record at all). The skipped records' warnings are printed after the file
+    is read, and only when some document is left: else the error line says it."""
+    warnings: list[str] = []
+    skips = sources.SkipLog(warn=warnings.append)
+    docs = list(iter_text_file_tokens(path, tokenizer, text_field=text_field, skips=skips))
     if not docs:
-        raise DataError(f"{path}: no valid documents")
+        skipped = sum(skips.counts.values())
+        why = (f"{skipped} record(s) skipped; the first: {skips.first}" if skipped else
+               "the file holds no record (empty, or blank lines only)")
+        raise DataError(f"{path}: no valid documents: {why}")
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     return docs
 
 
