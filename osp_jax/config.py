@@ -82,9 +82,9 @@ def defaults() -> ConfigDict:  # one table of every key (a line each), so longer
     c.optimizer.muon_beta = 0.95
     c.optimizer.muon_nesterov = True
     c.optimizer.ns_steps = 5
-    # Newton–Schulz: quintic (the OSP paper's) | polar_express (its cost, 25-47% less error after 5 steps)
-    # | gram (osp_jax/newton_schulz.py; why the default stays the paper's: docs/benchmarks.md, issue 22)
-    c.optimizer.ns_method = "quintic"
+    # Newton–Schulz: polar_express (the quintic's FLOPs, 25-47% less error after 5 steps: the most accurate per
+    # FLOP, issue 22) | quintic (the OSP paper's, exact) | gram (osp_jax/newton_schulz.py; docs/benchmarks.md)
+    c.optimizer.ns_method = "polar_express"
     c.optimizer.rms_scale = 0.2
     c.optimizer.muon_scale_mode = "rms"  # rms: rms_scale*sqrt(max(fan_in, fan_out)); shape: sqrt(max(1, out/in))
     c.optimizer.schedule = "cosine"      # cosine | wsd | constant, each after a linear warmup

