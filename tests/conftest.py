@@ -57,3 +57,17 @@ def gcs_emulator():
 def gcs_bucket(gcs_emulator) -> str:
     """A new, empty bucket on the emulator: `gs://NAME`."""
     return gcs_emulator.make_bucket(f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_as_it_was():
+    """train() and evaluate turn JAX's persistent compilation cache on for the whole process: put it back as
+    it was after each test, so that what a test compiles does not depend on which tests its worker ran before
+    (a cache hit prints none of XLA's compile-time warnings, which tests/test_scale.py counts)."""
+    state = lambda: jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None  # noqa: E731
+    before = state()
+    yield
+    if state() != before:
+        from osp_jax import compilation_cache
+
+        compilation_cache.enable(before)
