@@ -235,8 +235,7 @@ def test_sharded_step_compiles_without_replicating_activations():
             "        c.optimizer.grad_accum_steps = accum\n"
             "        lower_train_step(c, sharding.make_mesh(c.mesh))[0].compile()\n"
             "print('compiled')\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # XLA_FLAGS: conftest's, 8 devices
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
