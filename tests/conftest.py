@@ -7,9 +7,9 @@ _flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_co
 # twice, so compiling is most of their time (a third to two fifths less with the passes off, measured in
 # docs/benchmarks.md, "Test suite time"). What tests inspect of a compiled program (sharding, collectives,
 # rematerialisation, copies) is the HLO, which comes out byte for byte the same (checked on the sharded
-# train step); only the machine code differs, values within rounding. Children given this environment inherit the flag; the CLI tests' children
-# (tests/test_train.py's start_cli sets XLA_FLAGS) compile as users do. To run the tests at another level,
-# set xla_backend_optimization_level in XLA_FLAGS yourself.
+# train step); only the machine code differs, values within rounding. Children given this environment
+# inherit the flag; the CLI tests' children (tests/test_train.py's start_cli sets XLA_FLAGS) compile as
+# users do. To run the tests at another level, set xla_backend_optimization_level in XLA_FLAGS yourself.
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
