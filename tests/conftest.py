@@ -2,7 +2,17 @@
 import os
 
 # Must be set before jax is imported anywhere in the test process.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# XLA's CPU backend without LLVM's optimisation passes: the tests' programs are small and mostly run once or
+# twice, so compiling is most of their time (a third to two fifths less with the passes off, measured in
+# docs/benchmarks.md, "Test suite time"). What tests inspect of a compiled program (sharding, collectives,
+# rematerialisation, copies) is the HLO, which comes out byte for byte the same (checked on the sharded
+# train step); only the machine code differs, values within rounding. Children given this environment
+# inherit the flag; the CLI tests' children (tests/test_train.py's start_cli sets XLA_FLAGS) compile as
+# users do. To run the tests at another level, set xla_backend_optimization_level in XLA_FLAGS yourself.
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -57,3 +67,17 @@ def gcs_emulator():
 def gcs_bucket(gcs_emulator) -> str:
     """A new, empty bucket on the emulator: `gs://NAME`."""
     return gcs_emulator.make_bucket(f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_as_it_was():
+    """train() and evaluate turn JAX's persistent compilation cache on for the whole process: put it back as
+    it was after each test, so that what a test compiles does not depend on which tests its worker ran before
+    (a cache hit prints none of XLA's compile-time warnings, which tests/test_scale.py counts)."""
+    state = lambda: jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None  # noqa: E731
+    before = state()
+    yield
+    if state() != before:
+        from osp_jax import compilation_cache
+
+        compilation_cache.enable(before)

@@ -82,6 +82,7 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     assert f"stopped by SIGTERM at step {steps[0]}, saved" in out
 
 
+@pytest.mark.slow  # two CLI runs on 8 and 4 devices: about 30 s on 2 otherwise idle cores
 def test_restore_onto_a_different_mesh(tmp_path):
     workdir = tmp_path / "run"
     _finish(start_cli(workdir, *SMALL, "--config.train.steps=6", "--config.mesh.fsdp=8", devices=8))
@@ -90,6 +91,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert max(_losses(workdir)) == 8
 
 
+@pytest.mark.slow  # three CLI runs: about 20 s on 2 otherwise idle cores
 def test_resume_switches_between_scanned_and_unrolled_layers(tmp_path):
     """A run checkpointed with its layers stacked (the default) goes on unrolled (the faster layout on
     one H100), then stacked again: each resume moves the layer stacks, optimizer state included."""
@@ -138,6 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three launches of two processes: about 70 s on 2 otherwise idle cores
 def test_two_processes_train_checkpoint_resume_and_agree_on_preemption(tmp_path):
     """Two processes on localhost (gloo, 2 CPU devices each) form one 4-device job. A SIGTERM that
     reaches only one of them still makes both save the same step and exit 0: through jax's preemption
@@ -181,6 +184,7 @@ def test_two_processes_train_checkpoint_resume_and_agree_on_preemption(tmp_path)
     assert ckpts.all_steps()[-1] == stops[0], ckpts.all_steps()
 
 
+@pytest.mark.slow  # three processes: about 30 s on 2 otherwise idle cores
 def test_tensor_parallelism_across_two_processes_trains_as_one_process_does(tmp_path):
     """tp=2 over two processes of one CPU device each: the two hold the same batch rows, so both must
     read the same data (each read half of the batch before, and the step ran on 4 rows of 8)."""

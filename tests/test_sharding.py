@@ -185,67 +185,70 @@ def _run(cfg, mesh_sizes, steps=3):
     return losses, jax.device_get(state.params), state
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_sharded_step_equals_single_device(optimizer):
+FSDP_OP = {"dp": 1, "op": 2, "fsdp": 4, "tp": 1}
+DP_FSDP_TP = {"dp": 2, "op": 1, "fsdp": 2, "tp": 2}
+
+
+@pytest.mark.parametrize("optimizer,meshes", [("adamw", (FSDP_OP, DP_FSDP_TP)), ("muon", (FSDP_OP,))],
+                         ids=["adamw", "muon"])
+def test_sharded_step_equals_single_device(optimizer, meshes):
+    """Three steps on 8 devices (fsdp x op; for AdamW also dp x fsdp x tp, tensor parallelism) give the
+    losses and parameters of the same steps on one device, computed once for all of an optimizer's meshes."""
     cfg = small_config()
     cfg.optimizer.name = optimizer
     # The partitioned program is the same for every Newton–Schulz method (only its coefficients differ); the
     # quintic, whose fixed points oscillate instead of sharpening, grows bfloat16 rounding differences least
     # (Polar Express: 1.6x this tolerance after the run, docs/benchmarks.md, issue 22).
     cfg.optimizer.ns_method = "quintic"
-    one = {"dp": 1, "op": 1, "fsdp": 1, "tp": 1}
-    eight = {"dp": 1, "op": 2, "fsdp": 4, "tp": 1}
-    losses1, params1, _ = _run(cfg, one)
-    losses8, params8, state8 = _run(cfg, eight)
-    np.testing.assert_allclose(losses1, losses8, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5), params1, params8)
-    # Parameters really are split: the embedding table is sharded over fsdp (vocab over tp, size 1 here).
-    emb = state8.params["embed"]["embedding"]
-    assert emb.sharding.spec == jax.sharding.PartitionSpec("tp", "fsdp")
-    assert emb.addressable_shards[0].data.shape == (cfg.model.vocab_size, cfg.model.dim // 4)
-
-
-def test_tensor_parallel_step_equals_single_device():
-    cfg = small_config()
-    cfg.optimizer.name = "adamw"
     losses1, params1, _ = _run(cfg, {"dp": 1, "op": 1, "fsdp": 1, "tp": 1})
-    losses_tp, params_tp, _ = _run(cfg, {"dp": 2, "op": 1, "fsdp": 2, "tp": 2})
-    np.testing.assert_allclose(losses1, losses_tp, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5), params1, params_tp)
+    for mesh_sizes in meshes:
+        losses8, params8, state8 = _run(cfg, mesh_sizes)
+        np.testing.assert_allclose(losses1, losses8, rtol=1e-5, err_msg=str(mesh_sizes))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5), params1, params8)
+        if mesh_sizes == FSDP_OP:
+            # Parameters really are split: the embedding table is sharded over fsdp (vocab over tp, size 1 here).
+            emb = state8.params["embed"]["embedding"]
+            assert emb.sharding.spec == jax.sharding.PartitionSpec("tp", "fsdp")
+            assert emb.addressable_shards[0].data.shape == (cfg.model.vocab_size, cfg.model.dim // 4)
 
 
-@pytest.mark.parametrize("mesh_sizes,accum", [({"fsdp": 4, "op": 2}, 1), ({"dp": 2, "fsdp": 2, "tp": 2}, 1),
-                                              ({"fsdp": 8}, 2)])
-def test_sharded_step_compiles_without_replicating_activations(mesh_sizes, accum):
+def test_sharded_step_compiles_without_replicating_activations():
     """XLA says "Involuntary full rematerialization" when it cannot reshard a tensor and replicates it
     on every device instead. No activation may need that. The token embedding's rows did (they leave
     the fsdp-split table split over embed, not batch) whenever op, dp or tp were > 1; so did accumulated
-    micro-batches made of consecutive rows (each on half the devices). Compiled in a child, whose C++
-    log is its stderr."""
+    micro-batches made of consecutive rows (each on half the devices). Compiled in one child (each mesh,
+    with and without EmbProj), whose C++ log is its stderr, each compile's part headed by its mesh."""
     import os
     import subprocess
     import sys
 
     from tests.helpers import ROOT
 
-    sizes = {"dp": 1, "op": 1, "fsdp": 1, "tp": 1, **mesh_sizes}
-    code = ("from tests.helpers import small_config\n"
+    cases = [({"fsdp": 4, "op": 2}, 1), ({"dp": 2, "fsdp": 2, "tp": 2}, 1), ({"fsdp": 8}, 2)]
+    code = ("import sys\n"
+            "from tests.helpers import small_config\n"
             "from osp_jax import sharding\n"
             "from osp_jax.train import lower_train_step\n"
-            "for embed_proj in (False, True):\n"
-            "    c = small_config(embed_proj=embed_proj)\n"
-            f"    c.mesh.update({sizes!r})\n"
-            f"    c.train.global_batch_size = {8 * accum}\n"
-            f"    c.optimizer.grad_accum_steps = {accum}\n"
-            "    lower_train_step(c, sharding.make_mesh(c.mesh))[0].compile()\n"
+            f"for sizes, accum in {cases!r}:\n"
+            "    for embed_proj in (False, True):\n"
+            "        print(f'== mesh {sizes} grad_accum_steps={accum} embed_proj={embed_proj}', file=sys.stderr,"
+            " flush=True)\n"
+            "        c = small_config(embed_proj=embed_proj)\n"
+            "        c.mesh.update({'dp': 1, 'op': 1, 'fsdp': 1, 'tp': 1, **sizes})\n"
+            "        c.train.global_batch_size = 8 * accum\n"
+            "        c.optimizer.grad_accum_steps = accum\n"
+            "        lower_train_step(c, sharding.make_mesh(c.mesh))[0].compile()\n"
             "print('compiled')\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # XLA_FLAGS: conftest's, 8 devices
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    assert proc.stderr.count("== mesh ") == 2 * len(cases)
     # The model's ops only: the Muon update's own concatenations are not activations (ops under the
     # step's `cond`; docs/benchmarks.md says when they replicate).
-    replicated = [line for line in proc.stderr.splitlines()
-                  if "Involuntary full rematerialization" in line and "jit(train_step)/cond/" not in line]
-    assert not replicated, replicated[0][:1500]
+    compile_of = ""
+    for line in proc.stderr.splitlines():
+        if line.startswith("== mesh "):
+            compile_of = line
+        assert not ("Involuntary full rematerialization" in line and "jit(train_step)/cond/" not in line), \
+            f"{compile_of}: {line[:1500]}"

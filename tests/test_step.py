@@ -38,11 +38,29 @@ def _padded_batch(cfg, n=4, seed=0, keep=(3, 16, 8, 16)):
     return batch
 
 
-def _step(cfg, steps=2, batch=_batch):
-    model = Transformer(cfg.model)
+@functools.lru_cache(maxsize=None)
+def _initial_state(optimizer: str, model_items: tuple):
+    """The step-0 state of `_config(optimizer, **dict(model_items))`, made once a process: grad_accum_steps
+    does not enter it (init_state reads the model and train.seq_len), so a run and its accumulated twin
+    start from this one state."""
+    cfg = _config(optimizer=optimizer, **dict(model_items))
+    return init_state(cfg, Transformer(cfg.model), make_optimizer(cfg)[0], jax.random.key(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_step(optimizer: str, accum: int, model_items: tuple):
+    """The jitted train step of that config, kept so that tests of one config share its compile."""
+    cfg = _config(optimizer=optimizer, accum=accum, **dict(model_items))
     tx, _ = make_optimizer(cfg)
-    state = init_state(cfg, model, tx, jax.random.key(0))
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum_steps=cfg.optimizer.grad_accum_steps))
+    return jax.jit(functools.partial(train_step, model=Transformer(cfg.model), tx=tx, grad_accum_steps=accum))
+
+
+def _step(optimizer="adamw", accum=1, steps=2, batch=_batch, **model):
+    """`steps` train steps of `_config(optimizer, accum, **model)` on `batch(cfg, seed=i)`: the (loss, grad norm)
+    of each, and the state after them."""
+    cfg = _config(optimizer=optimizer, accum=accum, **model)
+    key = tuple(sorted(model.items()))
+    state, step = _initial_state(optimizer, key), _compiled_step(optimizer, accum, key)
     seen = []
     for i in range(steps):
         state, metrics = step(state, batch(cfg, seed=i))
@@ -50,30 +68,33 @@ def _step(cfg, steps=2, batch=_batch):
     return seen, state
 
 
-@pytest.mark.parametrize("optimizer,batch,model", [("adamw", _batch, {}), ("adamw", _padded_batch, {}),
-                                                   ("muon", _padded_batch, {}),
-                                                   ("adamw", _padded_batch, {"loss_fused": True, "loss_chunk": 8})])
-def test_accumulated_micro_batches_equal_one_batch(optimizer, batch, model):
+@pytest.mark.parametrize("optimizer,batches,model", [("adamw", (_batch, _padded_batch), {}),
+                                                     ("muon", (_padded_batch,), {}),
+                                                     ("adamw", (_padded_batch,), {"loss_fused": True, "loss_chunk": 8})],
+                         ids=["adamw-plain-and-padded", "muon-padded", "adamw-padded-fused"])
+def test_accumulated_micro_batches_equal_one_batch(optimizer, batches, model):
     """Two micro-batches of 2 give the step one batch of 4 gives (every token counts, float32), also when
     padding leaves them unequal token counts (and with model.loss_fused, whose weights the step gives before
     the forward pass): the same loss and gradient norm over two steps (Adam's first update does not see the
     gradient's scale, the norm does), and parameters equal to well within an update (lr 3e-3). The first
-    step's loss is the mean over the batch's unpadded tokens, in float64."""
-    want_seen, want = _step(_config(optimizer=optimizer, **model), batch=batch)
-    got_seen, got = _step(_config(optimizer=optimizer, accum=2, **model), batch=batch)
-    np.testing.assert_allclose(got_seen, want_seen, rtol=1e-5)
-    cfg = _config(optimizer=optimizer)
-    model = Transformer(cfg.model)
-    params = init_state(cfg, model, make_optimizer(cfg)[0], jax.random.key(0)).params
-    # Muon orthogonalises in bfloat16, where float32 rounding differences in the summed gradient can flip
-    # a rounding: there the parameters agree to within 5% of the two steps' largest update (measured: 1.6%).
-    moved = max(float(np.abs(np.asarray(w) - np.asarray(p)).max()) for w, p in zip(jax.tree.leaves(want.params),
-                                                                                     jax.tree.leaves(params)))
-    atol = 2e-5 if optimizer == "adamw" else 0.05 * moved
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol), got.params, want.params)
-    first = batch(cfg, seed=0)
-    mask = np.asarray(first["segment_ids"] > 0)
-    np.testing.assert_allclose(got_seen[0][0], _f64_losses(model, params, first)[mask].mean(), rtol=1e-6)
+    step's loss is the mean over the batch's unpadded tokens, in float64. (One config's batches share its
+    two compiled steps.)"""
+    start = _initial_state(optimizer, tuple(sorted(model.items()))).params
+    for batch in batches:
+        want_seen, want = _step(optimizer, batch=batch, **model)
+        got_seen, got = _step(optimizer, accum=2, batch=batch, **model)
+        np.testing.assert_allclose(got_seen, want_seen, rtol=1e-5, err_msg=batch.__name__)
+        # Muon orthogonalises in bfloat16, where float32 rounding differences in the summed gradient can flip
+        # a rounding: there the parameters agree to within 5% of the two steps' largest update (measured: 1.6%).
+        moved = max(float(np.abs(np.asarray(w) - np.asarray(p)).max())
+                    for w, p in zip(jax.tree.leaves(want.params), jax.tree.leaves(start)))
+        atol = 2e-5 if optimizer == "adamw" else 0.05 * moved
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol), got.params, want.params)
+        cfg = _config(optimizer=optimizer)
+        first = batch(cfg, seed=0)
+        mask = np.asarray(first["segment_ids"] > 0)
+        np.testing.assert_allclose(got_seen[0][0], _f64_losses(Transformer(cfg.model), start, first)[mask].mean(),
+                                   rtol=1e-6, err_msg=batch.__name__)
 
 
 def _one_step(cfg, tx, state, batch):
@@ -99,19 +120,22 @@ def test_skipped_steps_leave_the_schedule_on_the_logged_step(optimizer):
     cfg.optimizer.warmup_steps = 4
     model = Transformer(cfg.model)
     tx, schedules = make_optimizer(cfg)
-    state = init_state(cfg, model, tx, jax.random.key(0))
+    start = init_state(cfg, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx))  # one compile for the three steps
     poisoned = _batch(cfg)
     poisoned["inputs"] = jnp.full_like(poisoned["inputs"], cfg.model.vocab_size + 7)  # embedded as NaN
+    state = start
     for _ in range(2):
-        state, metrics = _one_step(cfg, tx, state, poisoned)
+        state, metrics = step(state, poisoned)
         assert int(metrics["skipped"]) == 1
-    state, metrics = _one_step(cfg, tx, state, _batch(cfg))
+    state, metrics = step(state, _batch(cfg))
     assert int(metrics["skipped"]) == 0 and int(state.step) == 3
 
     const = _constant_rates(cfg, schedules, int(state.step) - 1)
     assert 0 < const.optimizer.learning_rate < cfg.optimizer.learning_rate  # inside the warmup
     ref_tx, _ = make_optimizer(const)
-    ref, _ = _one_step(const, ref_tx, init_state(const, model, ref_tx, jax.random.key(0)), _batch(cfg))
+    # init_state(const, ...) without a second model.init: the same parameters, the constant rates' fresh state
+    ref, _ = _one_step(const, ref_tx, start._replace(opt_state=ref_tx.init(start.params)), _batch(cfg))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), state.params, ref.params)
     counts = {}
     for node in jax.tree.leaves(state.opt_state, is_leaf=lambda n: "count" in getattr(n, "_fields", ())):
@@ -153,8 +177,8 @@ def test_precast_weights_casts_the_matmul_weights_only():
 def test_precast_weights_takes_the_same_step(accum, scan, remat):
     """Cast once or in every layer call, the bf16 step computes the same values."""
     model = dict(dtype="bfloat16", scan_layers=scan, remat=remat)
-    want_seen, want = _step(_config(accum=accum, **model))
-    got_seen, got = _step(_config(accum=accum, precast_weights=True, **model))
+    want_seen, want = _step(accum=accum, **model)
+    got_seen, got = _step(accum=accum, precast_weights=True, **model)
     np.testing.assert_allclose(got_seen, want_seen, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got.params, want.params)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((got.params, got.opt_state)) if x.ndim)
@@ -210,7 +234,7 @@ def test_without_pack_mask_a_window_is_one_stream():
     batch = _batch(cfg, n=1)
     batch["segment_ids"] = jnp.asarray([[1] * first + [2] * (seq - first)], jnp.int32)
     batch["positions"] = jnp.asarray([list(range(first)) + list(range(seq - first))], jnp.int32)
-    params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+    params = _initial_state("adamw", ()).params
     got, _ = token_losses(model, params, batch, pack_mask=False)
     stream = model.apply({"params": params}, batch["inputs"], targets=batch["targets"])
     np.testing.assert_allclose(np.asarray(got), np.asarray(stream), rtol=1e-6)
@@ -240,7 +264,7 @@ def test_eval_step_is_one_loss_for_train_and_evaluate(weights):
     model = Transformer(cfg.model)
     batch = _batch(cfg, n=3)
     batch["segment_ids"] = batch["segment_ids"].at[2, 10:].set(0)  # padding: never scored
-    params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+    params = _initial_state("adamw", (("loss_chunk", 8),)).params
     mask = np.asarray(batch["segment_ids"] > 0, np.float64)
     if weights:
         mask[0, 5:] = 0.0

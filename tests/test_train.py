@@ -1,4 +1,5 @@
-"""The training CLI end to end: files written, loss falls, Muon keeps pace with AdamW."""
+"""The training CLI end to end: files written, loss falls. (Muon against AdamW, a research claim, is
+experiments/muon_vs_adamw.py.)"""
 import json
 import os
 import subprocess
@@ -25,24 +26,22 @@ def read_metrics(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_tiny_cli_trains_and_muon_keeps_pace_with_adamw(tmp_path):
+def test_tiny_cli_trains_writes_its_files_and_the_loss_falls(tmp_path):
     flags = ["--config.train.steps=60", "--config.train.eval_every=30", "--config.train.outlier_every=30"]
     # A relative --workdir, as in the README (run from tmp_path).
-    runs = {name: start_cli(name, *flags, f"--config.optimizer.name={name}", cwd=tmp_path) for name in ("muon", "adamw")}
-    outputs = {name: p.communicate(timeout=900)[0] for name, p in runs.items()}
-    for name, p in runs.items():
-        assert p.returncode == 0, outputs[name][-3000:]
+    proc = start_cli("run", *flags, cwd=tmp_path)  # the recipe's optimizer: Muon
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-3000:]
 
-    workdir = tmp_path / "muon"
+    workdir = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "tokenizer.json", "data_metadata.json"):
         assert (workdir / name).is_file(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 60
-    assert "step 60/60" in outputs["muon"] and "tok/s" in outputs["muon"] and "ETA" in outputs["muon"]
-    assert "this run is 0.044 epoch of builtin's training split" in outputs["muon"]  # 60 x 16 x 128 tokens
+    assert "step 60/60" in out and "tok/s" in out and "ETA" in out
+    assert "this run is 0.044 epoch of builtin's training split" in out  # 60 x 16 x 128 tokens
 
-    curves = {name: read_metrics(tmp_path / name) for name in runs}
-    records = curves["muon"]
+    records = read_metrics(workdir)
     for key in ("step", "loss", "learning_rate", "tokens_per_sec", "mfu"):
         assert all(key in r for r in records), key
     assert records[-1]["tokens_per_sec"] > 0
@@ -50,13 +49,6 @@ def test_tiny_cli_trains_and_muon_keeps_pace_with_adamw(tmp_path):
     assert len(records[-1]["kurtosis_per_layer"]) == 5  # embedding + 4 layers
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < first - 1.0, f"loss did not fall clearly: {first:.3f} -> {last:.3f}"
-
-    print("\nstep  muon    adamw")
-    for m, a in zip(curves["muon"], curves["adamw"]):
-        print(f"{m['step']:4d}  {m['loss']:.4f}  {a['loss']:.4f}")
-    print(f"val   {curves['muon'][-1]['val_loss']:.4f}  {curves['adamw'][-1]['val_loss']:.4f}")
-    # Muon lowers the loss at least as fast as AdamW over the same steps (held-out loss, less noisy).
-    assert curves["muon"][-1]["val_loss"] <= curves["adamw"][-1]["val_loss"] + 0.02
 
 
 def test_a_gs_workdir_without_credentials_is_refused_before_anything_is_written(tmp_path, monkeypatch):
