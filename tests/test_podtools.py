@@ -376,6 +376,7 @@ def test_unusable_settings_stop_before_any_work(tmp_path, monkeypatch, restore_c
         train_lib.train(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
+    (tmp_path / "run").mkdir()  # evaluate checks its workdir first: one there, so the cache is what is refused
     proc = subprocess.run([sys.executable, "-m", "osp_jax.evaluate", f"--workdir={tmp_path / 'run'}", "--data=builtin",
                            f"--compilation-cache-dir={tmp_path / 'a_file' / 'cache'}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
