@@ -86,6 +86,7 @@ def single(corpus, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_beam_matches_single_machine_and_is_the_same_for_any_worker_count(corpus, single, tmp_path, capsys):
     want, want_meta = records(single)
     outputs = {}

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 # Speed is not under test: skip LLVM's optimisations so that the smoke compiles take seconds.
@@ -24,6 +26,7 @@ STEP_KEYS = ("step_time_s", "tokens_per_s", "compile_s", "mfu", "peak_memory_byt
              "grad_accum", "tokens_per_step", "remat", "scan_layers", "loss_chunk", "env")
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_step_time_smoke_compare(tmp_path):
     """--smoke --compare: the AdamW baseline and the OSP recipe, each a plain --smoke run in a child."""
     out = tmp_path / "step_time.jsonl"
@@ -80,6 +83,7 @@ def test_muon_smoke():
     assert all(row["ms"] > 0 and row["tflops"] >= 0 for row in ns)
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_muon_cost_and_accuracy_modes():
     cost = [json.loads(line) for line in _run("benchmarks/muon.py", "--smoke", "--cost") if line.startswith("{")]
     assert {r["optimizer"] for r in cost} == {"osp_jax.muon", "optax.contrib.muon", "optax.adamw"}
@@ -89,6 +93,7 @@ def test_muon_cost_and_accuracy_modes():
     assert len(rows) == 4 and all(0 < r["rel_error"] < 0.05 for r in rows)  # bf16, not a different iteration
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_step_time_profile_writes_a_trace(tmp_path):
     lines = _run("benchmarks/step_time.py", "--smoke", "--steps=1", "--warmup=0", "--seq-len=64",
                  "--set=model.layers=2", "--set=model.vocab_size=512", "--set=model.remat=dots",
@@ -269,6 +274,7 @@ def test_gpu_suite_prepared_stages_run_their_commands(tmp_path):
         apply_overrides(cfg, [args[i + 1] for i, a in enumerate(args) if a == "--set"])
         validate(cfg)
 
+@pytest.mark.slow  # over 15 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_step_time_compile_only_reports_memory_copies_and_collectives():
     """--compile-only: the compiler's per-device figures for a mesh, nothing run. On 4 devices split
     by fsdp the step gathers parameters and reduces gradients; on one it has no collective at all."""
@@ -286,6 +292,7 @@ def test_step_time_compile_only_reports_memory_copies_and_collectives():
     assert single["collectives"]["total"] == {"ops": 0, "bytes": 0}
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_collectives_reports_each_recipe_the_minimum_and_the_ratio(tmp_path):
     """benchmarks/collectives.py on one small mesh: the three compiles' collectives in native dtypes
     (Muon's moves are bfloat16 there, float32 in the compiled CPU program) and the minimum they are

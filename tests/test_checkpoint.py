@@ -386,6 +386,7 @@ def test_restore_takes_a_target_per_step(workdir):
     assert_trees_equal(state.params, small.params)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_save_benchmark_smoke(tmp_path):
     """benchmarks/checkpoint_save.py --smoke (and --parts) runs and prints its figures (nothing about speed)."""
     import json

@@ -43,6 +43,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_bad_configs_exit_nonzero_naming_the_key(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     procs = []

@@ -46,6 +46,7 @@ def _params(workdir, step):
     return params
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_exact_resume_after_sigkill(tmp_path):
     """N steps straight == N/2 steps, SIGKILL, resume to N: same loss at every step, same parameters."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -70,6 +71,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, _params(straight, 12), _params(killed, 12))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     workdir = tmp_path / "run"
     proc = start_cli(workdir, *SMALL, "--config.train.steps=100000", "--config.train.checkpoint_every=1000")

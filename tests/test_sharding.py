@@ -212,6 +212,7 @@ def test_sharded_step_equals_single_device(optimizer, meshes):
             assert emb.addressable_shards[0].data.shape == (cfg.model.vocab_size, cfg.model.dim // 4)
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: in the full suite (.ci/run), not in -m "not slow"
 def test_sharded_step_compiles_without_replicating_activations():
     """XLA says "Involuntary full rematerialization" when it cannot reshard a tensor and replicates it
     on every device instead. No activation may need that. The token embedding's rows did (they leave
