@@ -8,21 +8,17 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from osp_jax import eval_data
 from osp_jax import evaluate as ev
-from osp_jax.checkpoint import Checkpointer
 from osp_jax.config import defaults, validate
 from osp_jax.data import pipeline
 from osp_jax.data import prepare as prep
 from osp_jax.data.tokenizer import load_tokenizer
 from osp_jax.model import Transformer
-from osp_jax.step import TrainState, cross_entropy
-from tests.test_quant import random_params
+from tests.helpers import train_and_save_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 32
@@ -60,33 +56,8 @@ def run(tmp_path_factory):
     c.data.path = str(root / "data")
     validate(c)
 
-    tok = load_tokenizer(tok_path)
-    stream = np.concatenate([np.asarray(tok.encode(t) + [tok.eos_id], np.int32) for t in docs])
-    model = Transformer(c.model)
-    params = jax.tree.map(jnp.asarray, random_params(c.model, seed=0))
-    tx = optax.adam(1e-2)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, window):
-        loss_fn = lambda p: cross_entropy(model.apply({"params": p}, window[:, :-1]), window[:, 1:])
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(0)
-    for _ in range(STEPS):
-        starts = rng.integers(0, len(stream) - SEQ - 1, 8)
-        params, opt_state, loss = step(params, opt_state, np.stack([stream[s:s + SEQ + 1] for s in starts]))
-    assert float(loss) < 2.0
-
     workdir = root / "run"
-    state = TrainState(step=jnp.asarray(STEPS, jnp.int32), params=params, opt_state=opt_state,
-                       rng=jax.random.key_data(jax.random.key(0)), bad_steps=jnp.zeros([], jnp.int32))
-    ckpt = Checkpointer(str(workdir / "checkpoints"), save_every=1, keep=1, async_save=False)
-    ckpt.save(STEPS, state, config=c.to_dict(), force=True)
-    ckpt.close()
-    shutil.copyfile(tok_path, workdir / "tokenizer.json")
+    assert train_and_save_run(c, docs, tok_path, workdir, steps=STEPS, seq=SEQ) < 2.0
     return {"root": root, "workdir": str(workdir), "data": str(root / "data"), "meta": meta, "docs": docs,
             "layers": c.model.layers}
 

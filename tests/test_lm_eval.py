@@ -20,9 +20,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.conftest import require  # noqa: E402
@@ -38,14 +36,11 @@ from osp_jax import evaluate as ev  # noqa: E402
 from osp_jax import export as ex  # noqa: E402
 from osp_jax import lm_eval as lm_eval_cli  # noqa: E402
 from osp_jax import lm_eval_backend as backend  # noqa: E402
-from osp_jax.checkpoint import Checkpointer  # noqa: E402
 from osp_jax.config import defaults, validate  # noqa: E402
 from osp_jax.data import pipeline  # noqa: E402
-from osp_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from osp_jax.model import Transformer  # noqa: E402
 from osp_jax.quant import Bits  # noqa: E402
-from osp_jax.step import TrainState, cross_entropy  # noqa: E402
-from tests.test_quant import random_params  # noqa: E402
+from tests.helpers import train_and_save_run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 64
@@ -134,33 +129,8 @@ def run(tmp_path_factory, tasks):
     c.train.update(steps=STEPS, global_batch_size=8, seq_len=SEQ)
     validate(c)
 
-    tok = load_tokenizer(tok_path)
-    stream = np.concatenate([np.asarray(tok.encode(t) + [tok.eos_id], np.int32) for t in docs])
-    model = Transformer(c.model)
-    params = jax.tree.map(jnp.asarray, random_params(c.model, seed=0))
-    tx = optax.adam(1e-2)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, window):
-        loss_fn = lambda p: cross_entropy(model.apply({"params": p}, window[:, :-1]), window[:, 1:])
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(0)
-    for _ in range(STEPS):
-        starts = rng.integers(0, len(stream) - SEQ - 1, 8)
-        params, opt_state, loss = step(params, opt_state, np.stack([stream[s:s + SEQ + 1] for s in starts]))
-    assert float(loss) < 3.0
-
     workdir = root / "run"
-    state = TrainState(step=jnp.asarray(STEPS, jnp.int32), params=params, opt_state=opt_state,
-                       rng=jax.random.key_data(jax.random.key(0)), bad_steps=jnp.zeros([], jnp.int32))
-    ckpt = Checkpointer(str(workdir / "checkpoints"), save_every=1, keep=1, async_save=False)
-    ckpt.save(STEPS, state, config=c.to_dict(), force=True)
-    ckpt.close()
-    shutil.copyfile(tok_path, workdir / "tokenizer.json")
+    assert train_and_save_run(c, docs, tok_path, workdir, steps=STEPS, seq=SEQ) < 3.0
     cli.write_json(workdir / "config.json", c.to_dict())
     hf = root / "hf"
     assert ex.main([f"--workdir={workdir}", f"--output={hf}", "--dtype=float32"]) == 0
