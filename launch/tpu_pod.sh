@@ -138,6 +138,18 @@ show() {
 }
 
 # Runs a command, or with --dry-run only prints it.
+exists() { # exists LABEL DESCRIBE_COMMAND...: 0 if it finds the resource (said, reused); under --dry-run, shown and assumed absent
+  local label=$1
+  shift
+  if ((dry_run)); then
+    run "$@"
+    echo "# --dry-run: assuming $label does not exist yet"
+    return 1
+  fi
+  "$@" >/dev/null 2>&1 || return 1
+  echo "# $label already exists: reusing it"
+}
+
 run() {
   show "$@"
   if ((dry_run)); then return 0; fi
@@ -160,15 +172,7 @@ if ((reuse)); then
   echo "# --reuse: using existing TPU VM(s) ${slices[*]}"
 elif ((num_slices > 1)); then
   qr=(gcloud compute tpus queued-resources)
-  exists=0
-  if ((dry_run)); then
-    run "${qr[@]}" describe "$name" "${loc[@]}"
-    echo "# --dry-run: assuming queued resource $name does not exist yet"
-  elif "${qr[@]}" describe "$name" "${loc[@]}" >/dev/null 2>&1; then
-    exists=1
-    echo "# queued resource $name already exists: reusing it"
-  fi
-  if ((!exists)); then
+  if ! exists "queued resource $name" "${qr[@]}" describe "$name" "${loc[@]}"; then
     create=("${qr[@]}" create "$name" "${loc[@]}" --node-count="$num_slices" --node-prefix="$name"
             --accelerator-type="$accelerator_type" --runtime-version="$version")
     ((!spot)) || create+=(--spot)
@@ -191,15 +195,7 @@ elif ((num_slices > 1)); then
     done
   fi
 else
-  exists=0
-  if ((dry_run)); then
-    run "${gcloud_tpu[@]}" describe "$name" "${loc[@]}"
-    echo "# --dry-run: assuming $name does not exist yet"
-  elif "${gcloud_tpu[@]}" describe "$name" "${loc[@]}" >/dev/null 2>&1; then
-    exists=1
-    echo "# TPU VM $name already exists: reusing it"
-  fi
-  if ((!exists)); then
+  if ! exists "TPU VM $name" "${gcloud_tpu[@]}" describe "$name" "${loc[@]}"; then
     create=("${gcloud_tpu[@]}" create "$name" "${loc[@]}" --accelerator-type="$accelerator_type" --version="$version")
     ((!spot)) || create+=(--spot)
     run "${create[@]}"
