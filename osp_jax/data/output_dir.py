@@ -8,7 +8,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 
 from osp_jax import cli
 from osp_jax.data import filesystems as fs
@@ -101,10 +100,10 @@ def remove_created(created: list[str]) -> None:
 def remove_stale_tmp(output: str) -> None:
     """Removes what crashed runs left under .tmp- names (files, and Beam's staging folders). Called with
     the lock held, so none of it belongs to a live run."""
-    for name in os.listdir(output):
+    for name in fs.listdir(output):  # a local directory or a gs:// prefix alike
         if shards_lib.TMP_PREFIX in name:  # ours, and cli.write_text_atomic's .NAME.tmp-
-            path = os.path.join(output, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
+            path = fs.join(output, name)
+            if fs.isdir(path):
+                fs.rmtree(path)
             else:
-                os.remove(path)
+                fs.delete(path)

@@ -205,12 +205,7 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: str, *,
             if not force and reusable(load_existing(output), want, output):
                 say(f"prepare: reusing {output} (same inputs, tokenizer and options)")
                 return load_existing(output)
-            if remote:  # two prepares into one gs:// directory at once are the user's to avoid (no lock there)
-                for name in storage.names(output):
-                    if shards_lib.TMP_PREFIX in name:
-                        storage.remove(epath.Path(output) / name)
-            else:
-                remove_stale_tmp(output)
+            remove_stale_tmp(output)  # on gs://, with no lock there: two prepares into one output are the user's to avoid
             return _prepare_locked(input_files, output, want, stage=stage, text_field=text_field,
                                    split_field=split_field, workers=workers, shard_bytes=int(shard_size_mb * 2**20),
                                    say=say, quiet=quiet)
