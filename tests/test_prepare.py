@@ -235,7 +235,9 @@ def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
     def boom(texts):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prep, "_encode_texts", boom)
+    from osp_jax.data import tokenize_workers
+
+    monkeypatch.setattr(tokenize_workers, "_encode_texts", boom)
     with pytest.raises(RuntimeError):
         prep.prepare(str(src), str(out), TOKENIZER, quiet=True)
     after = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
